@@ -1,0 +1,30 @@
+"""The ``roost`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from roost import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="roost", description="Roost MQTT broker")
+    parser.add_argument("--version", action="version", version=f"roost {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="run a broker node")
+    start.add_argument("--config", "-c", help="YAML config file (default: ROOST_CONFIG or none)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "start":
+        from roost.node_main import run_node
+
+        return run_node(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

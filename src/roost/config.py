@@ -1,0 +1,261 @@
+"""The one typed configuration model: YAML file, then ``ROOST_*`` environment overrides.
+
+``ROOST_LISTENERS__QUIC__DEFAULT__BIND=0.0.0.0:14568`` sets ``listeners.quic.default.bind``:
+the name after ``ROOST_`` is split on ``__`` into a key path, and the value is read as a YAML
+scalar (so ``false`` and ``30`` get their types). ``ROOST_DATA_DIR`` is short for
+``ROOST_NODE__DATA_DIR``. The same model is embedded in the Kubernetes custom resource.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the key and the reason."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """Split ``host:port``, ``[v6]:port`` or a bare ``port`` into (host, port)."""
+    host, sep, port = bind.rpartition(":")
+    if not sep:
+        host, port = "0.0.0.0", bind
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{bind!r} is not host:port with a port from 0 to 65535")
+    return host, int(port)
+
+
+class ListenerBase(_Model):
+    enabled: bool = True
+    bind: str
+    max_connections: int = Field(1_000_000, ge=1)
+    #: New connections accepted per second on this listener; 0 means no limit.
+    max_conn_rate: float = Field(0, ge=0)
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, v: str) -> str:
+        parse_bind(v)
+        return v
+
+    @property
+    def port(self) -> int:
+        return parse_bind(self.bind)[1]
+
+    @property
+    def host(self) -> str:
+        return parse_bind(self.bind)[0]
+
+
+class TlsOptions(_Model):
+    """Certificates for a TLS-based listener; empty certfile means a self-signed one is made."""
+
+    certfile: str = ""
+    keyfile: str = ""
+    cacertfile: str = ""
+    verify: Literal["verify_none", "verify_peer"] = "verify_none"
+    fail_if_no_peer_cert: bool = False
+    #: Use this field of a verified client certificate as the MQTT username.
+    peer_cert_as_username: Literal["", "cn"] = ""
+    versions: list[Literal["tlsv1.2", "tlsv1.3"]] = Field(
+        default_factory=lambda: ["tlsv1.2", "tlsv1.3"]
+    )
+
+
+class TcpListener(ListenerBase):
+    bind: str = "0.0.0.0:1883"
+
+
+class SslListener(ListenerBase):
+    bind: str = "0.0.0.0:8883"
+    ssl_options: TlsOptions = Field(default_factory=TlsOptions)
+
+
+class WsListener(ListenerBase):
+    bind: str = "0.0.0.0:8083"
+    path: str = "/mqtt"
+
+
+class WssListener(WsListener):
+    bind: str = "0.0.0.0:8084"
+    ssl_options: TlsOptions = Field(default_factory=TlsOptions)
+
+
+class QuicListener(ListenerBase):
+    bind: str = "0.0.0.0:14567"
+    certfile: str = ""
+    keyfile: str = ""
+    #: Seconds a QUIC handshake may take.
+    handshake_idle_timeout: float = Field(10.0, gt=0)
+    #: Seconds a connection may stay without opening its control stream.
+    stream_open_timeout: float = Field(10.0, gt=0)
+
+
+class Listeners(_Model):
+    tcp: dict[str, TcpListener] = Field(default_factory=lambda: {"default": TcpListener()})
+    ssl: dict[str, SslListener] = Field(default_factory=lambda: {"default": SslListener()})
+    ws: dict[str, WsListener] = Field(default_factory=lambda: {"default": WsListener()})
+    wss: dict[str, WssListener] = Field(default_factory=lambda: {"default": WssListener()})
+    quic: dict[str, QuicListener] = Field(default_factory=lambda: {"default": QuicListener()})
+
+    def enabled(self) -> list[tuple[str, str, ListenerBase]]:
+        """(type, name, listener) for every enabled listener."""
+        out: list[tuple[str, str, ListenerBase]] = []
+        for kind in ("tcp", "ssl", "ws", "wss", "quic"):
+            for name, lst in getattr(self, kind).items():
+                if lst.enabled:
+                    out.append((kind, name, lst))
+        return out
+
+
+class MqttSettings(_Model):
+    """Protocol limits and defaults, named as EMQX users know them."""
+
+    max_packet_size: int = Field(1024 * 1024, ge=64, le=268_435_455)
+    max_clientid_len: int = Field(65535, ge=23)
+    max_topic_levels: int = Field(128, ge=1)
+    max_topic_length: int = Field(65535, ge=1, le=65535)
+    max_qos_allowed: int = Field(2, ge=0, le=2)
+    max_topic_alias: int = Field(65535, ge=0, le=65535)
+    retain_available: bool = True
+    wildcard_subscription: bool = True
+    shared_subscription: bool = True
+    #: Receive Maximum the broker announces: QoS 1/2 PUBLISHes a client may have unacknowledged.
+    receive_maximum: int = Field(32, ge=1, le=65535)
+    #: Outgoing QoS 1/2 messages in flight per session (further capped by the client's Receive Max).
+    max_inflight: int = Field(32, ge=1, le=65535)
+    #: Messages queued per session while offline or while the inflight window is full.
+    max_mqueue_len: int = Field(1000, ge=0)
+    mqueue_store_qos0: bool = True
+    #: Upper bound for a client's Session Expiry Interval, seconds.
+    max_session_expiry_interval: int = Field(2 * 3600, ge=0, le=0xFFFFFFFF)
+    #: Overrides the client's keepalive when set (MQTT 5 Server Keep Alive).
+    server_keepalive: int | None = Field(None, ge=0, le=65535)
+    keepalive_multiplier: float = Field(1.5, ge=1)
+    #: Seconds before unacknowledged QoS 1/2 messages are resent on a live connection; 0 = only on resume.
+    retry_interval: float = Field(0, ge=0)
+    max_awaiting_rel: int = Field(100, ge=1)
+    await_rel_timeout: float = Field(300, gt=0)
+    #: Seconds a new connection may take to send CONNECT.
+    connect_timeout: float = Field(15, gt=0)
+    max_subscriptions: int = Field(0, ge=0, description="0 = unlimited")
+    #: Tell MQTT 5 clients this Response Information when they request it.
+    response_information: str = ""
+
+
+class AclRule(_Model):
+    permission: Literal["allow", "deny"]
+    action: Literal["publish", "subscribe", "all"] = "all"
+    topics: list[str]
+    username: str | None = None
+    clientid: str | None = None
+
+
+class Authorization(_Model):
+    """Inline ordered rules; the first rule that matches decides, else ``no_match``."""
+
+    no_match: Literal["allow", "deny"] = "allow"
+    rules: list[AclRule] = Field(default_factory=list)
+
+
+class Authentication(_Model):
+    allow_anonymous: bool = True
+
+
+class SysTopics(_Model):
+    enabled: bool = True
+    interval: float = Field(10.0, gt=0)
+
+
+class NodeSettings(_Model):
+    name: str = "roost@127.0.0.1"
+    data_dir: str = "./data"
+    role: Literal["core", "replicant"] = "core"
+
+
+class LogSettings(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+    #: Per-module levels, e.g. ``{"roost.transport": "debug"}``.
+    levels: dict[str, Literal["debug", "info", "warning", "error"]] = Field(default_factory=dict)
+
+
+class Config(_Model):
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    listeners: Listeners = Field(default_factory=Listeners)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    authentication: Authentication = Field(default_factory=Authentication)
+    authorization: Authorization = Field(default_factory=Authorization)
+    sys_topics: SysTopics = Field(default_factory=SysTopics)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+
+_ENV_ALIASES = {"DATA_DIR": "NODE__DATA_DIR"}
+
+
+def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in sorted(environ.items()):
+        if not name.startswith("ROOST_") or name == "ROOST_CONFIG":
+            continue
+        key = name[len("ROOST_") :]
+        key = _ENV_ALIASES.get(key, key)
+        path = [p.lower() for p in key.split("__") if p]
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        try:
+            node[path[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            node[path[-1]] = value
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{key}: {msg}")
+    return ConfigError(f"invalid config ({source}): " + "; ".join(lines))
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read YAML (if given), apply ROOST_* environment overrides, validate."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping")
+        raw = loaded
+    _env_overrides(raw, environ)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise _explain(e, source) from None
