@@ -143,7 +143,7 @@ class MqttSettings(_Model):
     #: Overrides the client's keepalive when set (MQTT 5 Server Keep Alive).
     server_keepalive: int | None = Field(None, ge=0, le=65535)
     keepalive_multiplier: float = Field(1.5, ge=1)
-    #: Seconds before unacknowledged QoS 1/2 messages are resent on a live connection; 0 = only on resume.
+    #: Seconds before unacked QoS 1/2 messages are resent on a live connection (0: on resume only).
     retry_interval: float = Field(0, ge=0)
     max_awaiting_rel: int = Field(100, ge=1)
     await_rel_timeout: float = Field(300, gt=0)
