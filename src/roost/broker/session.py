@@ -1,0 +1,212 @@
+"""A client's session: the state that outlives one network connection (spec 4.1).
+
+It holds subscriptions, the outgoing QoS 1/2 inflight window, the queue of messages waiting for
+a window slot or for the client to come back, and the incoming QoS 2 packet ids awaiting PUBREL.
+It sends through the attached channel and does no I/O itself.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from roost.broker.channel import Channel
+    from roost.broker.message import Message
+    from roost.broker.router import SubOpts
+    from roost.broker.stats import Stats
+
+# Inflight states
+AWAIT_ACK = 0  # PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2)
+AWAIT_COMP = 1  # PUBREL sent, waiting for PUBCOMP
+
+
+class Delivery:
+    """One message on its way to this session, queued or inflight."""
+
+    __slots__ = ("msg", "qos", "retain", "shared", "state", "sub_ids")
+
+    def __init__(
+        self,
+        msg: Message,
+        qos: int,
+        retain: bool,
+        sub_ids: tuple[int, ...],
+        shared: SubOpts | None,
+    ) -> None:
+        self.msg = msg
+        self.qos = qos
+        self.retain = retain
+        self.sub_ids = sub_ids
+        self.shared = shared  # the shared-subscription membership it came through
+        self.state = AWAIT_ACK
+
+
+class Session:
+    __slots__ = (
+        "_next_pid",
+        "awaiting_rel",
+        "channel",
+        "client_id",
+        "expiry_interval",
+        "inflight",
+        "max_queue",
+        "queue",
+        "stats",
+        "store_qos0",
+        "subscriptions",
+    )
+
+    def __init__(
+        self, client_id: str, stats: Stats, max_queue: int = 1000, store_qos0: bool = True
+    ) -> None:
+        self.client_id = client_id
+        self.stats = stats
+        self.max_queue = max_queue
+        self.store_qos0 = store_qos0
+        self.expiry_interval = 0
+        self.subscriptions: dict[str, SubOpts] = {}
+        self.channel: Channel | None = None
+        self.inflight: dict[int, Delivery] = {}
+        self.queue: deque[Delivery] = deque()
+        self.awaiting_rel: dict[int, float] = {}
+        self._next_pid = 1
+
+    @property
+    def connected(self) -> bool:
+        return self.channel is not None
+
+    # ---------------------------------------------------------------------------- outgoing
+
+    def deliver(
+        self,
+        msg: Message,
+        qos: int,
+        retain: bool,
+        sub_ids: tuple[int, ...] = (),
+        shared: SubOpts | None = None,
+    ) -> None:
+        """Send now if the window allows, else queue (bounded)."""
+        ch = self.channel
+        if ch is not None and not self.queue:
+            if qos == 0:
+                ch.send_qos0(msg, retain, sub_ids)
+                return
+            if len(self.inflight) < ch.window:
+                self._send_new(ch, Delivery(msg, qos, retain, sub_ids, shared))
+                return
+        elif qos == 0 and ch is None and not self.store_qos0:
+            self.stats.dropped_qos0_offline += 1
+            return
+        self._enqueue(Delivery(msg, qos, retain, sub_ids, shared))
+
+    def _enqueue(self, d: Delivery) -> None:
+        queue = self.queue
+        if len(queue) >= self.max_queue:
+            # Full: drop the oldest QoS 0 message if there is one, else the oldest message.
+            for i, old in enumerate(queue):
+                if old.qos == 0:
+                    del queue[i]
+                    break
+            else:
+                if not queue:
+                    self.stats.dropped_queue_full += 1
+                    return
+                queue.popleft()
+            self.stats.dropped_queue_full += 1
+        queue.append(d)
+
+    def _alloc_pid(self) -> int:
+        pid = self._next_pid
+        inflight = self.inflight
+        while pid in inflight:
+            pid = pid % 65535 + 1
+        self._next_pid = pid % 65535 + 1
+        return pid
+
+    def _send_new(self, ch: Channel, d: Delivery) -> None:
+        pid = self._alloc_pid()
+        self.inflight[pid] = d
+        if not ch.send_publish(d.msg, d.qos, d.retain, d.sub_ids, pid, False):
+            # Too large for this client: discarded as if acknowledged (spec 3.1.2.25).
+            del self.inflight[pid]
+
+    def drain(self) -> None:
+        """Move queued messages into the window while there is room."""
+        ch = self.channel
+        queue = self.queue
+        if ch is None:
+            return
+        now = ch.now()
+        while queue:
+            d = queue[0]
+            if d.qos and len(self.inflight) >= ch.window:
+                return
+            queue.popleft()
+            if d.msg.expired(now):
+                self.stats.dropped_expired += 1
+                continue
+            if d.qos == 0:
+                ch.send_qos0(d.msg, d.retain, d.sub_ids)
+            else:
+                self._send_new(ch, d)
+
+    def on_puback(self, pid: int) -> bool:
+        d = self.inflight.get(pid)
+        if d is None or d.qos != 1:
+            return False
+        del self.inflight[pid]
+        self.drain()
+        return True
+
+    def on_pubrec(self, pid: int, reason: int) -> bool:
+        """True when PUBREL should follow (with success); False for an unknown id."""
+        d = self.inflight.get(pid)
+        if d is None or d.qos != 2:
+            return False
+        if reason >= 0x80:
+            del self.inflight[pid]  # the receiver refused it: the exchange ends here
+            self.drain()
+        else:
+            d.state = AWAIT_COMP
+        return True
+
+    def on_pubcomp(self, pid: int) -> bool:
+        d = self.inflight.get(pid)
+        if d is None or d.state != AWAIT_COMP:
+            return False
+        del self.inflight[pid]
+        self.drain()
+        return True
+
+    def resume(self) -> None:
+        """After CONNACK on a resumed session: resend the inflight window, then the queue."""
+        ch = self.channel
+        if ch is None:
+            return
+        for pid, d in list(self.inflight.items()):
+            if d.state == AWAIT_COMP:
+                ch.send_pubrel(pid)
+            elif not ch.send_publish(d.msg, d.qos, d.retain, d.sub_ids, pid, True):
+                del self.inflight[pid]
+        self.drain()
+
+    def take_shared_unacked(self) -> list[Delivery]:
+        """Remove and return deliveries that came through a shared subscription and were not
+        acknowledged yet, so another member of the group can get them."""
+        taken = []
+        for pid, d in list(self.inflight.items()):
+            if d.shared is not None and d.state == AWAIT_ACK:
+                del self.inflight[pid]
+                taken.append(d)
+        if any(d.shared is not None for d in self.queue):
+            keep = deque()
+            for d in self.queue:
+                (taken if d.shared is not None else keep).append(d)
+            self.queue = keep
+        return taken
+
+    def clear(self) -> None:
+        self.inflight.clear()
+        self.queue.clear()
+        self.awaiting_rel.clear()

@@ -1,0 +1,80 @@
+"""``roost start``: run one broker node until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+from roost import __version__
+from roost.broker.node import Broker
+from roost.config import Config, ConfigError, load_config
+from roost.logs import setup_logging
+from roost.transport.tcp import start_tcp_listener
+
+log = logging.getLogger("roost")
+
+
+async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
+    broker = Broker(config)
+    servers: list[asyncio.Server] = []
+    for kind, name, lst in config.listeners.enabled():
+        label = f"{kind}:{name}"
+        if kind != "tcp":
+            log.warning("listener %s (%s) is not available in this build; skipped", label, lst.bind)
+            continue
+        server = await start_tcp_listener(broker, label, lst.host, lst.port, lst.max_connections)
+        servers.append(server)
+        for sock in server.sockets:
+            addr = sock.getsockname()
+            log.info("listening for MQTT on %s %s:%d", label, addr[0], addr[1])
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    log.info("roost %s started (node %s)", __version__, config.node.name)
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                broker.tick()
+            except Exception:
+                log.exception("timer tick failed")
+
+    tick_task = asyncio.create_task(ticker())
+    await stop.wait()
+    log.info("shutting down")
+    tick_task.cancel()
+    for server in servers:
+        server.close()
+    broker.shutdown()
+    await asyncio.sleep(0.1)  # let the DISCONNECTs reach the sockets
+    log.info("stopped")
+
+
+def run_node(args: argparse.Namespace) -> int:
+    path = args.config or os.environ.get("ROOST_CONFIG")
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(f"roost: {e}", file=sys.stderr)
+        return 2
+    setup_logging(config.log)
+    try:
+        import uvloop  # type: ignore[import-not-found]
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        runner(serve(config))
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    return 0
