@@ -46,8 +46,12 @@ def test_missing_config_file():
 def test_env_overrides_yaml(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("mqtt:\n  max_inflight: 5\n")
-    env = {"ROOST_MQTT__MAX_INFLIGHT": "7", "ROOST_LISTENERS__QUIC__DEFAULT__BIND": "127.0.0.1:9",
-           "ROOST_LISTENERS__WS__DEFAULT__ENABLED": "false", "ROOST_DATA_DIR": "/tmp/x"}  # fmt: skip
+    env = {
+        "ROOST_MQTT__MAX_INFLIGHT": "7",
+        "ROOST_LISTENERS__QUIC__DEFAULT__BIND": "127.0.0.1:9",
+        "ROOST_LISTENERS__WS__DEFAULT__ENABLED": "false",
+        "ROOST_DATA_DIR": "/tmp/x",
+    }
     c = load_config(cfg, env)
     assert c.mqtt.max_inflight == 7
     assert c.listeners.quic["default"].port == 9

@@ -183,8 +183,10 @@ def test_will_delay_interval_and_cancel_on_reconnect(broker):
     raw.close()
     w.assert_nothing(0.8)
     raw2 = RawClient(broker.port)  # back within the delay: no will
-    raw2.connect("will-c5", clean_start=False, properties={"session_expiry_interval": 60},
-                 will=Will("will/delay", b"late2", 1, False, {"will_delay_interval": 1}))  # fmt: skip
+    will2 = Will("will/delay", b"late2", 1, False, {"will_delay_interval": 1})
+    raw2.connect(
+        "will-c5", clean_start=False, properties={"session_expiry_interval": 60}, will=will2
+    )
     w.assert_nothing(2.5)
     raw2.close()
     t0 = time.monotonic()
