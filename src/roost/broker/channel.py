@@ -82,6 +82,9 @@ class Channel:
         self.out_aliases: dict[str, int] = {}
         self.in_aliases: dict[int, str] = {}
         self.problem_info = True
+        # Set while the socket's send buffer is above its high-water mark: deliveries wait in
+        # the (bounded) session queue instead of piling up in the transport.
+        self.paused = False
         broker.channels.add(self)
 
     # ----------------------------------------------------------------------- transport side
@@ -114,6 +117,14 @@ class Channel:
         if self.connected:
             self.connected = False
             self.broker.channel_closed(self)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.session is not None and self.connected:
+            self.session.drain()
 
     def tick(self, now: float) -> None:
         if self.closed:

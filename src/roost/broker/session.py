@@ -88,7 +88,7 @@ class Session:
     ) -> None:
         """Send now if the window allows, else queue (bounded)."""
         ch = self.channel
-        if ch is not None and not self.queue:
+        if ch is not None and not self.queue and not ch.paused:
             if qos == 0:
                 ch.send_qos0(msg, retain, sub_ids)
                 return
@@ -138,7 +138,7 @@ class Session:
         if ch is None:
             return
         now = ch.now()
-        while queue:
+        while queue and not ch.paused:
             d = queue[0]
             if d.qos and len(self.inflight) >= ch.window:
                 return
