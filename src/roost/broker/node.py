@@ -66,6 +66,8 @@ class Broker:
             log.info("client %s taken over by a new connection", client_id)
             old.taken_over = True
             old.disconnect(RC.SESSION_TAKEN_OVER)
+            # Closing the old connection ends its session if that had expiry 0.
+            session = self.sessions.get(client_id)
         self._expiring.pop(client_id, None)
         if session is not None and clean_start:
             self._end_session(session)
