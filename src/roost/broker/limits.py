@@ -1,9 +1,9 @@
 """Node-wide and per-client limits: connections per node, connect rate per listener, and the
 publish message and byte rates of each client.
 
-Rates are token buckets that may go into debt: a request is allowed while the bucket is above
-zero and then pays its full cost, so one message larger than the burst still passes when the
-client has been quiet, and the long-run rate holds anyway.
+Rates are token buckets. A request costing more than the whole burst (one huge message
+against a byte rate) passes when the bucket is full and leaves it in debt, so it is possible
+after a quiet spell and the long-run rate still holds.
 
 Over a publish rate the client is disconnected with Quota exceeded (0x97) on MQTT 5 (closed on
 3.1.1), not answered PUBACK 0x97: the disconnect is the one signal every QoS gets (QoS 0 has no
@@ -39,7 +39,8 @@ class TokenBucket:
         now = self.clock()
         tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
         self.last = now
-        if tokens <= 0:
+        # A cost above the whole burst passes only from a full bucket (and leaves it in debt).
+        if tokens < min(cost, self.burst):
             self.tokens = tokens
             return False
         self.tokens = tokens - cost
