@@ -419,3 +419,17 @@ def test_bad_auth_config_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"authentication\.http\.timeout"):
         load_config(None, environ={"ROOST_AUTHENTICATION__HTTP__URL": "http://x",
                                    "ROOST_AUTHENTICATION__HTTP__TIMEOUT": "0"})  # fmt: skip
+
+
+def test_missing_or_broken_password_file_stops_the_start(tmp_path):
+    from roost.config import ConfigError
+
+    cfg = load_config(None, environ={})
+    cfg.authentication.password_file = str(tmp_path / "none")
+    with pytest.raises(ConfigError, match=r"authentication\.password_file: cannot read"):
+        Broker(cfg)
+    bad = tmp_path / "bad"
+    bad.write_text("alice:$scram-sha-256$4096$salt\n")
+    cfg.authentication.password_file = str(bad)
+    with pytest.raises(ConfigError, match=r"authentication\.password_file: .*bad:1: expected"):
+        Broker(cfg)

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from roost.broker import scram
 from roost.broker.passwords import PasswordFile, ScramCredentials, check_password
-from roost.config import Authentication, HttpAuth
+from roost.broker.passwords import load as load_passwords
+from roost.config import Authentication, ConfigError, HttpAuth
 from roost.mqtt import reason_codes as RC
 
 if TYPE_CHECKING:
@@ -67,6 +68,17 @@ class Authenticator:
         self._http: aiohttp.ClientSession | None = None
         self._http_cache: dict[tuple[Any, ...], tuple[float, Verdict]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        path = broker.config.authentication.password_file
+        if path:
+            try:
+                load_passwords(path)  # refuse to start on a missing or broken file
+            except OSError as e:
+                raise ConfigError(
+                    f"authentication.password_file: cannot read {path}: {e.strerror}"
+                ) from None
+            except ValueError as e:
+                raise ConfigError(f"authentication.password_file: {e}") from None
+            self.passwords.refresh(path)
 
     @property
     def config(self) -> Authentication:
