@@ -73,15 +73,20 @@ def test_max_connections_per_listener_and_per_node(make_broker):
 
 @pytest.mark.parametrize(("version", "refused"), [(MQTT_5, 0x9F), (MQTT_3_1_1, 3)])
 def test_connect_rate_per_listener(make_broker, version, refused):
-    b = make_broker({"listeners": {"tcp": {"default": {"max_conn_rate": 5}}}})
+    b = make_broker({"listeners": {"tcp": {"default": {"max_conn_rate": 2}}}})
     codes = []
-    for i in range(8):
+    t0 = time.monotonic()
+    for i in range(6):
         raw, ack = _connect(b.port, f"rate{i}", version)
         codes.append(ack.reason_code)
         raw.close()
-    assert codes[:5] == [0] * 5
-    assert codes[5:] == [refused] * 3
-    time.sleep(0.5)  # 5/s refills 2.5 tokens
+    elapsed = time.monotonic() - t0
+    assert codes[:2] == [0, 0]  # the burst: one second of 2/s
+    assert set(codes[2:]) <= {0, refused}
+    # Past the burst, only what the rate refilled meanwhile got in.
+    assert codes.count(0) <= 2 + int(elapsed * 2), (codes, elapsed)
+    assert codes.count(refused) >= 1
+    time.sleep(0.6)  # refills one
     raw, ack = _connect(b.port, "rate-later", version)
     assert ack.reason_code == 0
     raw.close()
@@ -182,30 +187,39 @@ def test_publish_rate_exceeded_disconnects_v5(limited):
 def test_publish_rate_exceeded_closes_v311(limited):
     raw, _ = _connect(limited.port, "flood3", MQTT_3_1_1)
     acked = 0
-    for i in range(20):
+    t0 = time.monotonic()
+    for i in range(30):
         try:
             raw.send(Publish("r/flood3", b"x", 1, packet_id=i + 1))
             if isinstance(raw.recv(timeout=2), Puback):
                 acked += 1
         except (ConnectionError, OSError):
             break
-    assert acked == 10  # the burst (1 s of 10/s); the 11th ends the connection unacknowledged
-    assert raw.closed()
+    elapsed = time.monotonic() - t0
+    # The burst (1 s of 10/s) plus what refilled; the next one ends the connection unacknowledged.
+    assert 10 <= acked <= 10 + int(elapsed * 10), (acked, elapsed)
+    assert acked < 30 and raw.closed()
     raw.close()
 
 
 def test_publish_byte_rate(limited):
     raw, _ = _connect(limited.port, "bytes")
     big = b"z" * 595  # + 5-byte topic = 600 bytes against 2000/s
-    codes = []
-    for i in range(5):
+    acked = 0
+    t0 = time.monotonic()
+    for i in range(10):
         raw.send(Publish("r/big", big, 1, packet_id=i + 1))
         p = raw.recv()
-        codes.append((type(p).__name__, p.reason_code))
         if isinstance(p, Disconnect):
+            assert p.reason_code == RC.QUOTA_EXCEEDED
             break
-    # 2000 bytes of burst: 600, 1200, 1800; the 4th finds 200 left.
-    assert codes == [("Puback", 0x10)] * 3 + [("Disconnect", RC.QUOTA_EXCEEDED)]
+        assert isinstance(p, Puback) and p.reason_code == 0x10  # accepted (no subscriber)
+        acked += 1
+    else:
+        raise AssertionError("6000 bytes went through a 2000 B/s limit")
+    elapsed = time.monotonic() - t0
+    # 2000 bytes of burst take three; a fourth only with what refilled meanwhile.
+    assert acked >= 3 and acked * 600 <= 2000 + elapsed * 2000, (acked, elapsed)
     raw.close()
 
 
