@@ -17,7 +17,7 @@ from roost.broker.acl import Acl
 from roost.config import Authorization, ConfigError
 from roost.mqtt import Publish, Subscribe, Subscription
 from roost.mqtt import reason_codes as RC
-from roost.mqtt.packets import MQTT_3_1_1, MQTT_5, Connack, Puback, Pubrec, Suback
+from roost.mqtt.packets import MQTT_3_1_1, MQTT_5, Connack, Puback, Pubrec, Suback, Will
 from tests.brokerproc import BrokerProcess, free_port
 from tests.clients import RawClient
 
@@ -279,3 +279,33 @@ def test_reload_function_keeps_rules_on_error(tmp_path):
     assert acl.check("publish", "b", None, "c")
     assert acl.describe() == [{"permission": "allow", "action": "all", "topics": ["b"],
                                "source": str(path)}]  # fmt: skip
+
+
+@pytest.mark.parametrize(("version", "refused"), [(MQTT_5, RC.NOT_AUTHORIZED), (MQTT_3_1_1, 5)])
+def test_will_topic_is_authorized_at_connect(acl_broker, version, refused):
+    raw = RawClient(acl_broker.port, version)
+    ack = raw.connect("will-bad", username="gina", will=Will("users/hank/status", b"gone"))
+    assert isinstance(ack, Connack) and ack.reason_code == refused
+    raw.close()
+
+
+def test_will_with_placeholder_topic_is_published(acl_broker):
+    admin = _client(acl_broker.port, "admin-wills", "admin")
+    assert _sub(admin, "users/#", qos=0) == [0]
+    raw = RawClient(acl_broker.port, MQTT_5)
+    ack = raw.connect("will-ok", username="ida", will=Will("users/ida/status", b"gone"))
+    assert isinstance(ack, Connack) and ack.reason_code == 0
+    raw.close()  # no DISCONNECT: the will goes out
+    assert _received(admin, 2.0) == ["users/ida/status"]
+    admin.close()
+
+
+def test_acl_cache_follows_reload(tmp_path):
+    path = tmp_path / "acl.yaml"
+    _write(path, [{"permission": "allow", "topics": ["a"]}])
+    acl = Acl(Authorization(acl_file=str(path), no_match="deny"))
+    assert acl.check("publish", "a", "u", "c", "127.0.0.1:1")
+    assert acl.check("publish", "a", "u", "c", "127.0.0.1:1")  # from the cache
+    _write(path, [{"permission": "deny", "topics": ["a"]}])
+    acl.reload()
+    assert not acl.check("publish", "a", "u", "c", "127.0.0.1:1")

@@ -426,6 +426,12 @@ class Channel:
                 return self._refuse(RC.QOS_NOT_SUPPORTED)
             if w.retain and not cfg.retain_available:
                 return self._refuse(RC.RETAIN_NOT_SUPPORTED)
+            # The will is authorized now, with the client's identity (when it is published the
+            # client is gone); a will the client may not publish refuses the connection.
+            if broker.acl_active and not broker.acl.check(
+                "publish", w.topic, username, client_id, self.peer
+            ):
+                return self._refuse(RC.NOT_AUTHORIZED, "will topic not authorized")
             wprops = {k: v for k, v in w.properties.items() if k != "will_delay_interval"}
             self.will_delay = w.properties.get("will_delay_interval", 0)
             self.will = Message(w.topic, w.payload, w.qos, w.retain, wprops, client_id)

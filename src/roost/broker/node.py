@@ -132,8 +132,7 @@ class Broker:
             del self.sessions[session.client_id]
 
     def _publish_will(self, will: Message, now: float) -> None:
-        if self.acl_active and not self.acl.check("publish", will.topic, None, will.sender):
-            return
+        # Authorized at CONNECT (channel), with the username and address we no longer have here.
         will.timestamp = now
         if will.expires_at is not None and will.props:
             will.expires_at = now + will.props["message_expiry_interval"]
