@@ -14,7 +14,16 @@ from roost.broker.node import Broker
 from roost.config import Config, load_config
 from roost.mqtt import Publish, Subscribe, Subscription
 from roost.mqtt import reason_codes as RC
-from roost.mqtt.packets import MQTT_3_1_1, MQTT_5, Auth, Connack, Connect, Disconnect, Suback
+from roost.mqtt.packets import (
+    MQTT_3_1_1,
+    MQTT_5,
+    Auth,
+    Connack,
+    Connect,
+    Disconnect,
+    Suback,
+    Will,
+)
 from tests.authutil import AuthHook, ScramClient, roost_passwd, scram_connect
 from tests.brokerproc import BrokerProcess
 from tests.clients import V5, V311, PahoClient, RawClient
@@ -264,6 +273,26 @@ def test_refused_client_packets_are_not_processed(secure, hook):
     raw.close()
     sub.assert_nothing(0.5)
     sub.disconnect()
+
+
+def test_client_gone_before_the_hook_answers(secure):
+    """A client that leaves while its CONNECT waits is never accepted: no session, no will."""
+    watch = PahoClient(secure.port, "watch-gone", V5)
+    watch.connect(username="bob", password="builder")
+    watch.subscribe("gone/will", 0)
+    raw = RawClient(secure.port, MQTT_5)
+    raw.send(Connect("gone", MQTT_5, username="h-slow", password=b"pw",
+                     will=Will("gone/will", b"should not be sent")))  # fmt: skip
+    raw.close()
+    time.sleep(1.0)  # the hook answers "allow" after 0.6 s
+    watch.assert_nothing(0.3)
+    watch.disconnect()
+    # No session was opened for it: the same client id finds none.
+    again = RawClient(secure.port, MQTT_5)
+    ack = again.connect("gone", username="bob", password=b"builder", clean_start=False)
+    assert isinstance(ack, Connack) and ack.reason_code == 0 and not ack.session_present
+    again.close()
+    assert "Traceback" not in secure.log()
 
 
 # ------------------------------------------------------------------------- SCRAM-SHA-256
