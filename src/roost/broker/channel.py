@@ -359,6 +359,8 @@ class Channel:
             if "subscription_identifier" in props:
                 raise MQTTError("a client may not send subscription identifiers", RC.PROTOCOL_ERROR)
             props = {k: v for k, v in props.items() if k not in _STRIP_PROPS} or None
+        if not topic:
+            raise MQTTError("empty topic name without a topic alias", RC.PROTOCOL_ERROR)
         if not valid_topic_name(topic, cfg.max_topic_levels):
             raise MQTTError(f"invalid topic name {topic!r}", RC.TOPIC_NAME_INVALID)
         qos = p.qos
