@@ -152,7 +152,11 @@ class Channel:
             return
         if self.v5 and self.connected:
             props = {"reason_string": reason_string} if reason_string else None
-            self.send(Disconnect(reason, props))
+            data = encode(Disconnect(reason, props), MQTT_5)
+            if len(data) > self.client_max_packet:
+                # Leave the reason string out rather than exceed the client's limit.
+                data = encode(Disconnect(reason), MQTT_5)
+            self.write(data)
         self.close()
 
     def send_qos0(self, msg: Message, retain: bool, sub_ids: tuple[int, ...]) -> None:
