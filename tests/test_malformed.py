@@ -282,7 +282,7 @@ def test_supported_protocol_levels_are_accepted(
 
 
 CONNECT_CASES = [
-    # (name, version, CONNECT bytes, CONNACK code on 5.0 / None: closed without CONNACK)
+    # (name, CONNECT bytes for a version, CONNACK reason on 5.0); 3.1.1 closes unanswered
     ("reserved flag", lambda v: connect(v, "x", flags=0x03), MALFORMED),
     ("reserved flag with will", lambda v: connect(v, "x", flags=0x07, tail=_will(v)), MALFORMED),
     ("will QoS 3", lambda v: connect(v, "x", flags=0x1E, tail=_will(v)), MALFORMED),
@@ -446,6 +446,7 @@ CONNECTED_CASES = [
     ("PINGREQ flags 0x8", lambda v: b"\xc8\x00", MALFORMED),
     ("DISCONNECT flags 0x1", lambda v: b"\xe1\x00", MALFORMED),
     ("DISCONNECT flags 0x4", lambda v: b"\xe4\x00", MALFORMED),
+    ("AUTH flags 0x1", lambda v: b"\xf1\x00", MALFORMED),
     ("PINGREQ with a body", lambda v: b"\xc0\x01\x00", MALFORMED),
     # server-to-client packets sent by a client
     ("CONNACK from a client", lambda v: frame(0x20, b"\x00\x00" + (b"\x00" if v == V5 else b"")),
@@ -649,6 +650,40 @@ def test_receive_maximum_exceeded(connected: Callable[..., Wire]) -> None:
     assert body_of(w.frame())[:2] == u16(RECEIVE_MAX + 1)
     w.send(publish(V5, "rm/t", b"x", 2, RECEIVE_MAX + 2))
     expect_disconnect(w, V5, RECEIVE_MAXIMUM_EXCEEDED)
+
+
+@pytest.mark.parametrize("v", VERSIONS, ids=VNAME.get)
+def test_bad_packet_in_a_coalesced_write(
+    mbroker: BrokerProcess, connected: Callable[..., Wire], v: int
+) -> None:
+    """Packets before the bad one in the same write take effect; packets after it do not."""
+    topic = f"coalesced/{cid('t')}"
+    watcher = PahoClient(mbroker.port, cid("watch"), PAHO_V5)
+    watcher.connect()
+    watcher.subscribe(f"{topic}/#", 1)
+    try:
+        w = connected(v)
+        w.send(
+            publish(v, f"{topic}/before", b"1", 1, 5)
+            + publish(v, "a/+", b"bad")
+            + publish(v, f"{topic}/after", b"2", 1, 6)
+        )
+        ack = w.frame()
+        assert ack[0] == 0x40 and body_of(ack)[:2] == u16(5), ack
+        expect_disconnect(w, v, TOPIC_NAME_INVALID)
+        m = watcher.recv(timeout=5)
+        assert (m.topic, m.payload) == (f"{topic}/before", b"1")
+        watcher.assert_nothing(0.3)
+    finally:
+        watcher.disconnect()
+
+
+@pytest.mark.parametrize("v", VERSIONS, ids=VNAME.get)
+def test_second_connect_in_the_same_write(wire: Callable[[], Wire], v: int) -> None:
+    w = wire()
+    w.send(connect(v, cid("twice")) * 2)
+    assert connack_code(w.frame()) == 0
+    expect_disconnect(w, v, PROTOCOL)
 
 
 def test_disconnect_fits_the_clients_maximum_packet_size(connected: Callable[..., Wire]) -> None:
