@@ -51,6 +51,7 @@ MAX_PACKET = 1000
 MAX_ALIAS = 10
 RECEIVE_MAX = 3
 CONNECT_TIMEOUT = 1.0
+MAX_CLIENT_ID = 23
 
 MALFORMED = 0x81
 PROTOCOL = 0x82
@@ -79,6 +80,7 @@ def mbroker() -> Iterator[BrokerProcess]:
             "max_topic_alias": MAX_ALIAS,
             "receive_maximum": RECEIVE_MAX,
             "connect_timeout": CONNECT_TIMEOUT,
+            "max_clientid_len": MAX_CLIENT_ID,
         },
         "sys_topics": {"enabled": False},
     }
@@ -157,9 +159,9 @@ def connected(wire: Callable[[], Wire]) -> Callable[..., Wire]:
     """A raw connection that has sent CONNECT and got CONNACK 0."""
 
     def factory(v: int, client_id: str = "", properties: bytes = b"", tail: bytes = b"",
-                flags: int = 0x02) -> Wire:  # fmt: skip
+                flags: int = 0x02, keepalive: int = 60) -> Wire:  # fmt: skip
         w = wire()
-        w.send(connect(v, client_id or cid("raw"), flags=flags, properties=properties, tail=tail))
+        w.send(connect(v, client_id or cid("raw"), flags, keepalive, properties, tail))
         ack = w.frame()
         assert connack_code(ack) == 0, f"CONNACK refused: {ack!r}"
         return w
@@ -397,6 +399,19 @@ def test_empty_client_id(wire: Callable[[], Wire]) -> None:
     ack = decode(w.frame(), V5)
     assert isinstance(ack, Connack) and ack.reason_code == 0
     assert ack.properties.get("assigned_client_identifier")
+    w.ping()
+
+
+@pytest.mark.parametrize("v", VERSIONS, ids=VNAME.get)
+def test_client_id_longer_than_the_limit(wire: Callable[[], Wire], v: int) -> None:
+    """3.1.1: CONNACK 0x02 (identifier rejected); 5.0: CONNACK 0x85. One less is accepted."""
+    stem = cid("long")
+    w = wire()
+    w.send(connect(v, stem.ljust(MAX_CLIENT_ID + 1, "x")))
+    expect_connack_close(w, 0x85 if v == V5 else 0x02)
+    w = wire()
+    w.send(connect(v, stem.ljust(MAX_CLIENT_ID, "x")))
+    assert connack_code(w.frame()) == 0
     w.ping()
 
 
@@ -739,6 +754,69 @@ def test_truncated_packet_then_close(
         watcher.assert_nothing(0.3)
     finally:
         watcher.disconnect()
+
+
+@pytest.mark.parametrize("v", VERSIONS, ids=VNAME.get)
+def test_half_a_packet_then_silence_hits_the_keepalive(
+    connected: Callable[..., Wire], v: int
+) -> None:
+    """A frame that never completes does not count as activity past keepalive x 1.5."""
+    w = connected(v, keepalive=1)
+    start = time.monotonic()
+    w.send(publish(v, "ka/t", b"x" * 20)[:6])
+    assert w.quiet(0.9), "closed before the keepalive ran out"
+    expect_disconnect(w, v, 0x8D)
+    assert time.monotonic() - start < 4
+
+
+@pytest.mark.parametrize("v", VERSIONS, ids=VNAME.get)
+def test_malformed_packet_publishes_the_will(
+    mbroker: BrokerProcess, connected: Callable[..., Wire], v: int
+) -> None:
+    """A connection closed for a malformed packet is not a normal disconnect: the will goes."""
+    will_topic = f"will/{cid('bad')}"
+    watcher = PahoClient(mbroker.port, cid("watch"), PAHO_V5)
+    watcher.connect()
+    watcher.subscribe(will_topic, 1)
+    try:
+        will = (props() if v == V5 else b"") + s(will_topic) + s(b"bad client")
+        w = connected(v, flags=0x02 | 0x04 | 0x08, tail=will)
+        w.send(publish(v, "a/b", b"x", flags=0x06, pid=1))  # QoS 3
+        expect_disconnect(w, v, MALFORMED)
+        m = watcher.recv(timeout=5)
+        assert (m.topic, m.payload, m.qos) == (will_topic, b"bad client", 1)
+    finally:
+        watcher.disconnect()
+
+
+@pytest.mark.parametrize("v", VERSIONS, ids=VNAME.get)
+def test_persistent_session_survives_a_malformed_close(
+    mbroker: BrokerProcess, wire: Callable[[], Wire], connected: Callable[..., Wire], v: int
+) -> None:
+    """The session outlives the closed connection: it resumes and got the message meanwhile."""
+    client_id = cid("persist")
+    topic = f"persist/{client_id}"
+    expiry = b"\x11" + (60).to_bytes(4, "big") if v == V5 else b""
+    w = connected(v, client_id, properties=expiry, flags=0x00)
+    w.send(subscribe(v, 1, [(topic, 1)]))
+    assert w.frame()[0] == 0x90
+    w.send(b"\x30\xff\xff\xff\xff\x01")
+    expect_disconnect(w, v, MALFORMED)
+    pub = PahoClient(mbroker.port, cid("pub"), PAHO_V5)
+    pub.connect()
+    try:
+        pub.publish(topic, b"while away", 1)
+    finally:
+        pub.disconnect()
+    w = wire()
+    w.send(connect(v, client_id, flags=0x00, properties=expiry))
+    ack = w.frame()
+    assert connack_code(ack) == 0 and body_of(ack)[0] == 1, f"session not present: {ack!r}"
+    msg = decode(w.frame(), v)
+    assert isinstance(msg, Publish) and (msg.topic, msg.payload) == (topic, b"while away")
+    w.close()
+    # End the session so that it does not linger in the module's broker.
+    connected(v, client_id).send(b"\xe0\x00")
 
 
 @pytest.mark.parametrize("v", VERSIONS, ids=VNAME.get)
