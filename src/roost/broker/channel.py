@@ -163,7 +163,11 @@ class Channel:
             return
         if self.v5 and self.connected:
             props = {"reason_string": reason_string} if reason_string else None
-            self.send(Disconnect(reason, props))
+            data = encode(Disconnect(reason, props), MQTT_5)
+            if len(data) > self.client_max_packet:
+                # Leave the reason string out rather than exceed the client's limit.
+                data = encode(Disconnect(reason), MQTT_5)
+            self.write(data)
         self.close()
 
     def send_qos0(self, msg: Message, retain: bool, sub_ids: tuple[int, ...]) -> None:
@@ -370,6 +374,8 @@ class Channel:
             if "subscription_identifier" in props:
                 raise MQTTError("a client may not send subscription identifiers", RC.PROTOCOL_ERROR)
             props = {k: v for k, v in props.items() if k not in _STRIP_PROPS} or None
+        if not topic:
+            raise MQTTError("empty topic name without a topic alias", RC.PROTOCOL_ERROR)
         if not valid_topic_name(topic, cfg.max_topic_levels):
             raise MQTTError(f"invalid topic name {topic!r}", RC.TOPIC_NAME_INVALID)
         qos = p.qos
