@@ -288,7 +288,7 @@ class Channel:
                 return self._refuse(RC.CLIENT_IDENTIFIER_NOT_VALID)
             client_id = broker.new_client_id()
             assigned = True
-        if len(client_id) > cfg.max_clientid_len:
+        elif len(client_id) > cfg.max_clientid_len:  # ids the broker assigns are not limited
             return self._refuse(RC.CLIENT_IDENTIFIER_NOT_VALID, "client id too long")
         if "authentication_method" in props:
             return self._refuse(RC.BAD_AUTHENTICATION_METHOD, "no enhanced authentication here")
