@@ -405,11 +405,22 @@ class Channel:
             return
         msg = Message(topic, p.payload, qos, p.retain, props, self.client_id, self.now())
         matched = broker.publish(msg)
-        if qos == 1:
-            self.write(_ack(0x40, p.packet_id, 0 if matched or not self.v5 else 0x10))  # type: ignore[arg-type]
-        elif qos == 2:
-            session.awaiting_rel[p.packet_id] = msg.timestamp  # type: ignore[index]
-            self.write(_ack(0x50, p.packet_id, 0 if matched or not self.v5 else 0x10))  # type: ignore[arg-type]
+        if qos:
+            code = 0 if matched or not self.v5 else RC.NO_MATCHING_SUBSCRIBERS
+            ack = _ack(0x40 if qos == 1 else 0x50, p.packet_id, code)  # type: ignore[arg-type]
+            if qos == 2:
+                session.awaiting_rel[p.packet_id] = msg.timestamp  # type: ignore[index]
+                if session.durable is not None:
+                    session.durable.rel_add(session, p.packet_id)  # type: ignore[arg-type]
+            self._ack_when_durable(ack)
+
+    def _ack_when_durable(self, ack: bytes) -> None:
+        """Acknowledge only once what this packet changed is stored (acks stay in order)."""
+        durable = self.broker.durable
+        if durable is None:
+            self.write(ack)
+        else:
+            durable.after(lambda: self.closed or self.write(ack))
 
     def _on_pubrec(self, p: Pubrec) -> None:
         assert self.session is not None
@@ -423,9 +434,13 @@ class Channel:
 
     def _on_pubrel(self, p: Pubrel) -> None:
         assert self.session is not None
-        found = self.session.awaiting_rel.pop(p.packet_id, None) is not None
+        session = self.session
+        found = session.awaiting_rel.pop(p.packet_id, None) is not None
+        if found and session.durable is not None:
+            session.durable.rel_del(session, p.packet_id)
         code = 0 if found or not self.v5 else RC.PACKET_IDENTIFIER_NOT_FOUND
-        self.write(_ack(0x70, p.packet_id, code))
+        # After a restart a stale id would make the client's next message look like a resend.
+        self._ack_when_durable(_ack(0x70, p.packet_id, code))
 
     # ---------------------------------------------------------------------------- SUBSCRIBE
 

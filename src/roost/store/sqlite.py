@@ -103,7 +103,7 @@ class StoredState:
     max_message_id: int
 
 
-def _props(text: str | None) -> dict[str, Any] | None:
+def load_props(text: str | None) -> dict[str, Any] | None:
     if not text:
         return None
     props = json.loads(text)
@@ -154,14 +154,27 @@ class SqliteStore:
             if s is None:
                 continue
             s.deliveries.append(
-                StoredDelivery(r[1], r[2], bytes(r[3]), r[4], _props(r[5]), r[6], r[7], r[8],
-                               bool(r[9]), tuple(json.loads(r[10])), r[11], r[12], r[13])  # fmt: skip
+                StoredDelivery(
+                    r[1],
+                    r[2],
+                    bytes(r[3]),
+                    r[4],
+                    load_props(r[5]),
+                    r[6],
+                    r[7],
+                    r[8],
+                    bool(r[9]),
+                    tuple(json.loads(r[10])),
+                    r[11],
+                    r[12],
+                    r[13],
+                )
             )
         for cid, pid in db.execute("SELECT client_id, packet_id FROM awaiting_rel"):
             if cid in sessions:
                 sessions[cid].awaiting_rel.append(pid)
         retained = [
-            StoredRetained(t, bytes(p), q, _props(pr), snd, exp)
+            StoredRetained(t, bytes(p), q, load_props(pr), snd, exp)
             for t, p, q, pr, snd, exp in db.execute(
                 "SELECT topic, payload, qos, props, sender, expires_at FROM retained"
             )
@@ -185,13 +198,18 @@ class SqliteStore:
         kind = op[0]
         x = self.db.execute
         if kind == "dlv":  # client_id, seq, message_id, qos, retain, sub_ids
-            x("INSERT OR REPLACE INTO deliveries (client_id, seq, message_id, qos, retain, sub_ids)"
-              " VALUES (?, ?, ?, ?, ?, ?)", op[1:])  # fmt: skip
+            x(
+                "INSERT OR REPLACE INTO deliveries"
+                " (client_id, seq, message_id, qos, retain, sub_ids) VALUES (?, ?, ?, ?, ?, ?)",
+                op[1:],
+            )
         elif kind == "msg":  # id, topic, payload, qos, retain, props, sender, expires_at
             x("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)", op[1:])
         elif kind == "dlv_pid":  # client_id, seq, packet_id, state
-            x("UPDATE deliveries SET packet_id = ?, state = ? WHERE client_id = ? AND seq = ?",
-              (op[3], op[4], op[1], op[2]))  # fmt: skip
+            x(
+                "UPDATE deliveries SET packet_id = ?, state = ? WHERE client_id = ? AND seq = ?",
+                (op[3], op[4], op[1], op[2]),
+            )
         elif kind == "dlv_del":  # client_id, seq
             x("DELETE FROM deliveries WHERE client_id = ? AND seq = ?", op[1:])
         elif kind == "sess":  # client_id, expiry, subscriptions, will, disconnected_at
