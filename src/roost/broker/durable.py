@@ -192,7 +192,7 @@ class Durable:
                     d.state = AWAIT_COMP if sd.state else 0
                     session.inflight[sd.packet_id] = d
                 else:
-                    session.queue.append(d)
+                    session.requeue(d)
                 session.seq = max(session.seq, sd.seq)
             for pid in s.awaiting_rel:
                 session.awaiting_rel[pid] = self.clock()

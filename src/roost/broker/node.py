@@ -157,7 +157,7 @@ class Broker:
                 # Nobody else can take it: keep it for this member.
                 if d.qos and session.durable is not None:
                     session.durable.add_delivery(session, d)
-                session.queue.append(d)
+                session.requeue(d)
                 continue
             other.session.deliver(d.msg, min(d.msg.qos, other.qos), d.retain, d.sub_ids, other)
 

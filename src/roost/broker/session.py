@@ -55,6 +55,7 @@ class Session:
         "inflight",
         "max_queue",
         "queue",
+        "queued_qos0",
         "seq",
         "stats",
         "store_qos0",
@@ -73,6 +74,7 @@ class Session:
         self.channel: Channel | None = None
         self.inflight: dict[int, Delivery] = {}
         self.queue: deque[Delivery] = deque()
+        self.queued_qos0 = 0  # QoS 0 deliveries in the queue: a full queue drops these first
         self.awaiting_rel: dict[int, float] = {}
         self._next_pid = 1
         # Set while the session is persistent (expiry > 0 on a node with a durable store).
@@ -121,19 +123,26 @@ class Session:
     def _enqueue(self, d: Delivery) -> None:
         queue = self.queue
         if len(queue) >= self.max_queue:
-            # Full: drop the oldest QoS 0 message if there is one, else the oldest message.
-            for i, old in enumerate(queue):
-                if old.qos == 0:
-                    del queue[i]
-                    break
-            else:
-                if not queue:
-                    self.stats.dropped_queue_full += 1
-                    self._done(d)
-                    return
-                self._done(queue.popleft())
             self.stats.dropped_queue_full += 1
-        queue.append(d)
+            if not queue:
+                self._done(d)
+                return
+            # Full: drop the oldest QoS 0 message if there is one, else the oldest message.
+            if self.queued_qos0:
+                for i, old in enumerate(queue):
+                    if old.qos == 0:
+                        del queue[i]
+                        self.queued_qos0 -= 1
+                        break
+            else:
+                self._done(queue.popleft())
+        self.requeue(d)
+
+    def requeue(self, d: Delivery) -> None:
+        """Append to the queue with no limit check (restored or handed-back deliveries)."""
+        self.queue.append(d)
+        if d.qos == 0:
+            self.queued_qos0 += 1
 
     def _alloc_pid(self) -> int:
         pid = self._next_pid
@@ -165,6 +174,8 @@ class Session:
             if d.qos and len(self.inflight) >= ch.window:
                 return
             queue.popleft()
+            if d.qos == 0:
+                self.queued_qos0 -= 1
             if d.msg.expired(now):
                 self.stats.dropped_expired += 1
                 self._done(d)
@@ -238,9 +249,11 @@ class Session:
                 else:
                     keep.append(d)
             self.queue = keep
+            self.queued_qos0 = sum(1 for d in keep if d.qos == 0)
         return taken
 
     def clear(self) -> None:
         self.inflight.clear()
         self.queue.clear()
+        self.queued_qos0 = 0
         self.awaiting_rel.clear()
