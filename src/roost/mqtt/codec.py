@@ -114,11 +114,15 @@ class Decoder:
                     break
                 packets.append(self._decode(first, view, body, end))
                 pos = end
-        finally:
-            if buf:
-                del buf[:pos]
-            elif pos < n:
-                self._buf = bytearray(view[pos:])
+        except MQTTError:
+            # The stream cannot be re-framed after an error: keep none of it (the rest of
+            # the chunk may be a refused oversize frame, which must not stay buffered).
+            self._buf = bytearray()
+            raise
+        if buf:
+            del buf[:pos]
+        elif pos < n:
+            self._buf = bytearray(view[pos:])
         return packets
 
     def _decode(self, first: int, buf: bytes | bytearray, pos: int, end: int) -> Packet:
