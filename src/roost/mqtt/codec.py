@@ -199,7 +199,7 @@ def _decode_publish(
         if pos < end and buf[pos] == 0:
             pos += 1
         else:
-            props, pos = decode_properties(buf[:end], pos, P.PUBLISH)
+            props, pos = decode_properties(buf, pos, P.PUBLISH, end)
     pkt = Publish.__new__(Publish)
     pkt.topic = topic
     pkt.payload = bytes(buf[pos:end])
@@ -249,13 +249,13 @@ def _decode_connect(dec: Decoder, buf: bytes | bytearray, pos: int, end: int) ->
         raise MQTTError("password without user name", RC.PROTOCOL_ERROR)
     props = _EMPTY
     if level == MQTT_5:
-        props, pos = decode_properties(buf[:end], pos, P.CONNECT)
+        props, pos = decode_properties(buf, pos, P.CONNECT, end)
     client_id, pos = decode_string(buf, pos, end)
     will = None
     if will_flag:
         will_props = _EMPTY
         if level == MQTT_5:
-            will_props, pos = decode_properties(buf[:end], pos, P.WILL)
+            will_props, pos = decode_properties(buf, pos, P.WILL, end)
         will_topic, pos = decode_string(buf, pos, end)
         will_payload, pos = decode_binary(buf, pos, end)
         will = Will(will_topic, will_payload, will_qos, will_retain, dict(will_props))
@@ -293,7 +293,7 @@ def _reason_and_props(
     pos += 1
     props = _EMPTY
     if pos < end:
-        props, pos = decode_properties(buf[:end], pos, ptype)
+        props, pos = decode_properties(buf, pos, ptype, end)
     if pos != end:
         raise MQTTError("trailing bytes")
     return code, props
@@ -317,7 +317,7 @@ def _decode_connack(buf: bytes | bytearray, pos: int, end: int, version: int) ->
         raise MQTTError("CONNACK reserved flags set")
     props = _EMPTY
     if version == MQTT_5:
-        props, after = decode_properties(buf[:end], pos + 2, P.CONNACK)
+        props, after = decode_properties(buf, pos + 2, P.CONNACK, end)
     else:
         after = pos + 2
     if after != end:
@@ -332,7 +332,7 @@ def _decode_subscribe(buf: bytes | bytearray, pos: int, end: int, version: int) 
     pos += 2
     props = _EMPTY
     if version == MQTT_5:
-        props, pos = decode_properties(buf[:end], pos, P.SUBSCRIBE)
+        props, pos = decode_properties(buf, pos, P.SUBSCRIBE, end)
         if len(props.get("subscription_identifier", ())) > 1:
             raise MQTTError("more than one subscription identifier", RC.PROTOCOL_ERROR)
     subs = []
@@ -367,7 +367,7 @@ def _decode_suback(buf: bytes | bytearray, pos: int, end: int, version: int) -> 
     pos += 2
     props = _EMPTY
     if version == MQTT_5:
-        props, pos = decode_properties(buf[:end], pos, P.SUBACK)
+        props, pos = decode_properties(buf, pos, P.SUBACK, end)
     return Suback(packet_id, list(buf[pos:end]), props)
 
 
@@ -378,7 +378,7 @@ def _decode_unsubscribe(buf: bytes | bytearray, pos: int, end: int, version: int
     pos += 2
     props = _EMPTY
     if version == MQTT_5:
-        props, pos = decode_properties(buf[:end], pos, P.UNSUBSCRIBE)
+        props, pos = decode_properties(buf, pos, P.UNSUBSCRIBE, end)
     filters = []
     while pos < end:
         topic_filter, pos = decode_string(buf, pos, end)
@@ -394,7 +394,7 @@ def _decode_unsuback(buf: bytes | bytearray, pos: int, end: int, version: int) -
     props = _EMPTY
     codes: list[int] = []
     if version == MQTT_5:
-        props, pos = decode_properties(buf[:end], pos, P.UNSUBACK)
+        props, pos = decode_properties(buf, pos, P.UNSUBACK, end)
         codes = list(buf[pos:end])
     elif pos != end:
         raise MQTTError("trailing bytes after UNSUBACK")
