@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -189,3 +191,26 @@ def test_connect_is_subject_to_the_limit() -> None:
     with pytest.raises(MQTTError) as err:
         dec.feed(wire[:3])
     assert err.value.reason_code == 0x95
+
+
+# ------------------------------------------------------------------------- linear framing
+
+
+def _decode_time(frame: bytes, count: int) -> float:
+    dec = server_decoder(MQTT_5)
+    chunk = frame * count
+    start = time.perf_counter()
+    assert len(dec.feed(chunk)) == count
+    return time.perf_counter() - start
+
+
+def test_one_big_chunk_decodes_in_linear_time() -> None:
+    """Frames with properties cost no more per frame in a big chunk than in a small one.
+
+    Splitting must not copy the rest of the chunk per frame (quadratic in the chunk size).
+    """
+    frame = encode(Publish("t", b"", 0, properties={"message_expiry_interval": 1}), MQTT_5)
+    small, big = 5_000, 80_000
+    per_frame_small = min(_decode_time(frame, small) for _ in range(3)) / small
+    per_frame_big = _decode_time(frame, big) / big
+    assert per_frame_big < 3 * per_frame_small, (per_frame_small, per_frame_big)
