@@ -138,8 +138,9 @@ class Decoder:
         if _REQUIRED_FLAGS[ptype] != flags:
             raise MQTTError(f"invalid fixed header flags 0x{flags:x} for packet type {ptype}")
         if ptype == 1:
-            if version is not None and not self.server_side:
-                raise MQTTError("CONNECT sent by a server", RC.PROTOCOL_ERROR)
+            if version is not None:
+                what = "second CONNECT" if self.server_side else "CONNECT sent by a server"
+                raise MQTTError(what, RC.PROTOCOL_ERROR)
             return _decode_connect(self, buf, pos, end)
         if version is None:
             if self.server_side:
@@ -220,15 +221,11 @@ def _decode_connect(dec: Decoder, buf: bytes | bytearray, pos: int, end: int) ->
     if name not in ("MQTT", "MQIsdp"):
         raise MQTTError(f"unknown protocol name {name!r}", RC.PROTOCOL_ERROR)
     if (name, level) not in (("MQTT", MQTT_3_1_1), ("MQTT", MQTT_5), ("MQIsdp", MQTT_3_1)):
-        if dec.version is None:
-            dec.version = MQTT_3_1_1 if level < MQTT_5 else MQTT_5
+        dec.version = MQTT_3_1_1 if level < MQTT_5 else MQTT_5
         raise MQTTError(
             f"unsupported protocol {name!r} level {level}", RC.UNSUPPORTED_PROTOCOL_VERSION
         )
-    if dec.version is None:
-        dec.version = level
-    elif dec.version != level:
-        raise MQTTError("second CONNECT", RC.PROTOCOL_ERROR)
+    dec.version = level
     if pos + 3 > end:
         raise MQTTError("truncated CONNECT")
     flags = buf[pos]
