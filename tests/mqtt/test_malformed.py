@@ -216,6 +216,11 @@ CASES: dict[str, Case] = {
     "second CONNECT with another version": Case(
         b"\xc0\x00", connect(level=5), PROTOCOL, version=MQTT_3_1_1
     ),
+    "second CONNECT": Case(b"\xc0\x00", connect(), PROTOCOL, version=MQTT_3_1_1),
+    "second CONNECT in 5": Case(b"\xc0\x00", connect(level=5), PROTOCOL, version=MQTT_5),
+    "second CONNECT with an unsupported level": Case(
+        b"\xc0\x00", connect(level=6), PROTOCOL, version=MQTT_5
+    ),
     # ------------------------------------------------------------------------ first packet
     "PUBLISH first": Case(connect(), frame(0x30, s("t")), PROTOCOL, version=None),
     "PINGREQ first": Case(connect(), b"\xc0\x00", PROTOCOL, version=None),

@@ -70,8 +70,8 @@ RT = settings(
 
 
 def via_server(packet: Packet, version: int) -> Packet:
-    """Encode a client-to-server packet and decode it on a server that saw a CONNECT."""
-    dec = server_decoder(version)
+    """Encode a client-to-server packet; decode it on a server (past its CONNECT if not one)."""
+    dec = Decoder() if isinstance(packet, Connect) else server_decoder(version)
     data = encode(packet, version)
     out = dec.feed(data)
     assert len(out) == 1, out
