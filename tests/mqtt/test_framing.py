@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 
 import pytest
@@ -199,9 +200,13 @@ def test_connect_is_subject_to_the_limit() -> None:
 def _decode_time(frame: bytes, count: int) -> float:
     dec = server_decoder(MQTT_5)
     chunk = frame * count
-    start = time.perf_counter()
-    assert len(dec.feed(chunk)) == count
-    return time.perf_counter() - start
+    gc.disable()  # a collection over the many new packets would skew one timing
+    try:
+        start = time.perf_counter()
+        assert len(dec.feed(chunk)) == count
+        return time.perf_counter() - start
+    finally:
+        gc.enable()
 
 
 def test_one_big_chunk_decodes_in_linear_time() -> None:
@@ -210,7 +215,7 @@ def test_one_big_chunk_decodes_in_linear_time() -> None:
     Splitting must not copy the rest of the chunk per frame (quadratic in the chunk size).
     """
     frame = encode(Publish("t", b"", 0, properties={"message_expiry_interval": 1}), MQTT_5)
-    small, big = 5_000, 80_000
+    small, big = 5_000, 160_000  # a per-frame copy of the chunk makes big ~12x slower
     per_frame_small = min(_decode_time(frame, small) for _ in range(3)) / small
     per_frame_big = _decode_time(frame, big) / big
-    assert per_frame_big < 3 * per_frame_small, (per_frame_small, per_frame_big)
+    assert per_frame_big < 4 * per_frame_small, (per_frame_small, per_frame_big)
