@@ -244,8 +244,10 @@ class FrameCounter:
 class Timing:
     warmup: float
     duration: float
-    quiet: float  # a subscriber stops after this long without data once the window is over
-    drain_max: float  # ... and in any case this long after the window
+    # After the window a subscriber stops once it has every message published, or after this long
+    # without data (messages were lost), or in any case drain_max after the window.
+    quiet: float
+    drain_max: float
 
 
 @dataclass
@@ -261,6 +263,7 @@ class Control:
     )
     # progress[i]: messages sent by publisher i, then messages received by each subscriber process.
     progress: Any
+    done: Any  # done[i] set once publisher i has sent its last message
     publishers: int
     sub_sizes: list[int]  # subscriber connections in each subscriber process
     # Publishers hold back while a subscriber process is, per connection, more than this many
@@ -271,6 +274,12 @@ class Control:
         """Messages published but not yet received, per connection of the slowest process."""
         p, n = self.progress, self.publishers
         return sum(p[:n]) - min(p[n + j] // size for j, size in enumerate(self.sub_sizes))
+
+    def all_sent(self) -> int | None:
+        """Messages published in all, once every publisher is done; None before."""
+        if all(self.done[: self.publishers]):
+            return sum(self.progress[: self.publishers])
+        return None
 
     def wait_go(self) -> float:
         if not self.go.wait(SETUP_TIMEOUT * 2):
@@ -376,6 +385,7 @@ def _publish(
         sent += batch
         progress[index] = sent
         k = (k + 1) % nbatches
+    ctl.done[index] = 1
     if qos:
         # Collect the outstanding acks: they prove the broker took every message.
         deadline = clock() + ctl.timing.drain_max
@@ -470,8 +480,12 @@ def _subscribe_loop(
             snap0 = received
         if snap1 < 0 and now >= t1:
             snap1 = received
-        if snap1 >= 0 and now - last_data > timing.quiet:
-            break
+        if snap1 >= 0:
+            published = ctl.all_sent()
+            if published is not None and received >= published * len(socks):
+                break
+            if now - max(last_data, t1) > timing.quiet:
+                break
         if now > hard_end:
             drain_cut = True
             break

@@ -28,16 +28,42 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total / TICK
 
 
-def session_cpu_seconds(sid: int) -> float:
-    """CPU of every live process in session ``sid``: a broker started in its own session,
-    including any wrapper shell or worker processes it forks."""
+def session_pids(sid: int) -> list[int]:
+    """Every live process in session ``sid``: a broker started in its own session, including
+    any wrapper shell or worker processes it forks."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             f = _stat_fields(int(entry))
             if f and int(f[3]) == sid:
                 pids.append(int(entry))
-    return cpu_seconds(pids)
+    return pids
+
+
+def session_cpu_seconds(sid: int) -> float:
+    return cpu_seconds(session_pids(sid))
+
+
+def runnable_seconds(pids: Iterable[int]) -> float:
+    """Time the processes' threads spent running or waiting for a CPU (/proc/*/schedstat).
+
+    A broker that was runnable for the whole window never waited for the load generator: it
+    was the bottleneck even when other jobs on the host kept it from running all the time.
+    """
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    run_ns, wait_ns, _ = f.read().split()
+            except (OSError, ValueError):
+                continue
+            total += int(run_ns) + int(wait_ns)
+    return total / 1e9
 
 
 def host_busy_seconds() -> float:

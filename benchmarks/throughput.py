@@ -214,6 +214,8 @@ class RunResult:
     gen_cpu: float = 0.0
     other_cpu: float = 0.0  # the rest of the host: other engineers' jobs, our own parent
     delivered: float = 0.0  # received / (published * copies), after the drain
+    per_cpu: float = 0.0  # messages per broker CPU-second
+    broker_runnable: float = 0.0  # % of the window the broker ran or waited for a CPU
     error: str = ""
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -228,10 +230,29 @@ def _worker(target: Callable[..., None], *args: Any) -> None:
     target(*args)
 
 
+def _sample(broker_sid: int, gen_pids: list[int]) -> tuple[float, float, float, float]:
+    """Broker CPU, broker runnable time, generator CPU, host busy time (all seconds)."""
+    broker_pids = procstat.session_pids(broker_sid)
+    return (
+        procstat.cpu_seconds(broker_pids),
+        procstat.runnable_seconds(broker_pids),
+        procstat.cpu_seconds(gen_pids),
+        procstat.host_busy_seconds(),
+    )
+
+
 def _sleep_until(t: float) -> None:
     delay = t - time.monotonic()
     if delay > 0:
         time.sleep(delay)
+
+
+def max_outstanding(args: argparse.Namespace, qos: int) -> int:
+    if args.max_outstanding is not None:
+        return int(args.max_outstanding)
+    # QoS 1 stays within the brokers' inflight window (1000), see README; QoS 0 needs more slack
+    # so that the broker never waits for a subscriber that the scheduler is slow to run.
+    return 500 if qos else 5000
 
 
 def run_once(
@@ -239,7 +260,7 @@ def run_once(
 ) -> RunResult:
     res = RunResult(broker_name, scen.name, qos, run)
     ctx = mp.get_context("fork")
-    timing = mqttload.Timing(args.warmup, args.duration, quiet=0.3, drain_max=args.drain)
+    timing = mqttload.Timing(args.warmup, args.duration, quiet=1.0, drain_max=args.drain)
     payload = b"x" * args.payload
     topic_len = len(scen.pub_topic(0).encode())
     frame = mqttload.frame_len(scen.pub_topic(0), args.payload, qos)
@@ -258,9 +279,10 @@ def run_once(
             go=ctx.Event(),
             start_at=ctx.Value("d", 0.0),
             progress=ctx.RawArray("q", scen.publishers + len(per_proc)),
+            done=ctx.RawArray("b", scen.publishers),
             publishers=scen.publishers,
             sub_sizes=per_proc,
-            max_outstanding=args.max_outstanding,
+            max_outstanding=max_outstanding(args, qos),
         )
         procs: list[Any] = []
         for i in range(scen.publishers):
@@ -296,17 +318,9 @@ def run_once(
             t0 = t_go + args.warmup
             t1 = t0 + args.duration
             _sleep_until(t0)
-            b0, g0, h0 = (
-                procstat.session_cpu_seconds(broker.pid),
-                procstat.cpu_seconds(pids),
-                procstat.host_busy_seconds(),
-            )
+            before = _sample(broker.pid, pids)
             _sleep_until(t1)
-            b1, g1, h1 = (
-                procstat.session_cpu_seconds(broker.pid),
-                procstat.cpu_seconds(pids),
-                procstat.host_busy_seconds(),
-            )
+            after = _sample(broker.pid, pids)
             done = [ctl.results.get(timeout=args.drain + mqttload.SOCK_TIMEOUT + 10) for _ in procs]
             errors = [d["error"] for d in done if "error" in d]
             if errors:
@@ -319,12 +333,16 @@ def run_once(
                     p.kill()
                     p.join(2)
     span = t1 - t0
+    b0, r0, g0, h0 = before
+    b1, r1, g1, h1 = after
     sub_results = [d for d in done if d["role"] == "sub"]
     received = sum(d["window"] for d in sub_results)
     sent = sum(d["sent"] for d in done if d["role"] == "pub")
     total = sum(d["total"] for d in sub_results)
     res.rate = received / span
     res.broker_cpu = 100 * (b1 - b0) / span
+    res.per_cpu = received / (b1 - b0) if b1 > b0 else 0.0
+    res.broker_runnable = 100 * (r1 - r0) / span
     res.gen_cpu = 100 * (g1 - g0) / span
     res.other_cpu = max(0.0, 100 * (h1 - h0) / span - res.broker_cpu - res.gen_cpu)
     res.delivered = total / (sent * scen.copies) if sent else 0.0
@@ -348,12 +366,24 @@ def run_once(
 # --- reporting -----------------------------------------------------------------------------------
 
 
+CPU_FIELDS = ("broker_cpu", "broker_runnable", "gen_cpu", "other_cpu")
+TABLE_NOTE = """
+msg/s: PUBLISH frames received by all subscribers per second in the window; median of the runs,
+  +- half the min-max spread. ratio: median over median.
+msg/cpu-s: the same messages per CPU-second the broker used; it barely moves when other jobs
+  take CPU away from the broker, so it is the figure to trust on a busy machine.
+cpu: % of one core in the window: the broker's CPU; the time it was runnable (running or
+  waiting for a CPU); the load generator's CPU; everything else on the host. The broker runnable
+  near 100% with gen well below it means the broker, not the load generator, is the bottleneck;
+  a high 'other' means other jobs took CPU from the broker and msg/s understates it."""
+
+
 def fmt_rate(values: list[float]) -> str:
     if not values:
         return "n/a"
     med = statistics.median(values)
     spread = (max(values) - min(values)) / med * 100 if med else 0.0
-    return f"{med:,.0f} ±{spread / 2:.0f}%"
+    return f"{med:,.0f} +-{spread / 2:.0f}%"
 
 
 def print_run(r: RunResult, verbose: bool = False) -> None:
@@ -366,7 +396,9 @@ def print_run(r: RunResult, verbose: bool = False) -> None:
         warn = f"  (!) unexpected={d['unexpected_packets']} closed={d['closed_by_broker']}"
     print(
         f"  {r.scenario:7} qos{r.qos} run {r.run} {r.broker:9} {r.rate:>12,.0f} msg/s"
-        f"  cpu broker {r.broker_cpu:3.0f}% gen {r.gen_cpu:3.0f}% other {r.other_cpu:3.0f}%"
+        f" {r.per_cpu:>10,.0f} msg/cpu-s"
+        f"  cpu broker {r.broker_cpu:3.0f}% (runnable {r.broker_runnable:3.0f}%)"
+        f" gen {r.gen_cpu:3.0f}% other {r.other_cpu:3.0f}%"
         f"  delivered {100 * r.delivered:.1f}%{warn}",
         flush=True,
     )
@@ -381,55 +413,45 @@ def print_table(results: list[RunResult], brokers: list[str]) -> None:
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.0f}%"
 
-    combos = sorted({(r.scenario, r.qos) for r in results}, key=lambda c: (c[0], c[1]))
+    def ratio(a: float | None, c: float | None) -> str:
+        return f"{a / c:.2f}" if a is not None and c else "n/a"
+
+    pair = len(brokers) == 2
+    combos = sorted({(r.scenario, r.qos) for r in results})
     head = ["scenario", "qos"]
-    for b in brokers:
-        head.append(f"{b} msg/s (median)")
-    if len(brokers) == 2:
-        head.append(f"ratio {brokers[0]}/{brokers[1]}")
-    for b in brokers:
-        head.append(f"{b} cpu (broker/gen/other)")
+    head += [f"{b} msg/s" for b in brokers]
+    head += [f"ratio {brokers[0]}/{brokers[1]}"] if pair else []
+    head += [f"{b} msg/cpu-s" for b in brokers]
+    head += ["cpu-s ratio"] if pair else []
+    head += [f"{b} cpu broker/runnable/gen/other" for b in brokers]
     head.append("runs ok")
     rows = [head]
     for scen, qos in combos:
-        row = [scen, str(qos)]
-        ok = {
+        runs = {
             b: [r for r in results if (r.scenario, r.qos, r.broker) == (scen, qos, b)]
             for b in brokers
         }
-        good = {b: [r for r in ok[b] if not r.error] for b in brokers}
+        good = {b: [r for r in runs[b] if not r.error] for b in brokers}
+        rate = {b: med([r.rate for r in good[b]]) for b in brokers}
+        eff = {b: med([r.per_cpu for r in good[b]]) for b in brokers}
+        row = [scen, str(qos)]
+        row += [fmt_rate([r.rate for r in good[b]]) for b in brokers]
+        row += [ratio(*rate.values())] if pair else []
+        row += [fmt_rate([r.per_cpu for r in good[b]]) for b in brokers]
+        row += [ratio(*eff.values())] if pair else []
         for b in brokers:
-            row.append(fmt_rate([r.rate for r in good[b]]))
-        if len(brokers) == 2:
-            a, c = (med([r.rate for r in good[b]]) for b in brokers)
-            row.append(f"{a / c:.2f}" if a is not None and c else "n/a")
-        for b in brokers:
-            g = good[b]
-            row.append(
-                "/".join(
-                    pct(med([getattr(r, k) for r in g]))
-                    for k in ("broker_cpu", "gen_cpu", "other_cpu")
-                )
-            )
-        row.append(" ".join(f"{len(good[b])}/{len(ok[b])}" for b in brokers))
+            cpu = (med([getattr(r, k) for r in good[b]]) for k in CPU_FIELDS)
+            row.append("/".join(pct(v) for v in cpu))
+        row.append(" ".join(f"{len(good[b])}/{len(runs[b])}" for b in brokers))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     print()
     for i, row in enumerate(rows):
-        print(
-            "  ".join(
-                c.rjust(w) if j > 1 else c.ljust(w)
-                for j, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
+        cells = zip(row, widths, strict=True)
+        print("  ".join(c.rjust(w) if j > 1 else c.ljust(w) for j, (c, w) in enumerate(cells)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print(
-        "\nmsg/s: PUBLISH frames received by all subscribers per second, median of the runs "
-        "(± half the min-max spread).\ncpu: % of one core during the window; a broker near 100% "
-        "with gen well below means the broker is the bottleneck;\n'other' is the rest of the "
-        "host (other jobs on a shared machine make runs noisy)."
-    )
+    print(TABLE_NOTE)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -454,10 +476,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-outstanding",
         type=int,
-        default=500,
+        default=None,
         help="messages per subscriber published but not yet received before publishers wait "
-        "(closed loop: keeps QoS 1 within the brokers' inflight window of 1000, no backlog); "
-        "0 floods (open loop)",
+        "(closed loop, no backlog); default 5000 at QoS 0, 500 at QoS 1 (within the brokers' "
+        "inflight window of 1000); 0 floods (open loop)",
     )
     p.add_argument("--roost-cmd", default=DEFAULT_ROOST_CMD, help="Roost command template")
     p.add_argument(
@@ -503,11 +525,13 @@ def main(argv: list[str] | None = None) -> int:
         f"payload {args.payload} B, {args.runs} runs x {args.duration:g}s"
         f" (+{args.warmup:g}s warmup), "
         f"fan-in {args.publishers}->1, fan-out 1->{args.subscribers}, QoS 1 window {args.window}, "
+        f"max outstanding {max_outstanding(args, 0)}/{max_outstanding(args, 1)} (QoS 0/1), "
         f"{os.cpu_count()} cores"
     )
     for b in args.broker_list:
         print(f"  {b}: {templates[b]}")
     results: list[RunResult] = []
+    interrupted = False
     try:
         for s in args.scenario_list:
             for qos in args.qos_list:
@@ -522,10 +546,13 @@ def main(argv: list[str] | None = None) -> int:
                         results.append(r)
                         print_run(r, args.verbose)
     except KeyboardInterrupt:
+        interrupted = True
         print("\ninterrupted; partial results:", file=sys.stderr)
     print_table(results, args.broker_list)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    if interrupted:
+        return 130
     return 1 if any(r.error for r in results) else 0
 
 
