@@ -30,6 +30,7 @@ from typing import Any
 
 HOST = "127.0.0.1"
 RECV_SIZE = 1 << 20
+MAX_PARTIAL = 1 << 16  # room kept for an incomplete packet between reads
 # Socket operations time out so that a stalled broker cannot hang a run forever.
 SOCK_TIMEOUT = 10.0
 SETUP_TIMEOUT = 30.0
@@ -42,7 +43,6 @@ NAP = 0.0005
 MAX_NAP = 0.005
 BIG_READ = 64
 
-PUBLISH, PUBACK = 3, 4
 DISCONNECT = b"\xe0\x00"
 
 
@@ -126,44 +126,42 @@ def subscribe(sock: socket.socket, topic_filter: str, qos: int) -> None:
         raise LoadError(f"bad SUBACK for {topic_filter!r} qos {qos}: {first:#x} {body.hex()}")
 
 
-def frame_len(topic: str, payload_len: int, qos: int) -> int:
-    return len(publish_packet(topic, bytes(payload_len), qos, 1))
-
-
 # --- steady-state counting ------------------------------------------------------------------------
 
 
 class FrameCounter:
     """Counts frames of one packet type in a socket's byte stream; builds PUBACKs if asked.
 
-    ``frame`` is the expected length of every frame. The fast path validates the fixed header
-    (type byte, remaining length byte) and, for PUBLISH, the topic length byte of every frame with
-    strided slices; if any check fails the buffer is walked header by header instead.
+    Every expected frame is ``frame`` bytes long and starts with ``prefix`` (fixed header, and
+    for PUBLISH the topic length), give or take the DUP flag. The fast path checks each prefix
+    byte of every frame in a buffer with one strided slice per byte; if any check fails the
+    buffer is walked header by header instead.
     """
 
-    def __init__(self, kind: int, frame: int, topic_len: int = 0, ack: bool = False) -> None:
-        self.kind = kind
+    def __init__(self, prefix: bytes, frame: int, pid_at: int = -1) -> None:
+        self.kind = prefix[0] >> 4
         self.frame = frame
-        self.ack = ack
         self.count = 0
         self.other = 0  # frames of another type (should stay 0; reported as a warning)
         self.slow = 0  # buffers that needed the header walk
         self.recvs = 0  # recv calls: count / recvs shows how well reads are batched
-        first = kind << 4 | (0x02 if kind == PUBLISH and ack else 0)
-        self._heads = (first, first | 0x08) if kind == PUBLISH else (first,)
-        self._rl = frame - 2
-        if self._rl >= 128:
-            raise ValueError("frames of 130 bytes or more need a longer fixed header")
-        self._tl = topic_len if kind == PUBLISH else -1
-        self._pid_at = 4 + topic_len  # packet id offset inside a QoS 1 PUBLISH frame
-        self._buf = bytearray(2 * RECV_SIZE)
+        self._prefix = prefix
+        self._pid_at = pid_at  # where a QoS 1 PUBLISH frame's packet id is; -1: send no PUBACKs
+        self._buf = bytearray(RECV_SIZE + MAX_PARTIAL)
         self._view = memoryview(self._buf)
         self._filled = 0
 
-    @property
-    def buffered(self) -> int:
-        """Bytes of an incomplete frame kept from the last read."""
-        return self._filled
+    @classmethod
+    def for_publish(cls, topic: str, payload_len: int, qos: int) -> FrameCounter:
+        """Counts the PUBLISHes a subscriber gets (and acknowledges them at QoS 1)."""
+        frame = publish_packet(topic, bytes(payload_len), qos, 1)
+        topic_len = len(topic.encode())
+        header = 1 + len(_vbi(2 + topic_len + (2 if qos else 0) + payload_len))
+        return cls(frame[: header + 2], len(frame), header + 2 + topic_len if qos else -1)
+
+    @classmethod
+    def for_puback(cls) -> FrameCounter:
+        return cls(b"\x40\x02", 4)
 
     def feed(self, sock: socket.socket) -> int:
         """One ``recv``; count what completed; send PUBACKs. Returns bytes read (0 on EOF)."""
@@ -175,6 +173,8 @@ class FrameCounter:
         end = start + n
         consumed, acks = self._process(end)
         rest = end - consumed
+        if rest > MAX_PARTIAL:
+            raise LoadError(f"a packet of more than {MAX_PARTIAL} bytes from the broker")
         if rest:
             self._buf[:rest] = self._buf[consumed:end]
         self._filled = rest
@@ -183,20 +183,19 @@ class FrameCounter:
         return n
 
     def _process(self, end: int) -> tuple[int, bytes]:
-        buf, fl = self._buf, self.frame
+        buf, fl, prefix = self._buf, self.frame, self._prefix
         n = end // fl
         stop = n * fl
         if n:
             heads = buf[0:stop:fl]
-            ok = sum(heads.count(h) for h in self._heads) == n
-            ok = ok and buf[1:stop:fl].count(self._rl) == n
-            if ok and self._tl >= 0:
-                ok = buf[2:stop:fl].count(0) == n and buf[3:stop:fl].count(self._tl) == n
+            ok = heads.count(prefix[0]) + heads.count(prefix[0] | 0x08) == n
+            for i in range(1, len(prefix)):
+                ok = ok and buf[i:stop:fl].count(prefix[i]) == n
             if ok:
                 self.count += n
-                if not self.ack:
-                    return stop, b""
                 at = self._pid_at
+                if at < 0:
+                    return stop, b""
                 acks = bytearray(4 * n)
                 acks[0::4] = b"\x40" * n
                 acks[1::4] = b"\x02" * n
@@ -228,7 +227,7 @@ class FrameCounter:
                 break
             if first >> 4 == self.kind:
                 self.count += 1
-                if self.kind == PUBLISH and self.ack and (first >> 1) & 3:
+                if self._pid_at >= 0 and (first >> 1) & 3:
                     tl = buf[j] << 8 | buf[j + 1]
                     acks += b"\x40\x02" + buf[j + 2 + tl : j + 4 + tl]
             else:
@@ -258,9 +257,8 @@ class Control:
     ready: Queue  # ("ok" | "error", text) once connected (and subscribed)
     results: Queue  # one dict per worker at the end
     go: Event
-    start_at: (
-        Synchronized  # time.monotonic() at which the load starts (same clock in every process)
-    )
+    # time.monotonic() at which the load starts: CLOCK_MONOTONIC is the same in every process.
+    start_at: Synchronized
     # progress[i]: messages sent by publisher i, then messages received by each subscriber process.
     progress: Any
     done: Any  # done[i] set once publisher i has sent its last message
@@ -304,10 +302,6 @@ def run_publisher(
     """Publish as fast as the broker (and the end-to-end limit) allows until the window closes."""
     try:
         sock = open_client(port, name)
-    except Exception:
-        ctl.setup_failed(name)
-        return
-    try:
         plan = _Plan(topic, payload, qos, window, batch)
     except Exception:
         ctl.setup_failed(name)
@@ -350,15 +344,8 @@ class _Plan:
 def _publish(
     sock: socket.socket, index: int, plan: _Plan, t_stop: float, ctl: Control
 ) -> dict[str, int]:
-    qos, window, batch, step, nbatches, view = (
-        plan.qos,
-        plan.window,
-        plan.batch,
-        plan.step,
-        plan.nbatches,
-        plan.block,
-    )
-    acks = FrameCounter(PUBACK, 4)
+    qos, window, batch, step, view = plan.qos, plan.window, plan.batch, plan.step, plan.block
+    acks = FrameCounter.for_puback()
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     progress, limit, behind = ctl.progress, ctl.max_outstanding - batch, ctl.behind
@@ -384,7 +371,7 @@ def _publish(
         sock.sendall(view[k * step : (k + 1) * step])
         sent += batch
         progress[index] = sent
-        k = (k + 1) % nbatches
+        k = (k + 1) % plan.nbatches
     ctl.done[index] = 1
     if qos:
         # Collect the outstanding acks: they prove the broker took every message.
@@ -403,12 +390,14 @@ def run_subscribers(
     port: int,
     count: int,
     topic_filter: str,
-    frame: int,
-    topic_len: int,
+    topic: str,
+    payload_len: int,
     qos: int,
     ctl: Control,
 ) -> None:
-    """``count`` subscriber connections in one process; counts PUBLISHes inside the window."""
+    """``count`` subscriber connections in one process; counts PUBLISHes inside the window.
+
+    Every message is expected on a topic as long as ``topic``, with ``payload_len`` bytes."""
     socks: list[socket.socket] = []
     try:
         for i in range(count):
@@ -420,7 +409,7 @@ def run_subscribers(
         return
     ctl.ready.put(("ok", name))
     try:
-        result = _subscribe_loop(socks, index, frame, topic_len, qos, ctl)
+        result = _subscribe_loop(socks, index, topic, payload_len, qos, ctl)
         for sock in socks:
             try:
                 sock.sendall(DISCONNECT)
@@ -435,12 +424,12 @@ def run_subscribers(
 def _subscribe_loop(
     socks: list[socket.socket],
     index: int,
-    frame: int,
-    topic_len: int,
+    topic: str,
+    payload_len: int,
     qos: int,
     ctl: Control,
 ) -> dict[str, Any]:
-    counters = [FrameCounter(PUBLISH, frame, topic_len, ack=qos == 1) for _ in socks]
+    counters = [FrameCounter.for_publish(topic, payload_len, qos) for _ in socks]
     sel = selectors.DefaultSelector()
     for sock, counter in zip(socks, counters, strict=True):
         sel.register(sock, selectors.EVENT_READ, counter)

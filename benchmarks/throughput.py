@@ -262,8 +262,6 @@ def run_once(
     ctx = mp.get_context("fork")
     timing = mqttload.Timing(args.warmup, args.duration, quiet=1.0, drain_max=args.drain)
     payload = b"x" * args.payload
-    topic_len = len(scen.pub_topic(0).encode())
-    frame = mqttload.frame_len(scen.pub_topic(0), args.payload, qos)
     tag = f"{broker_name[:2]}{os.getpid()}r{run}q{qos}"
     with (
         tempfile.TemporaryDirectory(prefix="roost-bench-") as tmp,
@@ -294,11 +292,12 @@ def run_once(
                 )
             )
         for i, n in enumerate(per_proc):
-            sub_args = (i, f"{tag}-sub{i}", broker.port, n, scen.sub_filter, frame, topic_len)
+            # Every publisher's topic has the length of the first one's: one frame size.
+            sub_args = (i, f"{tag}-sub{i}", broker.port, n, scen.sub_filter, scen.pub_topic(0))
             procs.append(
                 ctx.Process(
                     target=_worker,
-                    args=(mqttload.run_subscribers, *sub_args, qos, ctl),
+                    args=(mqttload.run_subscribers, *sub_args, args.payload, qos, ctl),
                 )
             )
         try:
