@@ -15,12 +15,16 @@ Scenarios (MQTT 3.1.1, 64-byte payloads, at QoS 0 and QoS 1; subscriptions at th
 * ``fan-out``: one publisher on ``bench/out/aa`` to ``--subscribers`` (50) subscribers on it.
 
 Throughput is PUBLISH frames received by all subscribers per second inside a measurement window
-(``--warmup`` seconds after the load starts, lasting ``--duration`` seconds). QoS 0 publishers send
-as fast as TCP lets them; QoS 1 publishers keep ``--window`` PUBLISHes unacknowledged. Each run
-starts a fresh broker on a free loopback port; runs alternate roost, mosquitto, roost, ... and the
-table shows medians. During the window the broker's CPU (its whole session, from /proc), the load
-generator's CPU and everyone else's CPU are recorded, in % of one core: a broker near 100% with
-the generator well below it means the broker, not the generator, is the bottleneck.
+(``--warmup`` seconds after the load starts, lasting ``--duration`` seconds). Publishers send as
+fast as the broker takes messages, QoS 1 ones with at most ``--window`` unacknowledged, and all
+hold back while subscribers are more than ``--max-outstanding`` messages behind (closed loop: no
+backlog grows in the broker). Each run starts a fresh broker on a free loopback port; runs
+alternate roost, mosquitto, roost, ... and the table shows medians and the ratio.
+
+During the window the broker's CPU and runnable time (its whole session, from /proc), the load
+generator's CPU and the rest of the host's CPU are recorded in % of one core: the broker runnable
+~100% of the time with the generator well below it means the broker is the bottleneck. Messages
+per broker CPU-second is also shown: it stays steady when other jobs share the machine.
 
 ``--roost-cmd`` and ``--mosquitto-cmd`` are command templates: ``{port}`` is the port to listen
 on and ``{mosquitto_conf}`` a generated mosquitto configuration for that port. Roost also gets
