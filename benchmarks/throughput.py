@@ -370,15 +370,16 @@ def run_once(
 
 
 CPU_FIELDS = ("broker_cpu", "broker_runnable", "gen_cpu", "other_cpu")
+CPU_HEADS = ("cpu", "runnable", "gen", "other")
 TABLE_NOTE = """
 msg/s: PUBLISH frames received by all subscribers per second in the window; median of the runs,
   +- half the min-max spread. ratio: median over median.
 msg/cpu-s: the same messages per CPU-second the broker used; it barely moves when other jobs
   take CPU away from the broker, so it is the figure to trust on a busy machine.
-cpu: % of one core in the window: the broker's CPU; the time it was runnable (running or
-  waiting for a CPU); the load generator's CPU; everything else on the host. The broker runnable
-  near 100% with gen well below it means the broker, not the load generator, is the bottleneck;
-  a high 'other' means other jobs took CPU from the broker and msg/s understates it."""
+CPU: the broker's CPU; the time it was runnable (running or waiting for a CPU); the load
+  generator's CPU; everything else on the host. The broker runnable near 100% with gen well
+  below it means the broker, not the load generator, is the bottleneck; a high 'other' means
+  other jobs took CPU from the broker and msg/s understates it."""
 
 
 def fmt_rate(values: list[float]) -> str:
@@ -409,51 +410,61 @@ def print_run(r: RunResult, verbose: bool = False) -> None:
         print("      " + " ".join(f"{k}={v}" for k, v in d.items()), flush=True)
 
 
+def _med(vals: list[float]) -> float | None:
+    return statistics.median(vals) if vals else None
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "n/a"
+
+
+def _print_rows(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        cells = zip(row, widths, strict=True)
+        print("  ".join(c.rjust(w) if j > 1 else c.ljust(w) for j, (c, w) in enumerate(cells)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
 def print_table(results: list[RunResult], brokers: list[str]) -> None:
-    def med(vals: list[float]) -> float | None:
-        return statistics.median(vals) if vals else None
-
-    def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.0f}%"
-
-    def ratio(a: float | None, c: float | None) -> str:
-        return f"{a / c:.2f}" if a is not None and c else "n/a"
-
+    """Throughput table (msg/s, msg/cpu-s, ratios), then the CPU table that backs it."""
     pair = len(brokers) == 2
     combos = sorted({(r.scenario, r.qos) for r in results})
-    head = ["scenario", "qos"]
-    head += [f"{b} msg/s" for b in brokers]
-    head += [f"ratio {brokers[0]}/{brokers[1]}"] if pair else []
-    head += [f"{b} msg/cpu-s" for b in brokers]
-    head += ["cpu-s ratio"] if pair else []
-    head += [f"{b} cpu broker/runnable/gen/other" for b in brokers]
-    head.append("runs ok")
-    rows = [head]
+    ratio_head = [f"ratio {brokers[0]}/{brokers[1]}"] if pair else []
+    rate_rows = [
+        ["scenario", "qos"]
+        + [f"{b} msg/s" for b in brokers]
+        + ratio_head
+        + [f"{b} msg/cpu-s" for b in brokers]
+        + ratio_head
+        + ["runs ok"]
+    ]
+    cpu_rows = [["scenario", "qos"] + [f"{b} {f}" for b in brokers for f in CPU_HEADS]]
     for scen, qos in combos:
         runs = {
             b: [r for r in results if (r.scenario, r.qos, r.broker) == (scen, qos, b)]
             for b in brokers
         }
         good = {b: [r for r in runs[b] if not r.error] for b in brokers}
-        rate = {b: med([r.rate for r in good[b]]) for b in brokers}
-        eff = {b: med([r.per_cpu for r in good[b]]) for b in brokers}
-        row = [scen, str(qos)]
-        row += [fmt_rate([r.rate for r in good[b]]) for b in brokers]
-        row += [ratio(*rate.values())] if pair else []
-        row += [fmt_rate([r.per_cpu for r in good[b]]) for b in brokers]
-        row += [ratio(*eff.values())] if pair else []
-        for b in brokers:
-            cpu = (med([getattr(r, k) for r in good[b]]) for k in CPU_FIELDS)
-            row.append("/".join(pct(v) for v in cpu))
+        rates = {b: [r.rate for r in good[b]] for b in brokers}
+        effs = {b: [r.per_cpu for r in good[b]] for b in brokers}
+        row = [scen, str(qos)] + [fmt_rate(rates[b]) for b in brokers]
+        row += [_ratio(*(_med(rates[b]) for b in brokers))] if pair else []
+        row += [fmt_rate(effs[b]) for b in brokers]
+        row += [_ratio(*(_med(effs[b]) for b in brokers))] if pair else []
         row.append(" ".join(f"{len(good[b])}/{len(runs[b])}" for b in brokers))
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        rate_rows.append(row)
+        cpu_row = [scen, str(qos)]
+        for b in brokers:
+            for k in CPU_FIELDS:
+                v = _med([getattr(r, k) for r in good[b]])
+                cpu_row.append("n/a" if v is None else f"{v:.0f}%")
+        cpu_rows.append(cpu_row)
     print()
-    for i, row in enumerate(rows):
-        cells = zip(row, widths, strict=True)
-        print("  ".join(c.rjust(w) if j > 1 else c.ljust(w) for j, (c, w) in enumerate(cells)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    _print_rows(rate_rows)
+    print("\nCPU in the window, % of one core (medians):")
+    _print_rows(cpu_rows)
     print(TABLE_NOTE)
 
 
