@@ -55,7 +55,7 @@ import procstat
 
 HOST = mqttload.HOST
 PAYLOAD = 64
-TOPIC_LEN_SUFFIX = "aa"  # two letters per publisher: no digits, so no 0x30 bytes in topics
+TOPIC_LEN_SUFFIX = "aa"  # fan-in topics end in two letters per publisher: all one length
 
 DEFAULT_ROOST_CMD = f"{shlex.quote(sys.executable)} -m roost start"
 DEFAULT_MOSQUITTO_CMD = "/usr/sbin/mosquitto -c {mosquitto_conf}"
