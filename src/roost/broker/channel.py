@@ -54,9 +54,16 @@ class Transport(Protocol):
 
 class Channel:
     def __init__(
-        self, broker: Broker, transport: Transport, peer: str = "", listener: str = "tcp:default"
+        self,
+        broker: Broker,
+        transport: Transport,
+        peer: str = "",
+        listener: str = "tcp:default",
+        cert_username: str | None = None,
     ) -> None:
         self.broker = broker
+        # Set by TLS transports with peer_cert_as_username: replaces the CONNECT's username.
+        self.cert_username = cert_username
         self.transport = transport
         self.peer = peer
         self.listener = listener
@@ -277,7 +284,8 @@ class Channel:
             return self._refuse(RC.CLIENT_IDENTIFIER_NOT_VALID, "client id too long")
         if "authentication_method" in props:
             return self._refuse(RC.BAD_AUTHENTICATION_METHOD, "no enhanced authentication here")
-        if c.username is None and not broker.config.authentication.allow_anonymous:
+        username = c.username if self.cert_username is None else self.cert_username
+        if username is None and not broker.config.authentication.allow_anonymous:
             return self._refuse(RC.BAD_USER_NAME_OR_PASSWORD, "anonymous access is disabled")
         if c.will is not None:
             w = c.will
@@ -291,7 +299,7 @@ class Channel:
             self.will_delay = w.properties.get("will_delay_interval", 0)
             self.will = Message(w.topic, w.payload, w.qos, w.retain, wprops, client_id)
         self.client_id = client_id
-        self.username = c.username
+        self.username = username
         self.keepalive = c.keepalive
         if cfg.server_keepalive is not None and self.v5:
             self.keepalive = cfg.server_keepalive
