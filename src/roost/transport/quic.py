@@ -1,0 +1,336 @@
+"""MQTT over QUIC (aioquic), wire-compatible with EMQX 5's QUIC clients.
+
+ALPN ``mqtt``, TLS 1.3. Client bidirectional stream 0 (the first one) is the control stream and
+carries the plain MQTT byte stream into an ordinary :class:`Channel`; every later client
+bidirectional stream is a data stream driving a :class:`StreamChannel` (see broker/streams.py).
+Data streams that open before the CONNACK are held, unread, until CONNECT succeeds. The broker
+never opens a stream. Migration is aioquic's (the server follows a client to its new address);
+session tickets are kept in memory per listener so returning clients can send CONNECT in 0-RTT.
+
+Close codes (application errors): 0 normal, 1 control stream down, 2 overloaded; takeover and
+kick close with the MQTT reason code (0x8E, 0x98) after the DISCONNECT is delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from typing import Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer, serve
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.tls import SessionTicket
+
+from roost.broker.channel import Channel
+from roost.broker.node import Broker
+from roost.broker.streams import StreamChannel
+from roost.config import QuicListener
+from roost.transport.tls import resolve_cert
+
+log = logging.getLogger("roost.transport")
+
+ALPN = "mqtt"
+CLOSE_NORMAL = 0
+CLOSE_CONTROL_STREAM_DOWN = 1
+CLOSE_OVERLOADED = 2
+CLOSE_TAKEN_OVER = 0x8E
+CLOSE_KICKED = 0x98
+#: Idle timeout we advertise: long, so the client's own setting decides until CONNECT; after it
+#: the broker applies keepalive x 1.5 on its side.
+_ADVERTISED_IDLE = 3 * 3600.0
+#: How long a closing connection waits for its last bytes (e.g. DISCONNECT) to be acknowledged.
+_CLOSE_GRACE = 3.0
+
+
+class QuicListenerState:
+    def __init__(self, name: str, cfg: QuicListener) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.connections = 0
+        self.refused = 0
+        self.early_data_accepted = 0  # connections whose 0-RTT data the server took
+        self.tickets: dict[bytes, SessionTicket] = {}
+
+    def store_ticket(self, ticket: SessionTicket) -> None:
+        if len(self.tickets) > 100_000:
+            self.tickets.pop(next(iter(self.tickets)))
+        self.tickets[ticket.ticket] = ticket
+
+    def fetch_ticket(self, label: bytes) -> SessionTicket | None:
+        return self.tickets.pop(label, None)  # single use: a replayed 0-RTT is refused
+
+
+class _Stream:
+    """The channel-side transport of one QUIC stream."""
+
+    __slots__ = ("conn", "stream_id")
+
+    def __init__(self, conn: MqttQuicProtocol, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+
+    def write(self, data: bytes) -> None:
+        conn = self.conn
+        if conn.ended:
+            return
+        conn._quic.send_stream_data(self.stream_id, data)
+        conn._transmit_soon()  # coalesced: one transmit per event-loop turn
+
+    def close(self) -> None:
+        self.conn.channel_closed_stream(self.stream_id)
+
+
+class MqttQuicProtocol(QuicConnectionProtocol):
+    def __init__(
+        self, quic: QuicConnection, *args: Any, broker: Broker, state: QuicListenerState, **kw: Any
+    ) -> None:
+        super().__init__(quic, *args, **kw)
+        # A per-connection copy of the configuration, so the idle timeout can follow this
+        # client's keepalive after CONNECT (aioquic reads it on every packet).
+        quic._configuration = copy.copy(quic._configuration)
+        self.broker = broker
+        self.state = state
+        self.control: Channel | None = None
+        self.streams: dict[int, StreamChannel] = {}
+        self.held: dict[int, list[tuple[bytes, bool]]] = {}  # data streams before CONNACK
+        self.handshake_done = False
+        self.counted = False
+        self.ended = False
+        self.peer = ""
+        loop = asyncio.get_running_loop()
+        self._timer_handshake: asyncio.TimerHandle | None = loop.call_later(
+            state.cfg.handshake_idle_timeout, self._handshake_timeout
+        )
+        self._timer_stream: asyncio.TimerHandle | None = None
+
+    # events -------------------------------------------------------------------------------
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        t = type(event)
+        if t is events.StreamDataReceived:
+            self._on_stream_data(event.stream_id, event.data, event.end_stream)  # type: ignore[attr-defined]
+        elif t is events.HandshakeCompleted:
+            self._on_handshake(event)  # type: ignore[arg-type]
+        elif t is events.StreamReset or t is events.StopSendingReceived:
+            self._on_stream_end(event.stream_id, aborted=True)  # type: ignore[attr-defined]
+        elif t is events.ConnectionTerminated:
+            self._on_terminated()
+
+    def _on_handshake(self, event: events.HandshakeCompleted) -> None:
+        self.handshake_done = True
+        if self._timer_handshake is not None:
+            self._timer_handshake.cancel()
+            self._timer_handshake = None
+        state = self.state
+        if state.connections >= state.cfg.max_connections:
+            state.refused += 1
+            log.warning("listener %s is full (%d connections); refusing", state.name,
+                        state.connections)  # fmt: skip
+            self._end(CLOSE_OVERLOADED, "overloaded")
+            return
+        state.connections += 1
+        self.counted = True
+        if event.early_data_accepted:
+            state.early_data_accepted += 1
+        if self.control is None and not self.ended:
+            self._timer_stream = asyncio.get_running_loop().call_later(
+                state.cfg.stream_open_timeout, self._stream_timeout
+            )
+
+    def _on_stream_data(self, sid: int, data: bytes, fin: bool) -> None:
+        if self.ended:
+            return
+        if sid & 0x3:
+            # Server-initiated or unidirectional: MQTT over QUIC does not use them.
+            if not sid & 0x1 and sid & 0x2:
+                self._quic.stop_stream(sid, 0)
+            return
+        ch = self.streams.get(sid)
+        if ch is not None:
+            if data:
+                ch.data_received(data)
+        elif sid == 0:
+            ch = self.control
+            if ch is None:
+                if self._timer_stream is not None:
+                    self._timer_stream.cancel()
+                    self._timer_stream = None
+                paths = self._quic._network_paths
+                self.peer = f"{paths[0].addr[0]}:{paths[0].addr[1]}" if paths else "?"
+                ch = self.control = Channel(self.broker, _Stream(self, 0), self.peer,
+                                            self.state.name)  # fmt: skip
+            was_connected = ch.connected
+            if data:
+                ch.data_received(data)
+            if ch.connected and not was_connected:
+                self._on_connected(ch)
+        else:
+            control = self.control
+            if control is None or not control.connected:
+                self.held.setdefault(sid, []).append((data, fin))
+                return
+            ch = self.streams[sid] = StreamChannel(control, _Stream(self, sid), sid)
+            if data:
+                ch.data_received(data)
+        if fin:
+            self._on_stream_end(sid, aborted=False)
+
+    def _on_connected(self, control: Channel) -> None:
+        """CONNECT succeeded: apply keepalive x 1.5 to the connection, release held streams."""
+        ka = control.keepalive
+        if ka:
+            mult = self.broker.config.mqtt.keepalive_multiplier
+            self._quic._configuration.idle_timeout = ka * mult
+        held, self.held = self.held, {}
+        for sid, chunks in held.items():
+            for data, fin in chunks:
+                self._on_stream_data(sid, data, fin)
+
+    def _on_stream_end(self, sid: int, aborted: bool) -> None:
+        """The client finished or aborted a stream: the control stream ends the connection."""
+        if sid == 0:
+            if self.control is not None and not self.control.closed:
+                self.control.connection_lost()
+            self._end(CLOSE_CONTROL_STREAM_DOWN if aborted else CLOSE_NORMAL)
+            return
+        self.held.pop(sid, None)
+        ch = self.streams.pop(sid, None)
+        if ch is not None and not ch.closed:
+            ch.connection_lost()
+        if not self.ended:
+            try:
+                if aborted:
+                    self._quic.reset_stream(sid, 0)
+                else:
+                    self._quic.send_stream_data(sid, b"", end_stream=True)
+            except Exception:  # the stream may already be finished both ways
+                pass
+            self._transmit_soon()
+
+    # channel side -------------------------------------------------------------------------
+
+    def channel_closed_stream(self, sid: int) -> None:
+        """A channel closed its stream (after writing e.g. a DISCONNECT)."""
+        if self.ended:
+            return
+        if sid != 0:
+            ch = self.streams.pop(sid, None)
+            if ch is not None:
+                ch.connection_lost()
+            self._quic.send_stream_data(sid, b"", end_stream=True)
+            self._transmit_soon()
+            return
+        control = self.control
+        code = CLOSE_NORMAL
+        if control is not None and control.taken_over:
+            code = CLOSE_TAKEN_OVER
+        elif control is not None and getattr(control, "kicked", False):
+            code = CLOSE_KICKED
+        self._drop_streams()
+        self._quic.send_stream_data(0, b"", end_stream=True)
+        if code != CLOSE_NORMAL:
+            # As EMQX does: abort the control stream's read side with the reason code.
+            self._quic.stop_stream(0, code)
+        self.transmit()
+        asyncio.get_running_loop().create_task(self._close_when_delivered(code))
+
+    async def _close_when_delivered(self, code: int) -> None:
+        deadline = self._loop.time() + _CLOSE_GRACE
+        while not self.ended and self._loop.time() < deadline:
+            stream = self._quic._streams.get(0)
+            if stream is None or stream.sender.is_finished:
+                break
+            await asyncio.sleep(0.02)
+        self._end(code)
+
+    # endings ------------------------------------------------------------------------------
+
+    def _drop_streams(self) -> None:
+        streams, self.streams = self.streams, {}
+        self.held.clear()
+        for ch in streams.values():
+            if not ch.closed:
+                ch.connection_lost()
+
+    def _end(self, code: int, reason: str = "") -> None:
+        """Close the QUIC connection with an application error code."""
+        if self.ended:
+            return
+        self.ended = True
+        self._cleanup()
+        self.close(error_code=code, reason_phrase=reason)
+
+    def _cleanup(self) -> None:
+        for timer in (self._timer_handshake, self._timer_stream):
+            if timer is not None:
+                timer.cancel()
+        self._timer_handshake = self._timer_stream = None
+        self._drop_streams()
+        if self.control is not None and not self.control.closed:
+            self.control.connection_lost()
+        if self.counted:
+            self.counted = False
+            self.state.connections -= 1
+
+    def _on_terminated(self) -> None:
+        self.ended = True
+        self._cleanup()
+
+    def _handshake_timeout(self) -> None:
+        self._timer_handshake = None
+        if not self.handshake_done and not self.ended:
+            log.info("QUIC handshake did not complete in time; closing")
+            self._end(CLOSE_NORMAL, "handshake timeout")
+
+    def _stream_timeout(self) -> None:
+        self._timer_stream = None
+        if self.control is None and not self.ended:
+            log.info("QUIC client %s opened no stream in time; closing", self.peer)
+            self._end(CLOSE_CONTROL_STREAM_DOWN, "no control stream")
+
+
+class RoostQuicServer:
+    """A running QUIC listener: ``close()`` and the bound ``address``."""
+
+    def __init__(self, server: QuicServer, state: QuicListenerState) -> None:
+        self.server = server
+        self.state = state
+        sock = server._transport.get_extra_info("sockname")  # type: ignore[union-attr]
+        self.address: tuple[str, int] = (sock[0], sock[1])
+
+    def close(self) -> None:
+        self.server.close()
+
+
+async def start_quic_listener(
+    broker: Broker, name: str, cfg: QuicListener, data_dir: str
+) -> RoostQuicServer:
+    quic_log = logging.getLogger("quic")
+    if quic_log.level == logging.NOTSET:
+        quic_log.setLevel(logging.WARNING)  # aioquic logs every connection at INFO
+    certfile, keyfile = resolve_cert(cfg.certfile, cfg.keyfile, data_dir)
+    conf = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=[ALPN],
+        idle_timeout=_ADVERTISED_IDLE,
+        max_datagram_frame_size=None,
+    )
+    conf.load_cert_chain(certfile, keyfile)
+    state = QuicListenerState(name, cfg)
+
+    def create_protocol(quic: QuicConnection, **kw: Any) -> MqttQuicProtocol:
+        return MqttQuicProtocol(quic, broker=broker, state=state, **kw)
+
+    server = await serve(
+        cfg.host,
+        cfg.port,
+        configuration=conf,
+        create_protocol=create_protocol,
+        session_ticket_fetcher=state.fetch_ticket,
+        session_ticket_handler=state.store_ticket,
+    )
+    return RoostQuicServer(server, state)
