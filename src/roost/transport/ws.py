@@ -28,6 +28,7 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: Subprotocols MQTT clients ask for (MQTT.js: mqtt, or mqttv3.1 for 3.1; EMQX also knows these).
 SUBPROTOCOLS = ("mqtt", "mqttv3.1", "mqtt-v3", "mqtt-v3.1.1", "mqtt-v5")
 _MAX_REQUEST = 16 * 1024
+_CLOSE_WAIT = 2.0  # seconds a client gets to answer our close frame
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 
@@ -76,7 +77,8 @@ class WsProtocol(asyncio.Protocol):
         self._counted = False
         self._pending: list[bytes] | None = None
         self._closing = False
-        self._close_sent = False
+        self._close_sent = False  # our close frame is out; waiting for the client's
+        self._done = False  # nothing more to read
         self._max_frame = broker.config.mqtt.max_packet_size + 16
 
     # asyncio side -------------------------------------------------------------------------
@@ -95,7 +97,7 @@ class WsProtocol(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
     def data_received(self, data: bytes) -> None:
-        if self._closing and self._close_sent:
+        if self._done:
             return
         self._buf += data
         if not self._upgraded:
@@ -128,7 +130,7 @@ class WsProtocol(asyncio.Protocol):
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
             + body
         )
-        self._closing = self._close_sent = True
+        self._closing = self._close_sent = self._done = True
         self.transport.close()
 
     def _handshake(self, request: bytes) -> bool:
@@ -164,7 +166,7 @@ class WsProtocol(asyncio.Protocol):
                 b"HTTP/1.1 426 Upgrade Required\r\nSec-WebSocket-Version: 13\r\n"
                 b"Content-Length: 0\r\n\r\n"
             )
-            self._closing = self._close_sent = True
+            self._closing = self._close_sent = self._done = True
             self.transport.close()
             return False
         offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
@@ -194,7 +196,7 @@ class WsProtocol(asyncio.Protocol):
 
     def _read_frames(self) -> None:
         buf = self._buf
-        while len(buf) >= 2 and not self._close_sent:
+        while len(buf) >= 2 and not self._done:
             b0, b1 = buf[0], buf[1]
             opcode = b0 & 0x0F
             n = b1 & 0x7F
@@ -220,6 +222,8 @@ class WsProtocol(asyncio.Protocol):
             mask = bytes(buf[pos : pos + 4])
             payload = unmask(bytes(buf[pos + 4 : pos + 4 + n]), mask)
             del buf[: pos + 4 + n]
+            if self._close_sent and opcode != OP_CLOSE:
+                continue  # closing: only the client's close frame matters now
             if opcode in (OP_BINARY, OP_CONT):
                 if self.channel is not None and payload:
                     self.channel.data_received(payload)
@@ -230,10 +234,12 @@ class WsProtocol(asyncio.Protocol):
             elif opcode == OP_CLOSE:
                 # Echo the close and end the TCP connection (the server closes first).
                 code = payload[:2] if len(payload) >= 2 else b""
+                self._done = True
                 self._flush()
-                if not self._close_sent and self.transport is not None:
-                    self._close_sent = True
-                    self.transport.write(frame(OP_CLOSE, code))
+                if self.transport is not None:
+                    if not self._close_sent:
+                        self._close_sent = True
+                        self.transport.write(frame(OP_CLOSE, code))
                     self.transport.close()
                 return
             elif opcode == OP_TEXT:
@@ -250,8 +256,10 @@ class WsProtocol(asyncio.Protocol):
         if self._close_sent or self.transport is None:
             return
         self._close_sent = True
-        self.transport.write(frame(OP_CLOSE, code.to_bytes(2, "big") + reason.encode()[:120]))
-        self.transport.close()
+        t = self.transport
+        t.write(frame(OP_CLOSE, code.to_bytes(2, "big") + reason.encode()[:120]))
+        # RFC 6455 7.1.1: wait (briefly) for the client's close frame, then end TCP.
+        asyncio.get_running_loop().call_later(_CLOSE_WAIT, t.close)
 
     def _send_raw(self, data: bytes) -> None:
         self._flush()  # keep order with MQTT bytes already written this turn
