@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -247,6 +248,7 @@ class QuicClient:
         self.protocol: _Protocol | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self._connack: asyncio.Future[Connack] | None = None
+        self._next_sid = 0
         self._closed = asyncio.Event()
 
     # connection ---------------------------------------------------------------------------
@@ -260,9 +262,15 @@ class QuicClient:
         )
         return transport  # type: ignore[return-value]
 
-    async def connect(self, timeout: float = 10.0, early_data: bool = True) -> Connack:
+    async def connect(
+        self,
+        timeout: float = 10.0,
+        early_data: bool = True,
+        before_connect: Callable[[QuicClient], None] | None = None,
+    ) -> Connack:
         """Handshake and CONNECT. With a session ticket and ``early_data``, the CONNECT goes in
-        0-RTT data, before the handshake completes."""
+        0-RTT data, before the handshake completes. ``before_connect`` runs after the handshake,
+        just before the CONNECT is sent (e.g. to open data streams early)."""
         quic = QuicConnection(
             configuration=self.configuration, session_ticket_handler=self._store_ticket
         )
@@ -271,14 +279,20 @@ class QuicClient:
         loop = asyncio.get_running_loop()
         self._connack = loop.create_future()
         self.protocol.connect((self.host, self.port), transmit=False)
+        # Stream ids are ours to count: aioquic only learns of a stream when data is sent on it,
+        # and a data stream may be used before the control stream has sent anything.
         sid = quic.get_next_available_stream_id()
+        self._next_sid = sid + 4
         self.control = self.streams[sid] = MqttStream(self, sid)
+        quic.send_stream_data(sid, b"")  # opens it in aioquic, which wants streams in order
         if self.configuration.session_ticket is not None and early_data:
             self.control.send(self.connect_packet)
             self.protocol.transmit()
         else:
             self.protocol.transmit()
             await asyncio.wait_for(self.protocol.wait_connected(), timeout)
+            if before_connect is not None:
+                before_connect(self)
             self.control.send(self.connect_packet)
         self.connack = await asyncio.wait_for(self._connack, timeout)
         return self.connack
@@ -288,8 +302,8 @@ class QuicClient:
 
     def open_stream(self) -> MqttStream:
         """A new client-initiated bidirectional data stream."""
-        assert self.protocol is not None
-        sid = self.protocol._quic.get_next_available_stream_id()
+        sid = self._next_sid
+        self._next_sid += 4
         stream = self.streams[sid] = MqttStream(self, sid)
         return stream
 

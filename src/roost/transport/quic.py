@@ -42,6 +42,8 @@ CLOSE_KICKED = 0x98
 #: Idle timeout we advertise: long, so the client's own setting decides until CONNECT; after it
 #: the broker applies keepalive x 1.5 on its side.
 _ADVERTISED_IDLE = 3 * 3600.0
+#: Seconds the QUIC idle timeout runs past keepalive x 1.5 (the broker ticks every 0.5 s).
+_IDLE_MARGIN = 1.0
 #: How long a closing connection waits for its last bytes (e.g. DISCONNECT) to be acknowledged.
 _CLOSE_GRACE = 3.0
 
@@ -106,6 +108,7 @@ class MqttQuicProtocol(QuicConnectionProtocol):
             state.cfg.handshake_idle_timeout, self._handshake_timeout
         )
         self._timer_stream: asyncio.TimerHandle | None = None
+        self._closing_code: int | None = None  # set once the control channel closed
 
     # events -------------------------------------------------------------------------------
 
@@ -183,8 +186,10 @@ class MqttQuicProtocol(QuicConnectionProtocol):
         """CONNECT succeeded: apply keepalive x 1.5 to the connection, release held streams."""
         ka = control.keepalive
         if ka:
+            # The channel itself sends DISCONNECT (keepalive timeout) at keepalive x 1.5; the
+            # QUIC idle timeout, a silent close, is the backstop just after it.
             mult = self.broker.config.mqtt.keepalive_multiplier
-            self._quic._configuration.idle_timeout = ka * mult
+            self._quic._configuration.idle_timeout = ka * mult + _IDLE_MARGIN
         held, self.held = self.held, {}
         for sid, chunks in held.items():
             for data, fin in chunks:
@@ -195,7 +200,11 @@ class MqttQuicProtocol(QuicConnectionProtocol):
         if sid == 0:
             if self.control is not None and not self.control.closed:
                 self.control.connection_lost()
-            self._end(CLOSE_CONTROL_STREAM_DOWN if aborted else CLOSE_NORMAL)
+            if self._closing_code is not None:
+                # We were closing anyway (the peer reacts to our STOP_SENDING): keep our code.
+                self._end(self._closing_code)
+            else:
+                self._end(CLOSE_CONTROL_STREAM_DOWN if aborted else CLOSE_NORMAL)
             return
         self.held.pop(sid, None)
         ch = self.streams.pop(sid, None)
@@ -230,6 +239,7 @@ class MqttQuicProtocol(QuicConnectionProtocol):
             code = CLOSE_TAKEN_OVER
         elif control is not None and getattr(control, "kicked", False):
             code = CLOSE_KICKED
+        self._closing_code = code
         self._drop_streams()
         self._quic.send_stream_data(0, b"", end_stream=True)
         if code != CLOSE_NORMAL:
