@@ -342,3 +342,20 @@ def test_wrong_alpn_and_garbage_flood_refused(qb):
         tcp.disconnect()
 
     run(main())
+
+
+def test_shutdown_sends_disconnect(make_broker):
+    port = free_port()
+    quic_cfg = {"enabled": True, "bind": f"127.0.0.1:{port}"}
+    b = make_broker({"listeners": {"quic": {"default": quic_cfg}}})
+    wait_listening(b, "quic:default")
+
+    async def main() -> None:
+        q = QuicClient("127.0.0.1", port, "bye")
+        await q.connect()
+        await asyncio.to_thread(b.stop)
+        await q.wait_closed(5)
+        assert q.disconnect_packet is not None
+        assert q.disconnect_packet.reason_code == 0x8B  # server shutting down
+
+    run(main())

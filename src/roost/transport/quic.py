@@ -54,6 +54,7 @@ class QuicListenerState:
         self.cfg = cfg
         self.connections = 0
         self.refused = 0
+        self.accepting = True
         self.early_data_accepted = 0  # connections whose 0-RTT data the server took
         self.tickets: dict[bytes, SessionTicket] = {}
 
@@ -129,6 +130,9 @@ class MqttQuicProtocol(QuicConnectionProtocol):
             self._timer_handshake.cancel()
             self._timer_handshake = None
         state = self.state
+        if not state.accepting:
+            self._end(CLOSE_NORMAL, "shutting down")
+            return
         if state.connections >= state.cfg.max_connections:
             state.refused += 1
             log.warning("listener %s is full (%d connections); refusing", state.name,
@@ -313,7 +317,10 @@ class RoostQuicServer:
         self.address: tuple[str, int] = (sock[0], sock[1])
 
     def close(self) -> None:
-        self.server.close()
+        """Stop taking connections. The socket stays open a moment so the broker's shutdown
+        DISCONNECTs (sent right after this) still reach connected clients."""
+        self.state.accepting = False
+        asyncio.get_running_loop().call_later(0.05, self.server.close)
 
 
 async def start_quic_listener(
