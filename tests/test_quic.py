@@ -359,3 +359,36 @@ def test_shutdown_sends_disconnect(make_broker):
         assert q.disconnect_packet.reason_code == 0x8B  # server shutting down
 
     run(main())
+
+
+def test_kick_closes_with_administrative_action(tmp_path):
+    """In-process (there is no kick API yet): the node kicks a client as the REST API will."""
+    from roost.broker.node import Broker
+    from roost.config import Config
+    from roost.mqtt import reason_codes as RC
+    from roost.transport.quic import start_quic_listener
+
+    async def main() -> None:
+        port = free_port()
+        cfg = Config.model_validate({
+            "node": {"data_dir": str(tmp_path)},
+            "listeners": {"quic": {"default": {"bind": f"127.0.0.1:{port}"}}},
+        })  # fmt: skip
+        broker = Broker(cfg)
+        server = await start_quic_listener(broker, "quic:default", cfg.listeners.quic["default"],
+                                           str(tmp_path))  # fmt: skip
+        try:
+            q = QuicClient("127.0.0.1", port, "kicked")
+            await q.connect()
+            [ch] = [c for c in broker.channels if c.client_id == "kicked"]
+            ch.disconnect(RC.ADMINISTRATIVE_ACTION)
+            t = await q.wait_closed(5)
+            assert q.disconnect_packet is not None
+            assert q.disconnect_packet.reason_code == RC.ADMINISTRATIVE_ACTION
+            assert t.error_code == RC.ADMINISTRATIVE_ACTION
+            assert server.state.connections == 0
+        finally:
+            server.close()
+            await asyncio.sleep(0.1)
+
+    run(main())

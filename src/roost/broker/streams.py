@@ -1,6 +1,8 @@
-"""Data streams of a multi-stream connection (MQTT over QUIC), without I/O.
+"""Control and data streams of a multi-stream connection (MQTT over QUIC), without I/O.
 
-The connection's control stream drives an ordinary :class:`Channel`: CONNECT, the session,
+The connection's control stream drives a :class:`ControlChannel`, an ordinary channel that also
+remembers why the server disconnected it (so the transport can close the QUIC connection with
+that code for takeover and kick): CONNECT, the session,
 keepalive, will, takeover. Each later data stream is a :class:`StreamChannel`, a channel that is
 born connected as the same client (client id, username, protocol version, limits) and has its own
 small :class:`Session` for what must be per stream: packet ids, the outgoing inflight window, QoS 2
@@ -32,6 +34,17 @@ from roost.mqtt.packets import (
 
 #: What a client may send on a data stream (types 3 to 10; 9 and 11 are the server's acks).
 _DATA_STREAM_TYPES = (Publish, Puback, Pubrec, Pubrel, Pubcomp, Subscribe, Unsubscribe)
+
+
+class ControlChannel(Channel):
+    """The channel of a control stream; ``close_reason`` is the server's DISCONNECT reason."""
+
+    close_reason = 0
+
+    def disconnect(self, reason: int, reason_string: str = "") -> None:
+        if not self.closed:
+            self.close_reason = reason
+        super().disconnect(reason, reason_string)
 
 
 class StreamChannel(Channel):

@@ -25,10 +25,10 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.tls import SessionTicket
 
-from roost.broker.channel import Channel
 from roost.broker.node import Broker
-from roost.broker.streams import StreamChannel
+from roost.broker.streams import ControlChannel, StreamChannel
 from roost.config import QuicListener
+from roost.mqtt import reason_codes as RC
 from roost.transport.tls import resolve_cert
 
 log = logging.getLogger("roost.transport")
@@ -37,8 +37,9 @@ ALPN = "mqtt"
 CLOSE_NORMAL = 0
 CLOSE_CONTROL_STREAM_DOWN = 1
 CLOSE_OVERLOADED = 2
-CLOSE_TAKEN_OVER = 0x8E
-CLOSE_KICKED = 0x98
+#: Server DISCONNECT reasons that also become the QUIC close code (as EMQX does): session
+#: taken over (0x8E) and administrative action, i.e. kicked (0x98).
+_CLOSE_WITH_REASON = (RC.SESSION_TAKEN_OVER, RC.ADMINISTRATIVE_ACTION)
 #: Idle timeout we advertise: long, so the client's own setting decides until CONNECT; after it
 #: the broker applies keepalive x 1.5 on its side.
 _ADVERTISED_IDLE = 3 * 3600.0
@@ -97,9 +98,10 @@ class MqttQuicProtocol(QuicConnectionProtocol):
         quic._configuration = copy.copy(quic._configuration)
         self.broker = broker
         self.state = state
-        self.control: Channel | None = None
+        self.control: ControlChannel | None = None
         self.streams: dict[int, StreamChannel] = {}
         self.held: dict[int, list[tuple[bytes, bool]]] = {}  # data streams before CONNACK
+        self.held_bytes = 0
         self.handshake_done = False
         self.counted = False
         self.ended = False
@@ -168,8 +170,8 @@ class MqttQuicProtocol(QuicConnectionProtocol):
                     self._timer_stream = None
                 paths = self._quic._network_paths
                 self.peer = f"{paths[0].addr[0]}:{paths[0].addr[1]}" if paths else "?"
-                ch = self.control = Channel(self.broker, _Stream(self, 0), self.peer,
-                                            self.state.name)  # fmt: skip
+                ch = self.control = ControlChannel(self.broker, _Stream(self, 0), self.peer,
+                                                   self.state.name)  # fmt: skip
             was_connected = ch.connected
             if data:
                 ch.data_received(data)
@@ -178,6 +180,11 @@ class MqttQuicProtocol(QuicConnectionProtocol):
         else:
             control = self.control
             if control is None or not control.connected:
+                self.held_bytes += len(data)
+                if self.held_bytes > self.broker.config.mqtt.max_packet_size:
+                    log.info("QUIC client %s sent too much before CONNECT; closing", self.peer)
+                    self._end(CLOSE_CONTROL_STREAM_DOWN, "too much data before CONNECT")
+                    return
                 self.held.setdefault(sid, []).append((data, fin))
                 return
             ch = self.streams[sid] = StreamChannel(control, _Stream(self, sid), sid)
@@ -186,7 +193,7 @@ class MqttQuicProtocol(QuicConnectionProtocol):
         if fin:
             self._on_stream_end(sid, aborted=False)
 
-    def _on_connected(self, control: Channel) -> None:
+    def _on_connected(self, control: ControlChannel) -> None:
         """CONNECT succeeded: apply keepalive x 1.5 to the connection, release held streams."""
         ka = control.keepalive
         if ka:
@@ -239,10 +246,8 @@ class MqttQuicProtocol(QuicConnectionProtocol):
             return
         control = self.control
         code = CLOSE_NORMAL
-        if control is not None and control.taken_over:
-            code = CLOSE_TAKEN_OVER
-        elif control is not None and getattr(control, "kicked", False):
-            code = CLOSE_KICKED
+        if control is not None and control.close_reason in _CLOSE_WITH_REASON:
+            code = control.close_reason
         self._closing_code = code
         self._drop_streams()
         self._quic.send_stream_data(0, b"", end_stream=True)
