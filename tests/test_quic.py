@@ -307,6 +307,14 @@ def test_handshake_timeout(qb):
     assert 0.9 < time.monotonic() - t0 < 5, terminated
 
 
+def fake_initial() -> bytes:
+    """A well-formed QUIC v1 Initial header (so the server makes a connection for it) around
+    a payload that decrypts to nothing."""
+    head = b"\xc0\x00\x00\x00\x01" + b"\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + b"\x00"
+    rest = 1200 - len(head) - 2
+    return head + (0x4000 | rest).to_bytes(2, "big") + os.urandom(rest)
+
+
 def test_wrong_alpn_and_garbage_flood_refused(qb):
     async def main() -> None:
         live = QuicClient("127.0.0.1", qb.quic, "flood-live")
@@ -321,12 +329,8 @@ def test_wrong_alpn_and_garbage_flood_refused(qb):
         rnd = random.Random(3)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             for i in range(3000):
-                if i % 3 == 0:
-                    # Looks like a QUIC v1 Initial (long header, version 1, padded to 1200).
-                    body = bytes([0xC0]) + b"\x00\x00\x00\x01" + b"\x08" + os.urandom(8)
-                    body += b"\x08" + os.urandom(8) + os.urandom(1200 - 23)
-                else:
-                    body = os.urandom(rnd.randint(1, 1400))
+                # A third look like QUIC v1 Initials, the rest is noise of any size.
+                body = fake_initial() if i % 3 == 0 else os.urandom(rnd.randint(1, 1400))
                 s.sendto(body, ("127.0.0.1", qb.quic))
                 if i % 200 == 0:
                     await asyncio.sleep(0)
@@ -386,6 +390,42 @@ def test_kick_closes_with_administrative_action(tmp_path):
             assert q.disconnect_packet is not None
             assert q.disconnect_packet.reason_code == RC.ADMINISTRATIVE_ACTION
             assert t.error_code == RC.ADMINISTRATIVE_ACTION
+            assert server.state.connections == 0
+        finally:
+            server.close()
+            await asyncio.sleep(0.1)
+
+    run(main())
+
+
+def test_fake_initials_are_dropped_early(tmp_path):
+    """Datagrams that only look like QUIC Initials do not linger as connections."""
+    from roost.broker.node import Broker
+    from roost.config import Config
+    from roost.transport.quic import start_quic_listener
+
+    async def main() -> None:
+        port = free_port()
+        cfg = Config.model_validate({
+            "node": {"data_dir": str(tmp_path)},
+            "listeners": {"quic": {"default": {"bind": f"127.0.0.1:{port}"}}},
+        })  # fmt: skip
+        broker = Broker(cfg)
+        server = await start_quic_listener(broker, "quic:default", cfg.listeners.quic["default"],
+                                           str(tmp_path))  # fmt: skip
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for _ in range(200):
+                    body = fake_initial()
+                    s.sendto(body, ("127.0.0.1", port))
+                    await asyncio.sleep(0)
+            await asyncio.sleep(0.3)
+            assert server.state.live > 100  # aioquic made a connection object for each
+            for _ in range(100):
+                if server.state.live == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert server.state.live == 0  # gone after ~3 s, well before the 10 s timeout
             assert server.state.connections == 0
         finally:
             server.close()

@@ -45,6 +45,8 @@ _CLOSE_WITH_REASON = (RC.SESSION_TAKEN_OVER, RC.ADMINISTRATIVE_ACTION)
 _ADVERTISED_IDLE = 3 * 3600.0
 #: Seconds the QUIC idle timeout runs past keepalive x 1.5 (the broker ticks every 0.5 s).
 _IDLE_MARGIN = 1.0
+#: Seconds a connection gets to deliver a readable ClientHello (lost ones are resent sooner).
+_BOGUS_AFTER = 3.0
 #: How long a closing connection waits for its last bytes (e.g. DISCONNECT) to be acknowledged.
 _CLOSE_GRACE = 3.0
 
@@ -56,6 +58,7 @@ class QuicListenerState:
         self.connections = 0
         self.refused = 0
         self.accepting = True
+        self.live = 0  # QUIC connection objects, handshaken or not (garbage Initials too)
         self.early_data_accepted = 0  # connections whose 0-RTT data the server took
         self.tickets: dict[bytes, SessionTicket] = {}
 
@@ -103,12 +106,20 @@ class MqttQuicProtocol(QuicConnectionProtocol):
         self.held: dict[int, list[tuple[bytes, bool]]] = {}  # data streams before CONNACK
         self.held_bytes = 0
         self.handshake_done = False
+        self.negotiated = False  # the ClientHello was read (ALPN agreed)
         self.counted = False
         self.ended = False
         self.peer = ""
+        state.live += 1
+        self._released = False
         loop = asyncio.get_running_loop()
         self._timer_handshake: asyncio.TimerHandle | None = loop.call_later(
             state.cfg.handshake_idle_timeout, self._handshake_timeout
+        )
+        # Datagrams that merely look like an Initial (garbage, floods) create a connection too;
+        # one whose ClientHello never decrypted is dropped soon instead of after the timeout.
+        self._timer_bogus: asyncio.TimerHandle | None = loop.call_later(
+            min(_BOGUS_AFTER, state.cfg.handshake_idle_timeout), self._bogus_check
         )
         self._timer_stream: asyncio.TimerHandle | None = None
         self._closing_code: int | None = None  # set once the control channel closed
@@ -123,6 +134,8 @@ class MqttQuicProtocol(QuicConnectionProtocol):
             self._on_handshake(event)  # type: ignore[arg-type]
         elif t is events.StreamReset or t is events.StopSendingReceived:
             self._on_stream_end(event.stream_id, aborted=True)  # type: ignore[attr-defined]
+        elif t is events.ProtocolNegotiated:
+            self.negotiated = True
         elif t is events.ConnectionTerminated:
             self._on_terminated()
 
@@ -284,16 +297,19 @@ class MqttQuicProtocol(QuicConnectionProtocol):
         self.close(error_code=code, reason_phrase=reason)
 
     def _cleanup(self) -> None:
-        for timer in (self._timer_handshake, self._timer_stream):
+        for timer in (self._timer_handshake, self._timer_stream, self._timer_bogus):
             if timer is not None:
                 timer.cancel()
-        self._timer_handshake = self._timer_stream = None
+        self._timer_handshake = self._timer_stream = self._timer_bogus = None
         self._drop_streams()
         if self.control is not None and not self.control.closed:
             self.control.connection_lost()
         if self.counted:
             self.counted = False
             self.state.connections -= 1
+        if not self._released:
+            self._released = True
+            self.state.live -= 1
 
     def _on_terminated(self) -> None:
         self.ended = True
@@ -304,6 +320,11 @@ class MqttQuicProtocol(QuicConnectionProtocol):
         if not self.handshake_done and not self.ended:
             log.info("QUIC handshake did not complete in time; closing")
             self._end(CLOSE_NORMAL, "handshake timeout")
+
+    def _bogus_check(self) -> None:
+        self._timer_bogus = None
+        if not self.negotiated and not self.ended:
+            self._end(CLOSE_NORMAL)
 
     def _stream_timeout(self) -> None:
         self._timer_stream = None

@@ -188,8 +188,7 @@ class WsProtocol(asyncio.Protocol):
         cn = None
         if self.listener.cert_as_username:
             cn = peer_cn(self.transport.get_extra_info("peercert"))
-        peer = headers.get("x-forwarded-for", "").split(",")[0].strip() or self.peer
-        self.channel = Channel(self.broker, self, peer, self.listener.name, cn)
+        self.channel = Channel(self.broker, self, self.peer, self.listener.name, cn)
         return True
 
     # frames -------------------------------------------------------------------------------
