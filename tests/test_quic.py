@@ -19,7 +19,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from roost.client.quic import QuicClient, QuicMqttError
-from roost.mqtt.packets import MQTT_3_1_1, Pingreq, Subscribe, Subscription
+from roost.mqtt.packets import MQTT_3_1_1, Pingreq, Subscribe, Subscription, Will
 from tests.brokerproc import BrokerProcess, free_port
 from tests.clients import V5, PahoClient
 from tests.listenerutil import wait_listening
@@ -430,5 +430,32 @@ def test_fake_initials_are_dropped_early(tmp_path):
         finally:
             server.close()
             await asyncio.sleep(0.1)
+
+    run(main())
+
+
+@pytest.mark.parametrize("how", ["fin", "reset"])
+def test_control_stream_end_ends_the_connection(qb, how):
+    """Closing the control stream without DISCONNECT is a lost connection: the will goes out."""
+
+    async def main() -> None:
+        watcher = PahoClient(qb.port, f"will-watch-{how}")
+        watcher.connect()
+        watcher.subscribe(f"will/{how}", 1)
+        q = QuicClient("127.0.0.1", qb.quic, f"will-{how}", will=Will(f"will/{how}", b"gone", 1))
+        await q.connect()
+        data = q.open_stream()
+        assert await data.subscribe("will/data", 1) == [1]
+        assert q.protocol is not None
+        if how == "fin":
+            q.control.close()
+        else:
+            q.protocol._quic.reset_stream(q.control.stream_id, 0)
+            q.protocol.transmit()
+        t = await q.wait_closed(5)
+        assert t.error_code == (0 if how == "fin" else 1)
+        m = await asyncio.to_thread(watcher.recv)
+        assert (m.topic, m.payload) == (f"will/{how}", b"gone")
+        watcher.disconnect()
 
     run(main())

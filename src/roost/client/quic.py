@@ -44,6 +44,7 @@ from roost.mqtt.packets import (
     Subscription,
     Unsuback,
     Unsubscribe,
+    Will,
 )
 
 
@@ -215,6 +216,7 @@ class QuicClient:
         username: str | None = None,
         password: bytes | None = None,
         properties: dict[str, Any] | None = None,
+        will: Will | None = None,
         session_ticket: SessionTicket | None = None,
         cafile: str | None = None,
         alpn: str = "mqtt",
@@ -224,7 +226,7 @@ class QuicClient:
         self.host, self.port = host, port
         self.version = version
         self.connect_packet = Connect(client_id, version, clean_start, keepalive, username,
-                                      password, None, properties)  # fmt: skip
+                                      password, will, properties)  # fmt: skip
         self.local_host = local_host
         conf = QuicConfiguration(
             is_client=True, alpn_protocols=[alpn], idle_timeout=max(idle_timeout, keepalive * 1.5)
