@@ -164,8 +164,8 @@ class MqttQuicProtocol(QuicConnectionProtocol):
             )
 
     def _on_stream_data(self, sid: int, data: bytes, fin: bool) -> None:
-        if self.ended:
-            return
+        if self.ended or self._closing_code is not None:
+            return  # closed, or closing after the control channel ended: nothing more to read
         if sid & 0x3:
             # Server-initiated or unidirectional: MQTT over QUIC does not use them.
             if not sid & 0x1 and sid & 0x2:
