@@ -198,9 +198,21 @@ def test_zero_rtt_connect(qb):
         assert ticket is not None and ticket.max_early_data_size
         await first.disconnect()
 
+        watcher = PahoClient(qb.port, "zrtt-watch")
+        watcher.connect()
+        watcher.subscribe("zrtt/data", 1)
+        early: list = []
+
+        def in_early_data(c: QuicClient) -> None:
+            # As emqtt does: a data-stream PUBLISH in 0-RTT too, before the CONNECT.
+            early.append(c.open_stream().publish_nowait("zrtt/data", b"early", 1))
+
         again = QuicClient("127.0.0.1", qb.quic, "zrtt", session_ticket=ticket)
-        connack = await again.connect()  # CONNECT goes in 0-RTT data
+        connack = await again.connect(before_connect=in_early_data)  # CONNECT in 0-RTT data
         assert connack.reason_code == 0
+        assert await asyncio.wait_for(early[0], 5) == 0
+        assert (await asyncio.to_thread(watcher.recv)).payload == b"early"
+        watcher.disconnect()
         for _ in range(200):
             if again.handshake is not None:
                 break

@@ -48,15 +48,15 @@ def test_tls_1_2_and_1_3_pubsub_with_tcp(make_broker, pki):
     tcp_sub.disconnect()
 
 
-def _mtls_broker(make_broker, pki, **ssl_extra):
+def _mtls_broker(make_broker, pki, kind: str = "ssl", **ssl_extra):
     cert, key = pki.issue("localhost", server=True)
     sport = free_port()
     opts = {"certfile": cert, "keyfile": key, "cacertfile": str(pki.ca), "verify": "verify_peer",
             "fail_if_no_peer_cert": True, "peer_cert_as_username": "cn", **ssl_extra}  # fmt: skip
     b = make_broker(
         {
-            "listeners": {"ssl": {"default": {"enabled": True, "bind": f"127.0.0.1:{sport}",
-                                              "ssl_options": opts}}},
+            "listeners": {kind: {"default": {"enabled": True, "bind": f"127.0.0.1:{sport}",
+                                             "ssl_options": opts}}},
             # Only the username "device-42" may subscribe under cn/.
             "authorization": {"rules": [
                 {"permission": "allow", "action": "subscribe", "topics": ["cn/#"],
@@ -65,20 +65,22 @@ def _mtls_broker(make_broker, pki, **ssl_extra):
             ]},
         }
     )  # fmt: skip
-    wait_listening(b, "ssl:default")
+    wait_listening(b, f"{kind}:default")
     return b, sport
 
 
-def test_mutual_tls_cn_is_the_username(make_broker, pki):
-    _, sport = _mtls_broker(make_broker, pki)
+@pytest.mark.parametrize("kind", ["ssl", "wss"])
+def test_mutual_tls_cn_is_the_username(make_broker, pki, kind):
+    _, sport = _mtls_broker(make_broker, pki, kind)
+    kw = {"transport": "websockets"} if kind == "wss" else {}
     good = client_context(str(pki.ca), *pki.issue("device-42"))
-    c = tls_client(sport, "mtls-good", good)
+    c = tls_client(sport, "mtls-good", good, **kw)
     # The CONNECT's own username is replaced by the certificate's CN.
     c.connect(username="someone-else")
     assert c.subscribe("cn/x", 1)[0].value == 1
     c.disconnect()
     other = client_context(str(pki.ca), *pki.issue("device-7"))
-    c2 = tls_client(sport, "mtls-other", other)
+    c2 = tls_client(sport, "mtls-other", other, **kw)
     c2.connect(username="device-42")
     assert c2.subscribe("cn/x", 1)[0].value == 0x87  # not authorized: CN device-7
     c2.disconnect()

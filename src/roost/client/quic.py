@@ -271,8 +271,9 @@ class QuicClient:
         before_connect: Callable[[QuicClient], None] | None = None,
     ) -> Connack:
         """Handshake and CONNECT. With a session ticket and ``early_data``, the CONNECT goes in
-        0-RTT data, before the handshake completes. ``before_connect`` runs after the handshake,
-        just before the CONNECT is sent (e.g. to open data streams early)."""
+        0-RTT data, before the handshake completes. ``before_connect`` runs just before the
+        CONNECT is sent (after the handshake, or in 0-RTT), e.g. to use data streams early: the
+        broker holds them until the CONNACK."""
         quic = QuicConnection(
             configuration=self.configuration, session_ticket_handler=self._store_ticket
         )
@@ -288,6 +289,8 @@ class QuicClient:
         self.control = self.streams[sid] = MqttStream(self, sid)
         quic.send_stream_data(sid, b"")  # opens it in aioquic, which wants streams in order
         if self.configuration.session_ticket is not None and early_data:
+            if before_connect is not None:
+                before_connect(self)
             self.control.send(self.connect_packet)
             self.protocol.transmit()
         else:
