@@ -184,6 +184,20 @@ class NodeSettings(_Model):
     role: Literal["core", "replicant"] = "core"
 
 
+class PersistenceSettings(_Model):
+    """Where acknowledged messages must be before the broker acknowledges them.
+
+    ``memory``: nothing is written (sessions and retained messages end with the process).
+    ``sync``: each event-loop turn's changes are committed before their PUBACK/PUBREC go out.
+    ``batch``: changes are group-committed at most ``batch_max_delay`` seconds later, acks after.
+    """
+
+    durability: Literal["memory", "sync", "batch"] = "sync"
+    batch_max_delay: float = Field(0.005, gt=0, le=1)
+    #: fsync each commit (survives power loss); off still survives a killed process.
+    fsync: bool = True
+
+
 class LogSettings(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -198,6 +212,7 @@ class Config(_Model):
     authentication: Authentication = Field(default_factory=Authentication)
     authorization: Authorization = Field(default_factory=Authorization)
     sys_topics: SysTopics = Field(default_factory=SysTopics)
+    persistence: PersistenceSettings = Field(default_factory=PersistenceSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
 

@@ -9,18 +9,38 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from roost import __version__
+from roost.broker.durable import Durable
 from roost.broker.node import Broker
 from roost.config import Config, ConfigError, load_config
 from roost.logs import setup_logging
+from roost.store.persister import Persister
+from roost.store.sqlite import SqliteStore
 from roost.transport.listeners import start_listener
 
 log = logging.getLogger("roost")
 
 
+def _open_store(config: Config, broker: Broker) -> Persister | None:
+    pcfg = config.persistence
+    if pcfg.durability == "memory":
+        log.info("persistence: memory only (nothing survives a restart)")
+        return None
+    path = Path(config.node.data_dir) / "roost.db"
+    store = SqliteStore(path, fsync=pcfg.fsync)
+    persister = Persister(store, pcfg.durability, pcfg.batch_max_delay)
+    durable = Durable(persister, broker.clock)
+    durable.restore(broker, store.load())
+    broker.durable = durable
+    log.info("persistence: %s in %s", pcfg.durability, path)
+    return persister
+
+
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     broker = Broker(config)
+    persister = _open_store(config, broker)
     servers = []
     for kind, name, lst in config.listeners.enabled():
         label = f"{kind}:{name}"
@@ -51,6 +71,9 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         server.close()
     broker.shutdown()
     await asyncio.sleep(0.1)  # let the DISCONNECTs reach the sockets
+    if persister is not None:
+        await persister.drain()
+        persister.close()
     log.info("stopped")
 
 

@@ -89,6 +89,9 @@ class Channel:
         self.out_aliases: dict[str, int] = {}
         self.in_aliases: dict[int, str] = {}
         self.problem_info = True
+        # Set while the socket's send buffer is above its high-water mark: deliveries wait in
+        # the (bounded) session queue instead of piling up in the transport.
+        self.paused = False
         broker.channels.add(self)
 
     # ----------------------------------------------------------------------- transport side
@@ -121,6 +124,14 @@ class Channel:
         if self.connected:
             self.connected = False
             self.broker.channel_closed(self)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.session is not None and self.connected:
+            self.session.drain()
 
     def tick(self, now: float) -> None:
         if self.closed:
@@ -159,7 +170,11 @@ class Channel:
             return
         if self.v5 and self.connected:
             props = {"reason_string": reason_string} if reason_string else None
-            self.send(Disconnect(reason, props))
+            data = encode(Disconnect(reason, props), MQTT_5)
+            if len(data) > self.client_max_packet:
+                # Leave the reason string out rather than exceed the client's limit.
+                data = encode(Disconnect(reason), MQTT_5)
+            self.write(data)
         self.close()
 
     def send_qos0(self, msg: Message, retain: bool, sub_ids: tuple[int, ...]) -> None:
@@ -280,7 +295,7 @@ class Channel:
                 return self._refuse(RC.CLIENT_IDENTIFIER_NOT_VALID)
             client_id = broker.new_client_id()
             assigned = True
-        if len(client_id) > cfg.max_clientid_len:
+        elif len(client_id) > cfg.max_clientid_len:  # ids the broker assigns are not limited
             return self._refuse(RC.CLIENT_IDENTIFIER_NOT_VALID, "client id too long")
         if "authentication_method" in props:
             return self._refuse(RC.BAD_AUTHENTICATION_METHOD, "no enhanced authentication here")
@@ -367,6 +382,8 @@ class Channel:
             if "subscription_identifier" in props:
                 raise MQTTError("a client may not send subscription identifiers", RC.PROTOCOL_ERROR)
             props = {k: v for k, v in props.items() if k not in _STRIP_PROPS} or None
+        if not topic:
+            raise MQTTError("empty topic name without a topic alias", RC.PROTOCOL_ERROR)
         if not valid_topic_name(topic, cfg.max_topic_levels):
             raise MQTTError(f"invalid topic name {topic!r}", RC.TOPIC_NAME_INVALID)
         qos = p.qos
@@ -396,11 +413,22 @@ class Channel:
             return
         msg = Message(topic, p.payload, qos, p.retain, props, self.client_id, self.now())
         matched = broker.publish(msg)
-        if qos == 1:
-            self.write(_ack(0x40, p.packet_id, 0 if matched or not self.v5 else 0x10))  # type: ignore[arg-type]
-        elif qos == 2:
-            session.awaiting_rel[p.packet_id] = msg.timestamp  # type: ignore[index]
-            self.write(_ack(0x50, p.packet_id, 0 if matched or not self.v5 else 0x10))  # type: ignore[arg-type]
+        if qos:
+            code = 0 if matched or not self.v5 else RC.NO_MATCHING_SUBSCRIBERS
+            ack = _ack(0x40 if qos == 1 else 0x50, p.packet_id, code)  # type: ignore[arg-type]
+            if qos == 2:
+                session.awaiting_rel[p.packet_id] = msg.timestamp  # type: ignore[index]
+                if session.durable is not None:
+                    session.durable.rel_add(session, p.packet_id)  # type: ignore[arg-type]
+            self._ack_when_durable(ack)
+
+    def _ack_when_durable(self, ack: bytes) -> None:
+        """Acknowledge only once what this packet changed is stored (acks stay in order)."""
+        durable = self.broker.durable
+        if durable is None:
+            self.write(ack)
+        else:
+            durable.after(lambda: self.closed or self.write(ack))
 
     def _on_pubrec(self, p: Pubrec) -> None:
         assert self.session is not None
@@ -414,9 +442,13 @@ class Channel:
 
     def _on_pubrel(self, p: Pubrel) -> None:
         assert self.session is not None
-        found = self.session.awaiting_rel.pop(p.packet_id, None) is not None
+        session = self.session
+        found = session.awaiting_rel.pop(p.packet_id, None) is not None
+        if found and session.durable is not None:
+            session.durable.rel_del(session, p.packet_id)
         code = 0 if found or not self.v5 else RC.PACKET_IDENTIFIER_NOT_FOUND
-        self.write(_ack(0x70, p.packet_id, code))
+        # After a restart a stale id would make the client's next message look like a resend.
+        self._ack_when_durable(_ack(0x70, p.packet_id, code))
 
     # ---------------------------------------------------------------------------- SUBSCRIBE
 

@@ -25,6 +25,7 @@ from roost.mqtt import reason_codes as RC
 
 if TYPE_CHECKING:
     from roost.broker.channel import Channel
+    from roost.broker.durable import Durable
 
 log = logging.getLogger("roost.broker")
 
@@ -44,6 +45,8 @@ class Broker:
         self._expiring: dict[str, float] = {}  # offline session -> expiry time
         self._next_sys = 0.0
         self._id_counter = 0
+        # Set by the node runner when the store is durable (see roost.broker.durable).
+        self.durable: Durable | None = None
 
     @property
     def acl_active(self) -> bool:
@@ -66,6 +69,8 @@ class Broker:
             log.info("client %s taken over by a new connection", client_id)
             old.taken_over = True
             old.disconnect(RC.SESSION_TAKEN_OVER)
+            # Closing the old connection ends its session if that had expiry 0.
+            session = self.sessions.get(client_id)
         self._expiring.pop(client_id, None)
         if session is not None and clean_start:
             self._end_session(session)
@@ -80,6 +85,9 @@ class Broker:
             self.sessions[client_id] = session
         session.expiry_interval = expiry
         session.channel = channel
+        if self.durable is not None and (expiry or session.durable is not None):
+            session.durable = self.durable
+            self.durable.save_session(session, channel.will, channel.will_delay, True)
         self.stats.connections_total += 1
         return session, present
 
@@ -91,17 +99,31 @@ class Broker:
         session.channel = None
         now = self.clock()
         will = channel.will
+        pending_will = None
         if will is not None:
             delay = min(channel.will_delay, session.expiry_interval)
             if delay:
                 self._wills[session.client_id] = (now + delay, will)
+                pending_will = will
             else:
                 self._publish_will(will, now)
         self._redistribute_shared(session)
         if session.expiry_interval == 0:
             self._end_session(session)
-        elif session.expiry_interval < 0xFFFFFFFF:
+            return
+        if session.expiry_interval < 0xFFFFFFFF:
             self._expiring[session.client_id] = now + session.expiry_interval
+        if session.durable is not None:
+            session.durable.save_session(session, pending_will, channel.will_delay, False)
+
+    def schedule_expiry(self, client_id: str, due: float) -> None:
+        self._expiring[client_id] = due
+
+    def schedule_will(self, client_id: str, will: Message, delay: float) -> None:
+        if delay > 0:
+            self._wills[client_id] = (self.clock() + delay, will)
+        else:
+            self._publish_will(will, self.clock())
 
     def _end_session(self, session: Session) -> None:
         pending = self._wills.pop(session.client_id, None)
@@ -111,6 +133,9 @@ class Broker:
             self.unsubscribe(session, f)
         self._redistribute_shared(session)
         session.clear()
+        if session.durable is not None:
+            session.durable.delete_session(session.client_id)
+            session.durable = None
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
 
@@ -118,8 +143,8 @@ class Broker:
         if self.acl_active and not self.acl.check("publish", will.topic, None, will.sender):
             return
         will.timestamp = now
-        if will.expires_at is not None and will.props:
-            will.expires_at = now + will.props["message_expiry_interval"]
+        expiry = will.props.get("message_expiry_interval") if will.props else None
+        will.expires_at = now + expiry if expiry is not None else None
         self.publish(will)
 
     def _redistribute_shared(self, session: Session) -> None:
@@ -129,7 +154,10 @@ class Broker:
             assert opts is not None
             other = self.router.pick_shared(opts.topic_filter, exclude=session.client_id)
             if other is None or not other.session.connected:
-                session.queue.append(d)  # nobody else can take it: keep it for this member
+                # Nobody else can take it: keep it for this member.
+                if d.qos and session.durable is not None:
+                    session.durable.add_delivery(session, d)
+                session.requeue(d)
                 continue
             other.session.deliver(d.msg, min(d.msg.qos, other.qos), d.retain, d.sub_ids, other)
 
@@ -137,13 +165,21 @@ class Broker:
 
     def subscribe(self, opts: SubOpts) -> bool:
         """Add or replace a subscription; True if the client already had this filter."""
-        opts.session.subscriptions[opts.topic_filter] = opts
-        return self.router.add(opts)
+        session = opts.session
+        session.subscriptions[opts.topic_filter] = opts
+        existed = self.router.add(opts)
+        if session.durable is not None and session.channel is not None:
+            session.durable.save_session(session, session.channel.will,
+                                         session.channel.will_delay, True)  # fmt: skip
+        return existed
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
         self.router.remove(session.client_id, topic_filter)
+        if session.durable is not None and session.channel is not None:
+            session.durable.save_session(session, session.channel.will,
+                                         session.channel.will_delay, True)  # fmt: skip
         return True
 
     # ---------------------------------------------------------------------------- routing
@@ -156,6 +192,11 @@ class Broker:
     def route(self, msg: Message) -> int:
         if msg.retain:
             self.retainer.store(msg)
+            if self.durable is not None and not msg.topic.startswith("$SYS/"):
+                if msg.payload:
+                    self.durable.retained_set(msg)
+                else:
+                    self.durable.retained_delete(msg.topic)
         entries = self.router.match(msg.topic)
         if not entries:
             self.stats.dropped_no_subscribers += 1
@@ -228,6 +269,8 @@ class Broker:
                 for pid, t in list(session.awaiting_rel.items()):
                     if t < limit:
                         del session.awaiting_rel[pid]
+                        if session.durable is not None:
+                            session.durable.rel_del(session, pid)
         if self.config.sys_topics.enabled and now >= self._next_sys:
             self._next_sys = now + self.config.sys_topics.interval
             self.publish_sys(now)

@@ -16,6 +16,10 @@ from roost.transport.tls import peer_cn
 
 log = logging.getLogger("roost.transport")
 
+# Bytes a connection may have waiting in its send buffer before deliveries to it are queued in
+# its session instead (where max_mqueue_len bounds them).
+WRITE_HIGH_WATER = 1 << 20
+
 
 class ListenerState:
     """Counters shared by the connections of one listener (for limits and metrics)."""
@@ -55,10 +59,19 @@ class MqttStreamProtocol(asyncio.Protocol):
         if lst.cert_as_username:
             cn = peer_cn(transport.get_extra_info("peercert"))
         self.channel = Channel(self.broker, self, peer_s, lst.name, cn)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         if self.channel is not None:
             self.channel.data_received(data)
+
+    def pause_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.channel is not None:
