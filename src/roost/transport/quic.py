@@ -25,10 +25,12 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.tls import SessionTicket
 
+from roost.broker.channel import Channel
 from roost.broker.node import Broker
 from roost.broker.streams import ControlChannel, StreamChannel
 from roost.config import QuicListener
 from roost.mqtt import reason_codes as RC
+from roost.transport.tcp import WRITE_HIGH_WATER
 from roost.transport.tls import resolve_cert
 
 log = logging.getLogger("roost.transport")
@@ -71,21 +73,38 @@ class QuicListenerState:
         return self.tickets.pop(label, None)  # single use: a replayed 0-RTT is refused
 
 
+def _unacked(quic: QuicConnection, sid: int) -> int:
+    """Bytes written to a stream and not yet acknowledged by the peer (aioquic keeps them)."""
+    stream = quic._streams.get(sid)
+    if stream is None:
+        return 0
+    sender = stream.sender
+    return sender._buffer_stop - sender._buffer_start
+
+
 class _Stream:
     """The channel-side transport of one QUIC stream."""
 
-    __slots__ = ("conn", "stream_id")
+    __slots__ = ("channel", "conn", "stream_id")
 
     def __init__(self, conn: MqttQuicProtocol, stream_id: int) -> None:
         self.conn = conn
         self.stream_id = stream_id
+        self.channel: Channel | None = None
 
     def write(self, data: bytes) -> None:
         conn = self.conn
         if conn.ended:
             return
-        conn._quic.send_stream_data(self.stream_id, data)
+        quic = conn._quic
+        quic.send_stream_data(self.stream_id, data)
         conn._transmit_soon()  # coalesced: one transmit per event-loop turn
+        ch = self.channel
+        if ch is not None and not ch.paused and _unacked(quic, self.stream_id) > WRITE_HIGH_WATER:
+            # As on TCP: a client that does not keep up gets its deliveries queued in its
+            # (bounded) session instead of in aioquic's unbounded stream buffer.
+            ch.pause_writing()
+            conn.paused.append(self)
 
     def close(self) -> None:
         self.conn.channel_closed_stream(self.stream_id)
@@ -105,6 +124,7 @@ class MqttQuicProtocol(QuicConnectionProtocol):
         self.streams: dict[int, StreamChannel] = {}
         self.held: dict[int, list[tuple[bytes, bool]]] = {}  # data streams before CONNACK
         self.held_bytes = 0
+        self.paused: list[_Stream] = []  # streams whose channel waits for acknowledgements
         self.handshake_done = False
         self.negotiated = False  # the ClientHello was read (ALPN agreed)
         self.counted = False
@@ -125,6 +145,22 @@ class MqttQuicProtocol(QuicConnectionProtocol):
         self._closing_code: int | None = None  # set once the control channel closed
 
     # events -------------------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        if self.paused:
+            self._resume_acked()
+
+    def _resume_acked(self) -> None:
+        paused, self.paused = self.paused, []
+        for st in paused:
+            ch = st.channel
+            if ch is None or ch.closed:
+                continue
+            if _unacked(self._quic, st.stream_id) <= WRITE_HIGH_WATER // 4:
+                ch.resume_writing()  # may pause (and list) it again
+            else:
+                self.paused.append(st)
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         t = type(event)
@@ -183,8 +219,9 @@ class MqttQuicProtocol(QuicConnectionProtocol):
                     self._timer_stream = None
                 paths = self._quic._network_paths
                 self.peer = f"{paths[0].addr[0]}:{paths[0].addr[1]}" if paths else "?"
-                ch = self.control = ControlChannel(self.broker, _Stream(self, 0), self.peer,
-                                                   self.state.name)  # fmt: skip
+                st = _Stream(self, 0)
+                ch = self.control = ControlChannel(self.broker, st, self.peer, self.state.name)
+                st.channel = ch
             was_connected = ch.connected
             if data:
                 ch.data_received(data)
@@ -200,7 +237,9 @@ class MqttQuicProtocol(QuicConnectionProtocol):
                     return
                 self.held.setdefault(sid, []).append((data, fin))
                 return
-            ch = self.streams[sid] = StreamChannel(control, _Stream(self, sid), sid)
+            st = _Stream(self, sid)
+            ch = self.streams[sid] = StreamChannel(control, st, sid)
+            st.channel = ch
             if data:
                 ch.data_received(data)
         if fin:

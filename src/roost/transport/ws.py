@@ -19,7 +19,7 @@ import struct
 
 from roost.broker.channel import Channel
 from roost.broker.node import Broker
-from roost.transport.tcp import ListenerState
+from roost.transport.tcp import WRITE_HIGH_WATER, ListenerState
 from roost.transport.tls import peer_cn
 
 log = logging.getLogger("roost.transport")
@@ -95,6 +95,8 @@ class WsProtocol(asyncio.Protocol):
         self._counted = True
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        # As on TCP: past this many unsent bytes, deliveries wait in the (bounded) session queue.
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         if self._done:
@@ -111,6 +113,14 @@ class WsProtocol(asyncio.Protocol):
             if not self._handshake(request):
                 return
         self._read_frames()
+
+    def pause_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._counted:
