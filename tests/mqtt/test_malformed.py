@@ -345,12 +345,12 @@ CASES: dict[str, Case] = {
         version=MQTT_5,
     ),
     "property not allowed in PUBLISH": Case(
-        _pub5(b"\x23\x00\x01"), _pub5(b"\x11\x00\x00\x00\x01"), PROTOCOL, version=MQTT_5
+        _pub5(b"\x23\x00\x01"), _pub5(b"\x11\x00\x00\x00\x01"), MALFORMED, version=MQTT_5
     ),
     "property not allowed in CONNECT": Case(
         connect(level=5, properties=props(b"\x21\x00\x0a")),
         connect(level=5, properties=props(b"\x13\x00\x0a")),
-        PROTOCOL,
+        MALFORMED,
         version=None,
     ),
     "will delay interval in CONNECT properties": Case(
@@ -358,7 +358,7 @@ CASES: dict[str, Case] = {
             level=5, flags=0x04, payload=s("c") + props(b"\x18\x00\x00\x00\x01") + s("w") + s("m")
         ),
         connect(level=5, properties=props(b"\x18\x00\x00\x00\x01")),
-        PROTOCOL,
+        MALFORMED,
         version=None,
     ),
     "unknown property id": Case(_pub5(b"\x01\x01"), _pub5(b"\x04\x01"), MALFORMED, version=MQTT_5),
@@ -418,7 +418,7 @@ CASES: dict[str, Case] = {
     "CONNACK property not allowed": Case(
         b"\x20\x03\x00\x00\x00",
         frame(0x20, b"\x00\x00" + props(b"\x17\x01")),
-        PROTOCOL,
+        MALFORMED,
         version=MQTT_5,
         client_side=True,
     ),

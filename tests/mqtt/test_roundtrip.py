@@ -266,7 +266,8 @@ def test_property_accepted_exactly_where_the_spec_allows(packet_type: int, name:
     else:
         with pytest.raises(MQTTError) as err:
             decode(packet, MQTT_5)
-        assert err.value.reason_code == 0x82
+        # Spec 2.2.2.2: an identifier not valid for its packet type is a Malformed Packet.
+        assert err.value.reason_code == 0x81
 
 
 # ------------------------------------------------------------- variable byte integers

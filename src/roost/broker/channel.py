@@ -101,11 +101,11 @@ class Channel:
             return
         self.last_rx = self.now()
         self.broker.stats.bytes_received += len(data)
+        error = None
         try:
             packets = self.decoder.feed(data)
         except MQTTError as e:
-            self._protocol_error(e)
-            return
+            packets, error = e.packets, e
         for packet in packets:
             if self.closed:
                 return
@@ -114,6 +114,8 @@ class Channel:
             except MQTTError as e:
                 self._protocol_error(e)
                 return
+        if error is not None and not self.closed:
+            self._protocol_error(error)
 
     def connection_lost(self) -> None:
         """The transport is gone (closed by either side)."""

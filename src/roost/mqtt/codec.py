@@ -114,10 +114,12 @@ class Decoder:
                     break
                 packets.append(self._decode(first, view, body, end))
                 pos = end
-        except MQTTError:
+        except MQTTError as e:
             # The stream cannot be re-framed after an error: keep none of it (the rest of
             # the chunk may be a refused oversize frame, which must not stay buffered).
+            # The good packets before the bad one travel with the error, to be handled first.
             self._buf = bytearray()
+            e.packets = packets
             raise
         if buf:
             del buf[:pos]

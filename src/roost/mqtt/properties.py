@@ -98,7 +98,7 @@ def decode_properties(
             raise MQTTError(f"unknown property id 0x{pid:02x}", MALFORMED_PACKET)
         name, ptype, allowed = entry
         if packet_type not in allowed:
-            raise MQTTError(f"property {name} is not allowed in this packet", PROTOCOL_ERROR)
+            raise MQTTError(f"property {name} is not allowed in this packet", MALFORMED_PACKET)
         if ptype == BYTE:
             if pos + 1 > end:
                 raise MQTTError(f"truncated property {name}")
