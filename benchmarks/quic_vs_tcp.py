@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -186,6 +187,8 @@ async def main(args: argparse.Namespace) -> None:
         "log": {"level": "warning"},
         "sys_topics": {"enabled": False},
     }
+    # Figures swing with whatever else runs on the machine: say how busy it was.
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     with BrokerProcess(cfg, port=ports["tcp"]):
         await asyncio.sleep(0.5)  # the QUIC listener starts just after TCP
         print(f"throughput: {args.messages} messages of {args.size} B, 1 publisher -> broker -> "
@@ -203,6 +206,7 @@ async def main(args: argparse.Namespace) -> None:
                 meds.append(statistics.median(await setup_time(kind, ports, args.reps)))
             print(f"  {kind:10}: {statistics.median(meds) * 1000:7.2f}   "
                   f"(runs: {', '.join(f'{m * 1000:.2f}' for m in meds)})")  # fmt: skip
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
