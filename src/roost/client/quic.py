@@ -202,6 +202,13 @@ class _Protocol(QuicConnectionProtocol):
     def quic_event_received(self, event: events.QuicEvent) -> None:
         self.client._on_event(event)
 
+    def transmit(self) -> None:
+        # One transmit covers what a scheduled one (``_transmit_soon``) would have sent.
+        task = self._transmit_task
+        if task is not None:
+            task.cancel()
+        super().transmit()
+
 
 class QuicClient:
     def __init__(

@@ -146,6 +146,14 @@ class MqttQuicProtocol(QuicConnectionProtocol):
 
     # events -------------------------------------------------------------------------------
 
+    def transmit(self) -> None:
+        # aioquic transmits right after every datagram; a transmit scheduled by a write during
+        # it (``_transmit_soon``) would then run again for nothing.
+        task = self._transmit_task
+        if task is not None:
+            task.cancel()
+        super().transmit()
+
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         super().datagram_received(data, addr)
         if self.paused:
