@@ -53,6 +53,9 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        # SIGHUP: re-read the ACL file (the password file is re-read whenever it changes).
+        loop.add_signal_handler(signal.SIGHUP, broker.reload_auth)
     log.info("roost %s started (node %s)", __version__, config.node.name)
 
     async def ticker() -> None:
@@ -74,6 +77,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     if persister is not None:
         await persister.drain()
         persister.close()
+    await broker.authn.close()
     log.info("stopped")
 
 
@@ -93,6 +97,9 @@ def run_node(args: argparse.Namespace) -> int:
         runner = asyncio.run
     try:
         runner(serve(config))
+    except ConfigError as e:  # e.g. an ACL file that cannot be read
+        log.error("cannot start: %s", e)
+        return 2
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
+from roost.broker.authn import AuthRequest
 from roost.broker.message import Message
 from roost.broker.router import SubOpts
 from roost.mqtt import reason_codes as RC
@@ -39,6 +40,7 @@ from roost.mqtt.topics import has_wildcard, parse_shared, valid_topic_filter, va
 
 if TYPE_CHECKING:
     from roost.broker.node import Broker
+    from roost.broker.scram import EnhancedAuthMethod, Step
     from roost.broker.session import Session
 
 log = logging.getLogger("roost.channel")
@@ -92,6 +94,18 @@ class Channel:
         # Set while the socket's send buffer is above its high-water mark: deliveries wait in
         # the (bounded) session queue instead of piling up in the transport.
         self.paused = False
+        self.pub_limiter = broker.limits.publish_limiter()
+        # While an asynchronous authentication runs: the packets that came after the CONNECT.
+        self._held: list[Packet] | None = None
+        self._held_bytes = 0
+        # An enhanced authentication (AUTH packets) under way: (method name, exchange, CONNECT).
+        self._enhanced: tuple[str, EnhancedAuthMethod, Connect | None] | None = None
+        self._auth_method: str | None = None  # the method this client authenticated with
+        if not broker.limits.admit_socket():
+            log.warning("node connection limit reached; refusing %s", peer)
+            self.closed = True
+            transport.close()
+            return
         broker.channels.add(self)
 
     # ----------------------------------------------------------------------- transport side
@@ -101,21 +115,33 @@ class Channel:
             return
         self.last_rx = self.now()
         self.broker.stats.bytes_received += len(data)
+        if self._held is not None:
+            self._held_bytes += len(data)
+            if self._held_bytes > 2 * self.decoder.max_packet_size:
+                log.info("%s sent too much while being authenticated; closing", self.peer)
+                self.close()
+                return
         error = None
         try:
             packets = self.decoder.feed(data)
         except MQTTError as e:
             packets, error = e.packets, e
+        self._process(packets)
+        if error is not None and not self.closed:
+            self._protocol_error(error)
+
+    def _process(self, packets: list[Packet]) -> None:
         for packet in packets:
             if self.closed:
                 return
+            if self._held is not None:
+                self._held.append(packet)
+                continue
             try:
                 self._handle(packet)
             except MQTTError as e:
                 self._protocol_error(e)
                 return
-        if error is not None and not self.closed:
-            self._protocol_error(error)
 
     def connection_lost(self) -> None:
         """The transport is gone (closed by either side)."""
@@ -250,6 +276,8 @@ class Channel:
         elif t is Puback:
             if self.session is not None:
                 self.session.on_puback(packet.packet_id)  # type: ignore[attr-defined]
+        elif t is Auth:
+            self._on_auth(packet)  # type: ignore[arg-type]
         elif not self.connected and t is not Connect:
             raise MQTTError("the first packet must be CONNECT", RC.PROTOCOL_ERROR)
         elif t is Pubrec:
@@ -268,11 +296,9 @@ class Channel:
         elif t is Disconnect:
             self._on_disconnect(packet)  # type: ignore[arg-type]
         elif t is Connect:
-            if self.connected:
+            if self.connected or self._enhanced is not None:
                 raise MQTTError("second CONNECT", RC.PROTOCOL_ERROR)
             self._on_connect(packet)  # type: ignore[arg-type]
-        elif t is Auth:
-            raise MQTTError("AUTH without an authentication method", RC.PROTOCOL_ERROR)
         else:
             raise MQTTError(f"a client may not send {t.__name__.upper()}", RC.PROTOCOL_ERROR)
 
@@ -299,23 +325,122 @@ class Channel:
             assigned = True
         elif len(client_id) > cfg.max_clientid_len:  # ids the broker assigns are not limited
             return self._refuse(RC.CLIENT_IDENTIFIER_NOT_VALID, "client id too long")
-        if "authentication_method" in props:
-            return self._refuse(RC.BAD_AUTHENTICATION_METHOD, "no enhanced authentication here")
+        refusal = broker.limits.connect_refusal(self.listener)
+        if refusal is not None:
+            return self._refuse(*refusal)
+        self.client_id = client_id
+        method = props.get("authentication_method")
+        if method is not None:
+            exchange = broker.authn.enhanced(method)
+            if exchange is None:
+                return self._refuse(RC.BAD_AUTHENTICATION_METHOD, f"{method} is not offered")
+            self._enhanced = (method, exchange, c)
+            step = exchange.start(props.get("authentication_data", b""), c.username)
+            return self._enhanced_step(step)
         username = c.username if self.cert_username is None else self.cert_username
-        if username is None and not broker.config.authentication.allow_anonymous:
-            return self._refuse(RC.BAD_USER_NAME_OR_PASSWORD, "anonymous access is disabled")
+        request = AuthRequest(client_id, username, c.password, self.peer, self.listener,
+                              c.protocol_version, self.cert_username is not None)  # fmt: skip
+        # The answer may come later (password hash, HTTP): hold what the client sends meanwhile.
+        self._held = []
+        broker.authn.authenticate(
+            request, lambda refusal: self._authenticated(refusal, c, username, assigned)
+        )
+
+    def _authenticated(
+        self, refusal: tuple[int, str] | None, c: Connect, username: str | None, assigned: bool
+    ) -> None:
+        held, self._held, self._held_bytes = self._held or [], None, 0
+        if self.closed:
+            return
+        if refusal is not None:
+            self.broker.stats.auth_denied += 1
+            log.info("client %s (user %r) from %s refused: %s", self.client_id, username,
+                     self.peer, refusal[1])  # fmt: skip
+            return self._refuse(*refusal)
+        self._accept(c, username, assigned)
+        if held:
+            self._process(held)
+
+    def _enhanced_step(self, step: Step) -> None:
+        """Carry one step of an enhanced authentication: AUTH, CONNACK, or a refusal."""
+        assert self._enhanced is not None
+        method, exchange, c = self._enhanced
+        if step.status == "continue":
+            props: dict[str, Any] = {"authentication_method": method}
+            if step.data:
+                props["authentication_data"] = step.data
+            self.send(Auth(RC.CONTINUE_AUTHENTICATION, props))
+            return
+        self._enhanced = None
+        if c is None:  # re-authentication of a connected client
+            if step.status == "success" and exchange.username == self.username:
+                props = {"authentication_method": method}
+                if step.data:
+                    props["authentication_data"] = step.data
+                self.send(Auth(RC.SUCCESS, props))
+            else:
+                self.broker.stats.auth_denied += 1
+                self.disconnect(RC.NOT_AUTHORIZED, step.reason or "re-authentication failed")
+            return
+        if step.status == "failure":
+            self.broker.stats.auth_denied += 1
+            log.info("client %s from %s refused (%s): %s", self.client_id, self.peer, method,
+                     step.reason)  # fmt: skip
+            return self._refuse(RC.BAD_USER_NAME_OR_PASSWORD, step.reason)
+        ack: dict[str, Any] = {"authentication_method": method}
+        if step.data:
+            ack["authentication_data"] = step.data
+        self._accept(c, exchange.username, not c.client_id, ack)
+
+    def _on_auth(self, a: Auth) -> None:
+        if not self.v5:
+            raise MQTTError("AUTH is an MQTT 5 packet", RC.PROTOCOL_ERROR)
+        method = a.properties.get("authentication_method")
+        data = a.properties.get("authentication_data", b"")
+        pending = self._enhanced
+        if pending is not None and a.reason_code == RC.CONTINUE_AUTHENTICATION:
+            if method != pending[0]:
+                raise MQTTError("AUTH with another authentication method", RC.PROTOCOL_ERROR)
+            return self._enhanced_step(pending[1].next(data))
+        if pending is None and self.connected and a.reason_code == RC.RE_AUTHENTICATE:
+            if method is None or method != self._auth_method:
+                raise MQTTError("re-authentication with another method", RC.PROTOCOL_ERROR)
+            exchange = self.broker.authn.enhanced(method)
+            if exchange is None:
+                return self.disconnect(RC.BAD_AUTHENTICATION_METHOD)
+            self._enhanced = (method, exchange, None)
+            return self._enhanced_step(exchange.start(data, self.username))
+        raise MQTTError("unexpected AUTH", RC.PROTOCOL_ERROR)
+
+    def _accept(
+        self, c: Connect, username: str | None, assigned: bool,
+        auth_props: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        """Authenticated: check the will, open the session, send CONNACK."""
+        broker = self.broker
+        cfg = broker.config.mqtt
+        props = c.properties
+        client_id = self.client_id
+        self._auth_method = auth_props["authentication_method"] if auth_props else None
         if c.will is not None:
             w = c.will
-            if not valid_topic_name(w.topic, cfg.max_topic_levels):
+            if not valid_topic_name(w.topic, cfg.max_topic_levels) or (
+                len(w.topic) > cfg.max_topic_length
+            ):
                 return self._refuse(RC.TOPIC_NAME_INVALID, "invalid will topic")
             if w.qos > cfg.max_qos_allowed:
                 return self._refuse(RC.QOS_NOT_SUPPORTED)
             if w.retain and not cfg.retain_available:
                 return self._refuse(RC.RETAIN_NOT_SUPPORTED)
+            # The will is authorized now, with the client's identity (when it is published the
+            # client is gone); a will the client may not publish refuses the connection.
+            if broker.acl_active and not broker.acl.check(
+                "publish", w.topic, username, client_id, self.peer
+            ):
+                return self._refuse(RC.NOT_AUTHORIZED, "will topic not authorized")
             wprops = {k: v for k, v in w.properties.items() if k != "will_delay_interval"}
             self.will_delay = w.properties.get("will_delay_interval", 0)
             self.will = Message(w.topic, w.payload, w.qos, w.retain, wprops, client_id)
-        self.client_id = client_id
         self.username = username
         self.keepalive = c.keepalive
         if cfg.server_keepalive is not None and self.v5:
@@ -334,7 +459,7 @@ class Channel:
         self.session = session
         self.connected = True
 
-        ack_props: dict[str, Any] = {}
+        ack_props: dict[str, Any] = auth_props or {}
         if self.v5:
             if props.get("session_expiry_interval", 0) != expiry:
                 ack_props["session_expiry_interval"] = expiry
@@ -386,8 +511,11 @@ class Channel:
             props = {k: v for k, v in props.items() if k not in _STRIP_PROPS} or None
         if not topic:
             raise MQTTError("empty topic name without a topic alias", RC.PROTOCOL_ERROR)
-        if not valid_topic_name(topic, cfg.max_topic_levels):
-            raise MQTTError(f"invalid topic name {topic!r}", RC.TOPIC_NAME_INVALID)
+        if not valid_topic_name(topic, cfg.max_topic_levels) or len(topic) > cfg.max_topic_length:
+            raise MQTTError(f"invalid topic name {topic[:100]!r}", RC.TOPIC_NAME_INVALID)
+        if self.pub_limiter is not None and not self.pub_limiter.allow(len(topic) + len(p.payload)):
+            broker.stats.publish_rate_exceeded += 1
+            raise MQTTError("publish rate exceeded", RC.QUOTA_EXCEEDED)
         qos = p.qos
         if qos > cfg.max_qos_allowed:
             raise MQTTError(f"QoS {qos} not supported", RC.QOS_NOT_SUPPORTED)
@@ -403,7 +531,7 @@ class Channel:
             if len(session.awaiting_rel) >= cfg.receive_maximum:
                 raise MQTTError("receive maximum exceeded", RC.RECEIVE_MAXIMUM_EXCEEDED)
         if broker.acl_active and not broker.acl.check(
-            "publish", topic, self.username, self.client_id
+            "publish", topic, self.username, self.client_id, self.peer
         ):
             broker.stats.publish_denied += 1
             log.info("publish by %s to %r denied", self.client_id, topic)
@@ -512,8 +640,9 @@ class Channel:
             return RC.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED
         broker = self.broker
         if broker.acl_active and not broker.acl.check(
-            "subscribe", f, self.username, self.client_id
+            "subscribe", f, self.username, self.client_id, self.peer
         ):
+            broker.stats.subscribe_denied += 1
             log.info("subscription of %s to %r denied", self.client_id, f)
             return RC.NOT_AUTHORIZED
         return None

@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING
 
 from roost import __version__
 from roost.broker.acl import Acl
+from roost.broker.authn import Authenticator
+from roost.broker.limits import Limits
 from roost.broker.message import Message
 from roost.broker.retainer import Retainer
 from roost.broker.router import Router, SubOpts
 from roost.broker.session import Session
 from roost.broker.stats import Stats
-from roost.config import Config
+from roost.config import Config, ConfigError
 from roost.mqtt import reason_codes as RC
 
 if TYPE_CHECKING:
@@ -39,6 +41,8 @@ class Broker:
         self.router = Router()
         self.retainer = Retainer()
         self.acl = Acl(config.authorization)
+        self.authn = Authenticator(self)
+        self.limits = Limits(self)
         self.sessions: dict[str, Session] = {}
         self.channels: set[Channel] = set()  # every live channel, connected or not
         self._wills: dict[str, tuple[float, Message]] = {}  # client id -> (due, will)
@@ -50,8 +54,19 @@ class Broker:
 
     @property
     def acl_active(self) -> bool:
-        a = self.config.authorization
-        return bool(a.rules) or a.no_match == "deny"
+        return self.acl.active
+
+    def reload_auth(self) -> str | None:
+        """Re-read the ACL file and drop auth caches (SIGHUP, REST API); the error, if any (the
+        rules in force then stay as they were)."""
+        self.authn.clear_cache()
+        try:
+            n = self.acl.reload()
+        except ConfigError as e:
+            log.error("ACL not reloaded, keeping the current rules: %s", e)
+            return str(e)
+        log.info("ACL reloaded: %d rules", n)
+        return None
 
     def new_client_id(self) -> str:
         self._id_counter += 1
@@ -140,8 +155,7 @@ class Broker:
             del self.sessions[session.client_id]
 
     def _publish_will(self, will: Message, now: float) -> None:
-        if self.acl_active and not self.acl.check("publish", will.topic, None, will.sender):
-            return
+        # Authorized at CONNECT (channel), with the username and address we no longer have here.
         will.timestamp = now
         expiry = will.props.get("message_expiry_interval") if will.props else None
         will.expires_at = now + expiry if expiry is not None else None

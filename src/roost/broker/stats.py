@@ -5,8 +5,11 @@ from __future__ import annotations
 
 class Stats:
     __slots__ = (
+        "auth_denied",
         "bytes_received",
         "bytes_sent",
+        "connect_rate_refused",
+        "connections_refused",
         "connections_total",
         "dropped_expired",
         "dropped_no_subscribers",
@@ -16,6 +19,8 @@ class Stats:
         "messages_received",
         "messages_sent",
         "publish_denied",
+        "publish_rate_exceeded",
+        "subscribe_denied",
     )
 
     def __init__(self) -> None:

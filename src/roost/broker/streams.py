@@ -52,6 +52,12 @@ class StreamChannel(Channel):
         super().__init__(parent.broker, transport, parent.peer, parent.listener)
         self.parent = parent
         self.stream_id = stream_id
+        # A stream is not a connection: node limits, timers and shutdown go by the control
+        # stream's channel, which ends its streams with it.
+        self.broker.channels.discard(self)
+        if self.closed:
+            return  # refused: the node is at its connection limit
+        self.pub_limiter = parent.pub_limiter  # one publish rate per client, however many streams
         self.version = parent.version
         self.v5 = parent.v5
         self.client_id = parent.client_id
