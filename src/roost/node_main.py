@@ -18,7 +18,7 @@ from roost.config import Config, ConfigError, load_config
 from roost.logs import setup_logging
 from roost.store.persister import Persister
 from roost.store.sqlite import SqliteStore
-from roost.transport.tcp import start_tcp_listener
+from roost.transport.listeners import start_listener
 
 log = logging.getLogger("roost")
 
@@ -41,17 +41,13 @@ def _open_store(config: Config, broker: Broker) -> Persister | None:
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     broker = Broker(config)
     persister = _open_store(config, broker)
-    servers: list[asyncio.Server] = []
+    servers = []
     for kind, name, lst in config.listeners.enabled():
         label = f"{kind}:{name}"
-        if kind != "tcp":
-            log.warning("listener %s (%s) is not available in this build; skipped", label, lst.bind)
-            continue
-        server = await start_tcp_listener(broker, label, lst.host, lst.port, lst.max_connections)
+        server, addrs = await start_listener(broker, kind, label, lst, config.node.data_dir)
         servers.append(server)
-        for sock in server.sockets:
-            addr = sock.getsockname()
-            log.info("listening for MQTT on %s %s:%d", label, addr[0], addr[1])
+        for host, port in addrs:
+            log.info("listening for MQTT on %s %s:%d", label, host, port)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
