@@ -9,29 +9,40 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 from roost import __version__
 from roost.broker.node import Broker
-from roost.config import Config, ConfigError, load_config
+from roost.config import Config, ConfigError, ListenerBase, load_config
 from roost.logs import setup_logging
+from roost.mgmt.api import Management
+from roost.mgmt.listeners import ListenerSet
 from roost.transport.tcp import start_tcp_listener
 
 log = logging.getLogger("roost")
 
 
+async def _open_listener(broker: Broker, kind: str, name: str, lst: ListenerBase) -> Any:
+    """Open one MQTT listener; None when this build has no transport for its type."""
+    label = f"{kind}:{name}"
+    if kind != "tcp":
+        log.warning("listener %s (%s) is not available in this build; skipped", label, lst.bind)
+        return None
+    server = await start_tcp_listener(broker, label, lst.host, lst.port, lst.max_connections)
+    for sock in server.sockets:
+        addr = sock.getsockname()
+        log.info("listening for MQTT on %s %s:%d", label, addr[0], addr[1])
+    return server
+
+
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     broker = Broker(config)
-    servers: list[asyncio.Server] = []
+    listeners = ListenerSet(broker, _open_listener)
     for kind, name, lst in config.listeners.enabled():
-        label = f"{kind}:{name}"
-        if kind != "tcp":
-            log.warning("listener %s (%s) is not available in this build; skipped", label, lst.bind)
-            continue
-        server = await start_tcp_listener(broker, label, lst.host, lst.port, lst.max_connections)
-        servers.append(server)
-        for sock in server.sockets:
-            addr = sock.getsockname()
-            log.info("listening for MQTT on %s %s:%d", label, addr[0], addr[1])
+        await listeners.start(kind, name, lst)
+    mgmt = Management(broker, listeners)
+    if config.api.enabled:
+        await mgmt.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -51,8 +62,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     await stop.wait()
     log.info("shutting down")
     tick_task.cancel()
-    for server in servers:
-        server.close()
+    await mgmt.close()
+    await listeners.close_all()
     broker.shutdown()
     await asyncio.sleep(0.1)  # let the DISCONNECTs reach the sockets
     log.info("stopped")

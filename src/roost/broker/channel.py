@@ -163,7 +163,9 @@ class Channel:
         if len(data) > self.client_max_packet:
             self.broker.stats.dropped_too_large += 1
             return
-        self.broker.stats.messages_sent += 1
+        stats = self.broker.stats
+        stats.messages_sent += 1
+        stats.sent_qos[0] += 1
         self.write(data)
 
     def send_publish(
@@ -195,7 +197,9 @@ class Channel:
                 del self.out_aliases[msg.topic]
             self.broker.stats.dropped_too_large += 1
             return False
-        self.broker.stats.messages_sent += 1
+        stats = self.broker.stats
+        stats.messages_sent += 1
+        stats.sent_qos[qos] += 1
         self.write(data)
         return True
 
@@ -255,6 +259,8 @@ class Channel:
     # ------------------------------------------------------------------------------ CONNECT
 
     def _refuse(self, reason: int, reason_string: str = "") -> None:
+        if reason in (RC.BAD_USER_NAME_OR_PASSWORD, RC.NOT_AUTHORIZED, RC.BANNED):
+            self.broker.stats.auth_failures += 1
         code = reason if self.v5 else RC.connack_v3(reason)
         props = {"reason_string": reason_string} if (reason_string and self.v5) else None
         self.write(encode(Connack(code, False, props), self.version))
@@ -275,6 +281,9 @@ class Channel:
             assigned = True
         if len(client_id) > cfg.max_clientid_len:
             return self._refuse(RC.CLIENT_IDENTIFIER_NOT_VALID, "client id too long")
+        refusal = broker.admit(client_id, c.username, self.peer)
+        if refusal is not None:
+            return self._refuse(*refusal)
         if "authentication_method" in props:
             return self._refuse(RC.BAD_AUTHENTICATION_METHOD, "no enhanced authentication here")
         if c.username is None and not broker.config.authentication.allow_anonymous:

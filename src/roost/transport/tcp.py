@@ -97,6 +97,7 @@ async def start_tcp_listener(
     ssl_context: ssl.SSLContext | None = None,
 ) -> asyncio.Server:
     state = ListenerState(name, max_connections)
+    broker.listener_states[name] = state
     loop = asyncio.get_running_loop()
     return await loop.create_server(
         lambda: MqttStreamProtocol(broker, state), host, port, ssl=ssl_context, reuse_address=True,
