@@ -1025,7 +1025,8 @@ async def ban_add(request: web.Request) -> web.Response:
 
     for ch in list(m.broker.channels):
         if ch.connected and m.broker.bans.match(ch.client_id, ch.username, peer_host(ch.peer)):
-            ch.disconnect(RC.BANNED, "banned")
+            # 0x8A "banned" is a CONNACK code only; DISCONNECT says administrative action.
+            ch.disconnect(RC.ADMINISTRATIVE_ACTION, "banned")
     return web.json_response(ban.as_dict())
 
 
