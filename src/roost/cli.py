@@ -14,6 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="run a broker node")
     start.add_argument("--config", "-c", help="YAML config file (default: ROOST_CONFIG or none)")
+    from roost.mgmt.ctl import add_parser as add_ctl
+
+    add_ctl(sub)
     return parser
 
 
@@ -23,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from roost.node_main import run_node
 
         return run_node(args)
+    if args.command == "ctl":
+        from roost.mgmt.ctl import run as run_ctl
+
+        return run_ctl(args)
     return 2
 
 

@@ -119,13 +119,16 @@ function drawChart(canvas, points) {
   }
   const x = (i) => pad + ((w - pad - 8) * i) / 89;
   const y = (v) => h - pad - ((h - 2 * pad) * v) / max;
-  [["#2f6fdf", 0], ["#1f9d55", 1]].forEach(([color, k]) => {
+  // Sent is dashed so that equal rates (one publisher, one subscriber) show both lines.
+  [["#1f9d55", 1, [6, 4]], ["#2f6fdf", 0, []]].forEach(([color, k, dash]) => {
     g.strokeStyle = color;
     g.lineWidth = 2;
+    g.setLineDash(dash);
     g.beginPath();
     points.forEach((p, i) => (i ? g.lineTo(x(i), y(p[k])) : g.moveTo(x(i), y(p[k]))));
     g.stroke();
   });
+  g.setLineDash([]);
   canvas.dataset.samples = String(points.length);
 }
 
