@@ -33,7 +33,7 @@ def ctl(node, *args: str, key: bool = True, env: dict[str, str] | None = None):
 def test_status_and_cluster_status(node):
     r = ctl(node, "status")
     assert r.returncode == 0, r.stderr
-    assert "ready        yes" in r.stdout and "roost@127.0.0.1" in r.stdout
+    assert "ready          yes" in r.stdout and "roost@127.0.0.1" in r.stdout
     r = ctl(node, "cluster", "status")
     assert r.returncode == 0
     header, row = r.stdout.splitlines()[:2]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from roost import __version__
@@ -176,13 +177,13 @@ def openapi_document() -> dict[str, Any]:
                 "content": {"application/json": {"schema": schema_of(r.body)}},
             }
         for status, schema in r.responses.items():
-            if schema is None:
-                op["responses"][str(status)] = {"description": "No content"}
-            elif status == 200 and r.path == "/metrics":
+            if status == 200 and r.path == "/metrics":
                 op["responses"]["200"] = {
                     "description": "Prometheus text format",
                     "content": {"text/plain": {"schema": {"type": "string"}}},
                 }
+            elif schema is None:
+                op["responses"][str(status)] = {"description": "No content"}
             else:
                 op["responses"][str(status)] = {
                     "description": "OK" if status < 300 else "Error",
@@ -285,6 +286,20 @@ def _config_schema() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------ the app state
+
+
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a client's malformed HTTP with a traceback; it is the client's fault, so one
+    line at info level is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "malformed HTTP request: %s", (exc.message,)
+            record.exc_info = None
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
 
 
 class Management:
@@ -404,6 +419,9 @@ class Management:
 
     async def start(self) -> web.AppRunner:
         app = make_app(self)
+        server_log = logging.getLogger("aiohttp.server")
+        if not any(isinstance(f, _MalformedRequestFilter) for f in server_log.filters):
+            server_log.addFilter(_MalformedRequestFilter())
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = parse_bind(self.broker.config.api.bind)
@@ -437,12 +455,29 @@ async def _json_body(request: web.Request, model: type[BaseModel] | None = None)
         raw = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "BAD_REQUEST", "the body must be JSON") from None
+    if not _utf8_clean(raw):
+        # JSON may carry lone surrogates (\ud800) that no UTF-8 topic or payload can hold.
+        raise ApiError(400, "BAD_REQUEST", "the body holds a string that is not valid Unicode")
     if model is None:
         return raw
     try:
         return model.model_validate(raw)
     except ValidationError as e:
         raise ApiError(400, "BAD_REQUEST", str(explain(e, "request body"))) from None
+
+
+def _utf8_clean(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_utf8_clean(k) and _utf8_clean(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_utf8_clean(v) for v in value)
+    return True
 
 
 def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -960,7 +995,7 @@ async def publish(request: web.Request) -> web.Response:
     if body.payload_encoding == "base64":
         try:
             payload = base64.b64decode(body.payload, validate=True)
-        except binascii.Error:
+        except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
             raise ApiError(400, "BAD_REQUEST", "payload: not valid base64") from None
     else:
         payload = body.payload.encode()

@@ -233,14 +233,14 @@ def _dispatch(c: Client, a: argparse.Namespace) -> tuple[str, Any, int] | None:
     if cmd == "status":
         st = c.call("GET", "/status")
         data: dict[str, Any] = {"status": st}
-        lines = [f"ready        {'yes' if st.get('ready') else 'no'}"]
+        info: dict[str, Any] = {}
+        if "checks" in st:
+            data["node"] = c.call("GET", "/api/v1/node")
+            info.update(data["node"])
+        info["ready"] = bool(st.get("ready"))
         for name, check in st.get("checks", {}).items():
-            lines.append(f"{name:<12} {'ok' if check['ok'] else 'FAILING'}  {_fmt(check['detail'])}")
-        if st.get("ready") or "checks" in st:
-            node = c.call("GET", "/api/v1/node")
-            data["node"] = node
-            lines = [keyvalues(node), *lines]
-        return "\n".join(lines), data, 0 if st.get("ready") else 1
+            info[name] = f"{'ok' if check['ok'] else 'FAILING'} {_fmt(check['detail'])}"
+        return keyvalues(info), data, 0 if st.get("ready") else 1
     if cmd == "cluster":
         nodes = c.call("GET", "/api/v1/cluster/nodes")["nodes"]
         return table(nodes, NODE_COLS), nodes, 0
