@@ -22,8 +22,9 @@ class Api:
             cred = base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode()
             self.headers["Authorization"] = f"Basic {cred}"
 
-    def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None
-             ) -> tuple[int, Any]:  # fmt: skip
+    def call(
+        self, method: str, path: str, body: Any = None, raw: bytes | None = None
+    ) -> tuple[int, Any]:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         headers = dict(self.headers)
         if data is not None:

@@ -51,9 +51,20 @@ def test_credentials_errors_and_unreachable(node):
     keyfile = node.config_path.parent / "api-keys"
     r = ctl(node, "cluster", "status", key=False, env={"ROOSTOP_API_KEY_FILE": str(keyfile)})
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "roost", "ctl", "--url",
-                        f"http://127.0.0.1:{free_port()}", "status"],
-                       capture_output=True, text=True, timeout=30)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "roost",
+            "ctl",
+            "--url",
+            f"http://127.0.0.1:{free_port()}",
+            "status",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 3 and "cannot reach" in r.stderr
 
 

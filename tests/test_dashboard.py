@@ -18,8 +18,15 @@ from tests.clients import PahoClient
 from tests.http import Api
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +93,10 @@ class WsBridge:
 
 def test_dashboard_login_overview_kick_and_websocket_client(browser):
     ws_port = free_port()
-    cfg = {"listeners": {"ws": {"default": {"enabled": True, "bind": f"127.0.0.1:{ws_port}"}}},
-           "sys_topics": {"enabled": False}}  # fmt: skip
+    cfg = {
+        "listeners": {"ws": {"default": {"enabled": True, "bind": f"127.0.0.1:{ws_port}"}}},
+        "sys_topics": {"enabled": False},
+    }
     with BrokerProcess(cfg) as b:
         b.wait_api()
         page = browser.new_page()
@@ -116,8 +125,7 @@ def test_dashboard_login_overview_kick_and_websocket_client(browser):
         row.wait_for()
         assert "eve" in row.inner_text()
         page.fill("#client-search", "victim")
-        page.wait_for_function(
-            "document.querySelectorAll('#clients-table tbody tr').length === 1")
+        page.wait_for_function("document.querySelectorAll('#clients-table tbody tr').length === 1")
         row.get_by_role("button", name="Kick").click()
         row.wait_for(state="detached")
         assert victim.disconnects.get(timeout=5).value == 0x98

@@ -22,8 +22,9 @@ def test_json_lines_with_per_module_levels():
         lines = [ln for ln in b.log().splitlines() if ln.strip()]
         entries = [json.loads(ln) for ln in lines]  # every line is one JSON object
         assert all({"time", "level", "logger", "msg"} <= set(e) for e in entries)
-        assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"])
-                   for e in entries)  # fmt: skip
+        assert all(
+            re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]) for e in entries
+        )
         loggers = {e["logger"] for e in entries}
         assert "roost.mgmt" in loggers  # info allowed for this module
         assert not any(e["logger"] == "roost" and e["level"] == "info" for e in entries)

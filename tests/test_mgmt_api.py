@@ -96,9 +96,16 @@ def test_subscribe_publish_unsubscribe_topics(api, node):
         assert [x["clientid"] for x in hits] == ["api-sub"]
         topics = api.ok("GET", f"/api/v1/topics?topic={q('adm/1/x')}")["data"]
         assert topics and topics[0]["topic"] == "adm/+/x" and topics[0]["subscribers"] == 1
-        r = api.ok("POST", "/api/v1/publish",
-                   {"topic": "adm/1/x", "payload": "hello", "qos": 1,
-                    "properties": {"user_properties": {"k": "v"}}})  # fmt: skip
+        r = api.ok(
+            "POST",
+            "/api/v1/publish",
+            {
+                "topic": "adm/1/x",
+                "payload": "hello",
+                "qos": 1,
+                "properties": {"user_properties": {"k": "v"}},
+            },
+        )
         assert r["matched"] == 1
         m = c.recv()
         assert m.topic == "adm/1/x" and m.payload == b"hello" and m.qos == 1
@@ -119,9 +126,16 @@ def test_subscribe_publish_unsubscribe_topics(api, node):
 
 
 def test_retained_list_get_delete(api):
-    api.ok("POST", "/api/v1/publish",
-           {"topic": "ret/a/b", "payload": base64.b64encode(b"\x00\xff").decode(),
-            "payload_encoding": "base64", "retain": True})  # fmt: skip
+    api.ok(
+        "POST",
+        "/api/v1/publish",
+        {
+            "topic": "ret/a/b",
+            "payload": base64.b64encode(b"\x00\xff").decode(),
+            "payload_encoding": "base64",
+            "retain": True,
+        },
+    )
     api.ok("POST", "/api/v1/publish", {"topic": "ret/c", "payload": "txt", "retain": True})
     listed = api.ok("GET", f"/api/v1/retained?topic={q('ret/#')}")["data"]
     assert [x["topic"] for x in listed] == ["ret/a/b", "ret/c"]
@@ -163,13 +177,20 @@ def test_config_get_put_hot_and_refusals(api, node):
     code, err = api.call("PUT", "/api/v1/config", bad)
     assert code == 400 and err["code"] == "BAD_CONFIG"
     assert "mqtt.max_qos_allowed" in err["message"] and "less than or equal to 2" in err["message"]
-    code, err = api.call("PUT", "/api/v1/config", {**cfg, "node": {**cfg["node"], "role": "replicant"}})
+    code, err = api.call(
+        "PUT", "/api/v1/config", {**cfg, "node": {**cfg["node"], "role": "replicant"}}
+    )
     assert code == 400 and "node.role" in err["message"]
     code, err = api.call("PUT", "/api/v1/config", {**cfg, "bogus": 1})
     assert code == 400 and "bogus: unknown key" in err["message"]
     # Hot: an ACL rule and anonymous access apply to the next client without a restart.
-    new = {**cfg, "authorization": {"no_match": "allow", "rules": [
-        {"permission": "deny", "action": "subscribe", "topics": ["secret/#"]}]}}  # fmt: skip
+    new = {
+        **cfg,
+        "authorization": {
+            "no_match": "allow",
+            "rules": [{"permission": "deny", "action": "subscribe", "topics": ["secret/#"]}],
+        },
+    }
     r = api.ok("PUT", "/api/v1/config", new)
     assert r["changed"] == ["authorization"]
     c = PahoClient(node.port, "acl-hot")
@@ -241,12 +262,16 @@ def test_evacuation_moves_clients_at_a_bounded_rate(make_broker):
         assert raw.connect(f"ev-{i}").reason_code == 0
         clients.append(raw)
     t0 = time.monotonic()
-    st = api.ok("POST", "/api/v1/node/evacuation",
-                {"conn_evict_rate": 4, "wait_takeover": 0}, status=202)  # fmt: skip
+    st = api.ok(
+        "POST", "/api/v1/node/evacuation", {"conn_evict_rate": 4, "wait_takeover": 0}, status=202
+    )
     assert st["status"] == "running"
     assert api.ok("GET", "/api/v1/node")["status"] == "evacuating"
-    done = wait_for(lambda: api.ok("GET", "/api/v1/node/evacuation")["status"] == "done",
-                    timeout=10, what="evacuation done")  # fmt: skip
+    done = wait_for(
+        lambda: api.ok("GET", "/api/v1/node/evacuation")["status"] == "done",
+        timeout=10,
+        what="evacuation done",
+    )
     assert done
     elapsed = time.monotonic() - t0
     assert elapsed >= 0.5  # 4 clients at 4/s: spread out, not all at once

@@ -1,4 +1,4 @@
-"""/metrics: valid Prometheus text (parsed by prometheus-client's own parser) that moves with load."""
+"""/metrics: valid Prometheus text (parsed by prometheus-client's parser) that moves with load."""
 
 from __future__ import annotations
 
@@ -25,14 +25,25 @@ def test_metrics_cover_the_issue_list_and_count_traffic():
         api = Api(b.api_url)  # public by default: Prometheus scrapes without credentials
         before = _scrape(api)
         for name in (
-            "roost_connections", "roost_listener_connections", "roost_listener_up",
-            "roost_listener_accept_errors_total", "roost_sessions", "roost_subscriptions",
-            "roost_messages_received_total", "roost_messages_sent_total",
-            "roost_bytes_received_total", "roost_bytes_sent_total",
-            "roost_messages_dropped_total", "roost_retained_messages", "roost_inflight_messages",
-            "roost_queued_messages", "roost_auth_failures_total", "process_cpu_seconds_total",
-            "process_resident_memory_bytes", "roost_event_loop_lag_seconds",
-        ):  # fmt: skip
+            "roost_connections",
+            "roost_listener_connections",
+            "roost_listener_up",
+            "roost_listener_accept_errors_total",
+            "roost_sessions",
+            "roost_subscriptions",
+            "roost_messages_received_total",
+            "roost_messages_sent_total",
+            "roost_bytes_received_total",
+            "roost_bytes_sent_total",
+            "roost_messages_dropped_total",
+            "roost_retained_messages",
+            "roost_inflight_messages",
+            "roost_queued_messages",
+            "roost_auth_failures_total",
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "roost_event_loop_lag_seconds",
+        ):
             assert name in before, name
         sub = PahoClient(b.port, "m-sub")
         sub.connect()

@@ -21,12 +21,30 @@ def test_no_server_errors_on_generated_requests():
     with BrokerProcess({"sys_topics": {"enabled": False}}) as b:
         b.wait_api()
         r = subprocess.run(
-            [*_schemathesis(), "run", f"{b.api_url}/api/v1/openapi.json",
-             "--checks", "not_a_server_error", "--phases", "coverage,fuzzing",
-             "--max-examples", "8", "--max-time", "35", "--workers", "1", "--no-color",
-             "--header", f"Authorization: Bearer {b.api_key}", "--seed", "20261121"],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            [
+                *_schemathesis(),
+                "run",
+                f"{b.api_url}/api/v1/openapi.json",
+                "--checks",
+                "not_a_server_error",
+                "--phases",
+                "coverage,fuzzing",
+                "--max-examples",
+                "8",
+                "--max-time",
+                "35",
+                "--workers",
+                "1",
+                "--no-color",
+                "--header",
+                f"Authorization: Bearer {b.api_key}",
+                "--seed",
+                "20261121",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:] + b.log()[-3000:]
         assert "30 passed" in r.stdout or "passed" in r.stdout
         # The node survived the barrage and still answers.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 class Stats:
     __slots__ = (
+        "auth_failures",
         "bytes_received",
         "bytes_sent",
         "connections_total",
@@ -16,7 +17,6 @@ class Stats:
         "messages_received",
         "messages_sent",
         "publish_denied",
-        "auth_failures",
         "received_qos",
         "sent_qos",
     )

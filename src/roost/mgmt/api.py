@@ -56,9 +56,16 @@ def error_response(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"code": code, "message": message}, status=status)
 
 
-_HTTP_CODES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
-               405: "METHOD_NOT_ALLOWED", 409: "CONFLICT", 413: "PAYLOAD_TOO_LARGE",
-               415: "UNSUPPORTED_MEDIA_TYPE"}  # fmt: skip
+_HTTP_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+}
 
 # ----------------------------------------------------------------------- OpenAPI routes
 
@@ -99,8 +106,19 @@ def route(
     public: bool = False,
 ) -> Callable[[Handler], Handler]:
     def deco(fn: Handler) -> Handler:
-        ROUTES.append(Route(method, path, fn, summary, tag, params or [], body,
-                            responses or {200: {"type": "object"}}, public))  # fmt: skip
+        ROUTES.append(
+            Route(
+                method,
+                path,
+                fn,
+                summary,
+                tag,
+                params or [],
+                body,
+                responses or {200: {"type": "object"}},
+                public,
+            )
+        )
         return fn
 
     return deco
@@ -116,8 +134,11 @@ def _pp(name: str, description: str = "") -> Param:
 
 PAGING = [
     _qp("page", {"type": "integer", "minimum": 1, "default": 1}, "Page number, from 1."),
-    _qp("limit", {"type": "integer", "minimum": 1, "maximum": 10000, "default": 100},
-        "Items per page."),  # fmt: skip
+    _qp(
+        "limit",
+        {"type": "integer", "minimum": 1, "maximum": 10000, "default": 100},
+        "Items per page.",
+    ),
 ]
 
 _ERROR_SCHEMA = {
@@ -167,8 +188,13 @@ def openapi_document() -> dict[str, Any]:
         }
         if r.params:
             op["parameters"] = [
-                {"name": p.name, "in": p.where, "required": p.required, "schema": p.schema,
-                 **({"description": p.description} if p.description else {})}  # fmt: skip
+                {
+                    "name": p.name,
+                    "in": p.where,
+                    "required": p.required,
+                    "schema": p.schema,
+                    **({"description": p.description} if p.description else {}),
+                }
                 for p in r.params
             ]
         if r.body is not None:
@@ -193,10 +219,15 @@ def openapi_document() -> dict[str, Any]:
         if not r.public:
             errors["401"] = "Missing or wrong credentials"
         for status, text in errors.items():
-            op["responses"].setdefault(status, {
-                "description": text,
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-            })  # fmt: skip
+            op["responses"].setdefault(
+                status,
+                {
+                    "description": text,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                    },
+                },
+            )
         if r.public:
             op["security"] = []
         paths.setdefault(r.path, {})[r.method.lower()] = op
@@ -499,8 +530,12 @@ def _page(request: web.Request, items: list[Any]) -> dict[str, Any]:
     start = (page - 1) * limit
     return {
         "data": items[start : start + limit],
-        "meta": {"page": page, "limit": limit, "count": len(items),
-                 "hasnext": start + limit < len(items)},  # fmt: skip
+        "meta": {
+            "page": page,
+            "limit": limit,
+            "count": len(items),
+            "hasnext": start + limit < len(items),
+        },
     }
 
 
@@ -544,7 +579,9 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not public:
         who = m.authenticate(request.headers.get("Authorization", ""))
         if who is None:
-            resp = error_response(401, "UNAUTHORIZED", "an API key or a user and password is needed")
+            resp = error_response(
+                401, "UNAUTHORIZED", "an API key or a user and password is needed"
+            )
             resp.headers["WWW-Authenticate"] = 'Bearer realm="roost"'
             return resp
         request["user"] = who
@@ -553,17 +590,37 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 # ----------------------------------------------------------------------------- handlers
 
-_NODE = {"type": "object", "required": ["name", "role", "version", "status", "connections"],
-         "properties": {"name": {"type": "string"}, "role": {"type": "string"},
-                        "version": {"type": "string"}, "status": {"type": "string"},
-                        "connections": {"type": "integer"}, "uptime": {"type": "number"}}}  # fmt: skip
-_STATUS = {"type": "object", "required": ["status", "ready"],
-           "properties": {"status": {"type": "string"}, "ready": {"type": "boolean"},
-                          "checks": {"type": "object"}}}  # fmt: skip
+_NODE = {
+    "type": "object",
+    "required": ["name", "role", "version", "status", "connections"],
+    "properties": {
+        "name": {"type": "string"},
+        "role": {"type": "string"},
+        "version": {"type": "string"},
+        "status": {"type": "string"},
+        "connections": {"type": "integer"},
+        "uptime": {"type": "number"},
+    },
+}
+_STATUS = {
+    "type": "object",
+    "required": ["status", "ready"],
+    "properties": {
+        "status": {"type": "string"},
+        "ready": {"type": "boolean"},
+        "checks": {"type": "object"},
+    },
+}
 
 
-@route("GET", "/status", "Readiness: 200 when listeners are open and the store is usable, else 503",
-       "health", responses={200: _STATUS, 503: _STATUS}, public=True)  # fmt: skip
+@route(
+    "GET",
+    "/status",
+    "Readiness: 200 when listeners are open and the store is usable, else 503",
+    "health",
+    responses={200: _STATUS, 503: _STATUS},
+    public=True,
+)
 async def status(request: web.Request) -> web.Response:
     m = _mgmt(request)
     ready, checks = m.readiness()
@@ -579,8 +636,14 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
-@route("GET", "/status/live", "Liveness: 200 while the node's event loop answers", "health",
-       responses={200: _STATUS}, public=True)  # fmt: skip
+@route(
+    "GET",
+    "/status/live",
+    "Liveness: 200 while the node's event loop answers",
+    "health",
+    responses={200: _STATUS},
+    public=True,
+)
 async def live(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "ready": _mgmt(request).readiness()[0], "live": True})
 
@@ -597,8 +660,13 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
-@route("GET", "/api/v1/node", "This node: name, role, version, status, counts", "node",
-       responses={200: _NODE})  # fmt: skip
+@route(
+    "GET",
+    "/api/v1/node",
+    "This node: name, role, version, status, counts",
+    "node",
+    responses={200: _NODE},
+)
 async def node(request: web.Request) -> web.Response:
     return web.json_response(_mgmt(request).node_info())
 
@@ -617,17 +685,33 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
-@route("GET", "/api/v1/cluster/nodes", "Every node of the cluster", "cluster",
-       responses={200: {"type": "object", "required": ["nodes"],
-                        "properties": {"nodes": {"type": "array", "items": _NODE}}}})  # fmt: skip
+@route(
+    "GET",
+    "/api/v1/cluster/nodes",
+    "Every node of the cluster",
+    "cluster",
+    responses={
+        200: {
+            "type": "object",
+            "required": ["nodes"],
+            "properties": {"nodes": {"type": "array", "items": _NODE}},
+        }
+    },
+)
 async def cluster_nodes(request: web.Request) -> web.Response:
     m = _mgmt(request)
     nodes = m.cluster_nodes() if m.cluster_nodes is not None else [m.node_info()]
     return web.json_response({"nodes": nodes})
 
 
-@route("DELETE", "/api/v1/cluster/nodes/{name}", "Remove a departed node from the cluster",
-       "cluster", params=[_pp("name")], responses={204: None, 409: _ERROR_SCHEMA})  # fmt: skip
+@route(
+    "DELETE",
+    "/api/v1/cluster/nodes/{name}",
+    "Remove a departed node from the cluster",
+    "cluster",
+    params=[_pp("name")],
+    responses={204: None, 409: _ERROR_SCHEMA},
+)
 async def cluster_remove(request: web.Request) -> web.Response:
     m = _mgmt(request)
     name = request.match_info["name"]
@@ -651,12 +735,15 @@ def _listener_view(m: Management, kind: str, name: str, lst: Any) -> dict[str, A
         "bind": lst.bind,
         "enabled": lst.enabled,
         "running": running,
-        "status": "running" if running else
-                  "unavailable" if label in m.listeners.unavailable else "stopped",
+        "status": "running"
+        if running
+        else "unavailable"
+        if label in m.listeners.unavailable
+        else "stopped",
         "connections": conns,
         "max_connections": lst.max_connections,
         "accept_errors": state.refused if state is not None else 0,
-    }  # fmt: skip
+    }
     if hasattr(lst, "path"):
         d["path"] = lst.path
     return d
@@ -691,14 +778,24 @@ async def _set_listener(request: web.Request, enabled: bool) -> web.Response:
     return web.json_response(_listener_view(m, kind, name, lst))
 
 
-@route("POST", "/api/v1/listeners/{id}/enable", "Enable and open a listener", "listeners",
-       params=[_pp("id", "type:name, e.g. tcp:default")])  # fmt: skip
+@route(
+    "POST",
+    "/api/v1/listeners/{id}/enable",
+    "Enable and open a listener",
+    "listeners",
+    params=[_pp("id", "type:name, e.g. tcp:default")],
+)
 async def listener_enable(request: web.Request) -> web.Response:
     return await _set_listener(request, True)
 
 
-@route("POST", "/api/v1/listeners/{id}/disable", "Close a listener and its connections",
-       "listeners", params=[_pp("id", "type:name, e.g. tcp:default")])  # fmt: skip
+@route(
+    "POST",
+    "/api/v1/listeners/{id}/disable",
+    "Close a listener and its connections",
+    "listeners",
+    params=[_pp("id", "type:name, e.g. tcp:default")],
+)
 async def listener_disable(request: web.Request) -> web.Response:
     return await _set_listener(request, False)
 
@@ -720,28 +817,37 @@ def _client_view(m: Management, s: Session) -> dict[str, Any]:
     }
     if ch is not None:
         host, _, port = ch.peer.rpartition(":")
-        d.update({
-            "username": ch.username,
-            "ip_address": host.strip("[]") or ch.peer,
-            "port": int(port) if port.isdigit() else 0,
-            "listener": ch.listener,
-            "proto_ver": ch.version,
-            "keepalive": ch.keepalive,
-            "connected_at": _iso(time.time() - (m.broker.clock() - ch.created_at)),
-        })  # fmt: skip
+        d.update(
+            {
+                "username": ch.username,
+                "ip_address": host.strip("[]") or ch.peer,
+                "port": int(port) if port.isdigit() else 0,
+                "listener": ch.listener,
+                "proto_ver": ch.version,
+                "keepalive": ch.keepalive,
+                "connected_at": _iso(time.time() - (m.broker.clock() - ch.created_at)),
+            }
+        )
     return d
 
 
-@route("GET", "/api/v1/clients", "Clients (sessions) of this node, filtered and paged", "clients",
-       params=[*PAGING,
-               _qp("clientid", {"type": "string"}, "Exact client id."),
-               _qp("like_clientid", {"type": "string"}, "Client id contains this."),
-               _qp("username", {"type": "string"}, "Exact username."),
-               _qp("like_username", {"type": "string"}, "Username contains this."),
-               _qp("ip_address", {"type": "string"}, "Peer address."),
-               _qp("listener", {"type": "string"}, "Listener id, e.g. tcp:default."),
-               _qp("conn_state", {"type": "string", "enum": ["connected", "disconnected"]}),
-               _qp("proto_ver", {"type": "integer", "enum": [3, 4, 5]})])  # fmt: skip
+@route(
+    "GET",
+    "/api/v1/clients",
+    "Clients (sessions) of this node, filtered and paged",
+    "clients",
+    params=[
+        *PAGING,
+        _qp("clientid", {"type": "string"}, "Exact client id."),
+        _qp("like_clientid", {"type": "string"}, "Client id contains this."),
+        _qp("username", {"type": "string"}, "Exact username."),
+        _qp("like_username", {"type": "string"}, "Username contains this."),
+        _qp("ip_address", {"type": "string"}, "Peer address."),
+        _qp("listener", {"type": "string"}, "Listener id, e.g. tcp:default."),
+        _qp("conn_state", {"type": "string", "enum": ["connected", "disconnected"]}),
+        _qp("proto_ver", {"type": "integer", "enum": [3, 4, 5]}),
+    ],
+)
 async def clients(request: web.Request) -> web.Response:
     m = _mgmt(request)
     q = request.query
@@ -779,8 +885,9 @@ def _session(m: Management, request: web.Request) -> Session:
     return s
 
 
-@route("GET", "/api/v1/clients/{clientid}", "One client's details", "clients",
-       params=[_pp("clientid")])  # fmt: skip
+@route(
+    "GET", "/api/v1/clients/{clientid}", "One client's details", "clients", params=[_pp("clientid")]
+)
 async def client(request: web.Request) -> web.Response:
     m = _mgmt(request)
     s = _session(m, request)
@@ -789,9 +896,14 @@ async def client(request: web.Request) -> web.Response:
     return web.json_response(d)
 
 
-@route("DELETE", "/api/v1/clients/{clientid}",
-       "Kick a client: disconnect it (MQTT 5 reason 0x98) and discard its session", "clients",
-       params=[_pp("clientid")], responses={204: None})  # fmt: skip
+@route(
+    "DELETE",
+    "/api/v1/clients/{clientid}",
+    "Kick a client: disconnect it (MQTT 5 reason 0x98) and discard its session",
+    "clients",
+    params=[_pp("clientid")],
+    responses={204: None},
+)
 async def client_kick(request: web.Request) -> web.Response:
     m = _mgmt(request)
     s = _session(m, request)
@@ -807,7 +919,7 @@ async def client_kick(request: web.Request) -> web.Response:
 
 
 def _sub_view(m: Management, o: SubOpts) -> dict[str, Any]:
-    group, real = parse_shared(o.topic_filter)
+    group = parse_shared(o.topic_filter)[0]
     d = {
         "clientid": o.session.client_id,
         "node": m.broker.config.node.name,
@@ -824,13 +936,20 @@ def _sub_view(m: Management, o: SubOpts) -> dict[str, Any]:
     return d
 
 
-@route("GET", "/api/v1/subscriptions", "Subscriptions of this node, filtered and paged",
-       "subscriptions",
-       params=[*PAGING, _qp("clientid", {"type": "string"}),
-               _qp("topic", {"type": "string"}, "Exact filter as subscribed."),
-               _qp("match_topic", {"type": "string"}, "Subscriptions a message on this topic reaches."),
-               _qp("qos", {"type": "integer", "minimum": 0, "maximum": 2}),
-               _qp("share_group", {"type": "string"})])  # fmt: skip
+@route(
+    "GET",
+    "/api/v1/subscriptions",
+    "Subscriptions of this node, filtered and paged",
+    "subscriptions",
+    params=[
+        *PAGING,
+        _qp("clientid", {"type": "string"}),
+        _qp("topic", {"type": "string"}, "Exact filter as subscribed."),
+        _qp("match_topic", {"type": "string"}, "Subscriptions a message on this topic reaches."),
+        _qp("qos", {"type": "integer", "minimum": 0, "maximum": 2}),
+        _qp("share_group", {"type": "string"}),
+    ],
+)
 async def subscriptions(request: web.Request) -> web.Response:
     m = _mgmt(request)
     q = request.query
@@ -856,16 +975,27 @@ async def subscriptions(request: web.Request) -> web.Response:
     return web.json_response(_page(request, out))
 
 
-@route("GET", "/api/v1/clients/{clientid}/subscriptions", "One client's subscriptions",
-       "subscriptions", params=[_pp("clientid")])  # fmt: skip
+@route(
+    "GET",
+    "/api/v1/clients/{clientid}/subscriptions",
+    "One client's subscriptions",
+    "subscriptions",
+    params=[_pp("clientid")],
+)
 async def client_subscriptions(request: web.Request) -> web.Response:
     m = _mgmt(request)
     s = _session(m, request)
     return web.json_response({"data": [_sub_view(m, o) for o in s.subscriptions.values()]})
 
 
-@route("POST", "/api/v1/clients/{clientid}/subscribe", "Subscribe a client to a filter",
-       "subscriptions", params=[_pp("clientid")], body=SubscribeBody)  # fmt: skip
+@route(
+    "POST",
+    "/api/v1/clients/{clientid}/subscribe",
+    "Subscribe a client to a filter",
+    "subscriptions",
+    params=[_pp("clientid")],
+    body=SubscribeBody,
+)
 async def client_subscribe(request: web.Request) -> web.Response:
     m = _mgmt(request)
     s = _session(m, request)
@@ -881,7 +1011,7 @@ async def client_subscribe(request: web.Request) -> web.Response:
         raise ApiError(400, "BAD_TOPIC", "nl: no local is not allowed on a shared subscription")
     opts = SubOpts(s, body.topic, min(body.qos, cfg.max_qos_allowed), body.nl, body.rap, body.rh)
     existed = m.broker.subscribe(opts)
-    if group is None and body.rh == 0 or (body.rh == 1 and not existed):
+    if (group is None and body.rh == 0) or (body.rh == 1 and not existed):
         now = m.broker.clock()
         for msg in m.broker.retainer.lookup(real, now):
             if msg.topic.startswith("$") and real[:1] in ("+", "#"):
@@ -890,9 +1020,15 @@ async def client_subscribe(request: web.Request) -> web.Response:
     return web.json_response(_sub_view(m, opts))
 
 
-@route("POST", "/api/v1/clients/{clientid}/unsubscribe", "Remove a client's subscription",
-       "subscriptions", params=[_pp("clientid")], body=UnsubscribeBody,
-       responses={204: None})  # fmt: skip
+@route(
+    "POST",
+    "/api/v1/clients/{clientid}/unsubscribe",
+    "Remove a client's subscription",
+    "subscriptions",
+    params=[_pp("clientid")],
+    body=UnsubscribeBody,
+    responses={204: None},
+)
 async def client_unsubscribe(request: web.Request) -> web.Response:
     m = _mgmt(request)
     s = _session(m, request)
@@ -905,8 +1041,13 @@ async def client_unsubscribe(request: web.Request) -> web.Response:
 # -- topics ------------------------------------------------------------------------------
 
 
-@route("GET", "/api/v1/topics", "Routes: topic filters with subscribers on this node", "topics",
-       params=[*PAGING, _qp("topic", {"type": "string"}, "Only filters that match this topic.")])  # fmt: skip
+@route(
+    "GET",
+    "/api/v1/topics",
+    "Routes: topic filters with subscribers on this node",
+    "topics",
+    params=[*PAGING, _qp("topic", {"type": "string"}, "Only filters that match this topic.")],
+)
 async def topics(request: web.Request) -> web.Response:
     m = _mgmt(request)
     topic = request.query.get("topic")
@@ -915,12 +1056,14 @@ async def topics(request: web.Request) -> web.Response:
     for e in sorted(m.broker.router.filters(), key=lambda e: e.topic_filter):
         if topic is not None and not matches(e.topic_filter, topic):
             continue
-        out.append({
-            "topic": e.topic_filter,
-            "node": node_name,
-            "subscribers": len(e.subs),
-            "shared_groups": {g: len(grp.members) for g, grp in e.groups.items()},
-        })  # fmt: skip
+        out.append(
+            {
+                "topic": e.topic_filter,
+                "node": node_name,
+                "subscribers": len(e.subs),
+                "shared_groups": {g: len(grp.members) for g, grp in e.groups.items()},
+            }
+        )
     return web.json_response(_page(request, out))
 
 
@@ -941,13 +1084,19 @@ def _retained_view(msg: Message, payload: bool) -> dict[str, Any]:
         except UnicodeDecodeError:
             d["payload_text"] = None
         if msg.props:
-            d["properties"] = {k: (v.hex() if isinstance(v, bytes) else v)
-                               for k, v in msg.props.items()}  # fmt: skip
+            d["properties"] = {
+                k: (v.hex() if isinstance(v, bytes) else v) for k, v in msg.props.items()
+            }
     return d
 
 
-@route("GET", "/api/v1/retained", "Retained messages (without payloads), filtered and paged",
-       "retained", params=[*PAGING, _qp("topic", {"type": "string"}, "A topic filter.")])  # fmt: skip
+@route(
+    "GET",
+    "/api/v1/retained",
+    "Retained messages (without payloads), filtered and paged",
+    "retained",
+    params=[*PAGING, _qp("topic", {"type": "string"}, "A topic filter.")],
+)
 async def retained(request: web.Request) -> web.Response:
     m = _mgmt(request)
     f = request.query.get("topic", "#")
@@ -965,15 +1114,26 @@ def _retained_msg(m: Management, request: web.Request) -> Message:
     return msg
 
 
-@route("GET", "/api/v1/retained/{topic}", "One retained message with its payload (base64)",
-       "retained", params=[_pp("topic", "The topic, URL-encoded.")])  # fmt: skip
+@route(
+    "GET",
+    "/api/v1/retained/{topic}",
+    "One retained message with its payload (base64)",
+    "retained",
+    params=[_pp("topic", "The topic, URL-encoded.")],
+)
 async def retained_get(request: web.Request) -> web.Response:
     m = _mgmt(request)
     return web.json_response(_retained_view(_retained_msg(m, request), True))
 
 
-@route("DELETE", "/api/v1/retained/{topic}", "Delete one retained message", "retained",
-       params=[_pp("topic", "The topic, URL-encoded.")], responses={204: None})  # fmt: skip
+@route(
+    "DELETE",
+    "/api/v1/retained/{topic}",
+    "Delete one retained message",
+    "retained",
+    params=[_pp("topic", "The topic, URL-encoded.")],
+    responses={204: None},
+)
 async def retained_delete(request: web.Request) -> web.Response:
     m = _mgmt(request)
     msg = _retained_msg(m, request)
@@ -984,8 +1144,14 @@ async def retained_delete(request: web.Request) -> web.Response:
 # -- publish -----------------------------------------------------------------------------
 
 
-@route("POST", "/api/v1/publish", "Publish a message as the broker", "publish", body=PublishBody,
-       responses={200: {"type": "object", "properties": {"matched": {"type": "integer"}}}})  # fmt: skip
+@route(
+    "POST",
+    "/api/v1/publish",
+    "Publish a message as the broker",
+    "publish",
+    body=PublishBody,
+    responses={200: {"type": "object", "properties": {"matched": {"type": "integer"}}}},
+)
 async def publish(request: web.Request) -> web.Response:
     m = _mgmt(request)
     body: PublishBody = await _json_body(request, PublishBody)
@@ -1000,7 +1166,7 @@ async def publish(request: web.Request) -> web.Response:
     else:
         payload = body.payload.encode()
     if len(payload) > cfg.max_packet_size:
-        raise ApiError(400, "PAYLOAD_TOO_LARGE", f"payload: larger than mqtt.max_packet_size")
+        raise ApiError(400, "PAYLOAD_TOO_LARGE", "payload: larger than mqtt.max_packet_size")
     props: dict[str, Any] = {}
     if body.properties is not None:
         p = body.properties.model_dump(exclude_none=True)
@@ -1010,8 +1176,9 @@ async def publish(request: web.Request) -> web.Response:
             p["correlation_data"] = p["correlation_data"].encode()
         props = p
     now = m.broker.clock()
-    msg = Message(body.topic, payload, min(body.qos, cfg.max_qos_allowed), body.retain,
-                  props or None, "", now)  # fmt: skip
+    msg = Message(
+        body.topic, payload, min(body.qos, cfg.max_qos_allowed), body.retain, props or None, "", now
+    )
     matched = m.broker.publish(msg)
     return web.json_response({"matched": matched})
 
@@ -1024,17 +1191,22 @@ async def config_get(request: web.Request) -> web.Response:
     return web.json_response(hotconfig.public_config(_mgmt(request).broker.config))
 
 
-@route("PUT", "/api/v1/config",
-       "Replace the running configuration, applied at once; refused with the key and reason",
-       "config", body=_config_schema(),  # type: ignore[arg-type]
-       responses={200: {"type": "object", "properties": {"changed": {"type": "array"}}}})  # fmt: skip
+@route(
+    "PUT",
+    "/api/v1/config",
+    "Replace the running configuration, applied at once; refused with the key and reason",
+    "config",
+    body=_config_schema(),  # type: ignore[arg-type]
+    responses={200: {"type": "object", "properties": {"changed": {"type": "array"}}}},
+)
 async def config_put(request: web.Request) -> web.Response:
     m = _mgmt(request)
     raw = await _json_body(request)
     new = hotconfig.parse_new_config(m.broker.config, raw)
     changed = await hotconfig.apply_config(m.broker, m.listeners, new)
-    return web.json_response({"changed": changed,
-                              "config": hotconfig.public_config(m.broker.config)})  # fmt: skip
+    return web.json_response(
+        {"changed": changed, "config": hotconfig.public_config(m.broker.config)}
+    )
 
 
 # -- bans --------------------------------------------------------------------------------
@@ -1046,9 +1218,13 @@ async def banned(request: web.Request) -> web.Response:
     return web.json_response(_page(request, [b.as_dict() for b in bans]))
 
 
-@route("POST", "/api/v1/banned",
-       "Ban a client id, username or peer address; matching clients are disconnected", "bans",
-       body=BanBody)  # fmt: skip
+@route(
+    "POST",
+    "/api/v1/banned",
+    "Ban a client id, username or peer address; matching clients are disconnected",
+    "bans",
+    body=BanBody,
+)
 async def ban_add(request: web.Request) -> web.Response:
     m = _mgmt(request)
     body: BanBody = await _json_body(request, BanBody)
@@ -1065,9 +1241,14 @@ async def ban_add(request: web.Request) -> web.Response:
     return web.json_response(ban.as_dict())
 
 
-@route("DELETE", "/api/v1/banned/{as}/{who}", "Lift a ban", "bans",
-       params=[Param("as", "path", {"type": "string", "enum": list(KINDS)}, "", True),
-               _pp("who")], responses={204: None})  # fmt: skip
+@route(
+    "DELETE",
+    "/api/v1/banned/{as}/{who}",
+    "Lift a ban",
+    "bans",
+    params=[Param("as", "path", {"type": "string", "enum": list(KINDS)}, "", True), _pp("who")],
+    responses={204: None},
+)
 async def ban_delete(request: web.Request) -> web.Response:
     m = _mgmt(request)
     kind, who = request.match_info["as"], request.match_info["who"]
@@ -1080,32 +1261,53 @@ async def ban_delete(request: web.Request) -> web.Response:
 
 # -- evacuation --------------------------------------------------------------------------
 
-_EVAC = {"type": "object", "required": ["status", "connections", "sessions"],
-         "properties": {"status": {"type": "string",
-                                   "enum": ["idle", "running", "done", "failed", "stopped"]},
-                        "connections": {"type": "integer"}, "sessions": {"type": "integer"},
-                        "message": {"type": "string"}}}  # fmt: skip
+_EVAC = {
+    "type": "object",
+    "required": ["status", "connections", "sessions"],
+    "properties": {
+        "status": {"type": "string", "enum": ["idle", "running", "done", "failed", "stopped"]},
+        "connections": {"type": "integer"},
+        "sessions": {"type": "integer"},
+        "message": {"type": "string"},
+    },
+}
 
 
-@route("GET", "/api/v1/node/evacuation", "Evacuation status of this node", "node",
-       responses={200: _EVAC})  # fmt: skip
+@route(
+    "GET",
+    "/api/v1/node/evacuation",
+    "Evacuation status of this node",
+    "node",
+    responses={200: _EVAC},
+)
 async def evacuation_status(request: web.Request) -> web.Response:
     return web.json_response(_mgmt(request).evacuation.as_dict())
 
 
-@route("POST", "/api/v1/node/evacuation",
-       "Start moving this node's clients away (MQTT 5 reason 0x9C); new CONNECTs are refused",
-       "node", body=EvacuationBody, responses={202: _EVAC})  # fmt: skip
+@route(
+    "POST",
+    "/api/v1/node/evacuation",
+    "Start moving this node's clients away (MQTT 5 reason 0x9C); new CONNECTs are refused",
+    "node",
+    body=EvacuationBody,
+    responses={202: _EVAC},
+)
 async def evacuation_start(request: web.Request) -> web.Response:
     m = _mgmt(request)
     body: EvacuationBody = await _json_body(request, EvacuationBody)
-    m.evacuation.start(body.conn_evict_rate, body.sess_evict_rate, body.wait_takeover,
-                       body.server_reference)  # fmt: skip
+    m.evacuation.start(
+        body.conn_evict_rate, body.sess_evict_rate, body.wait_takeover, body.server_reference
+    )
     return web.json_response(m.evacuation.as_dict(), status=202)
 
 
-@route("DELETE", "/api/v1/node/evacuation", "Stop evacuating; accept connections again", "node",
-       responses={200: _EVAC})  # fmt: skip
+@route(
+    "DELETE",
+    "/api/v1/node/evacuation",
+    "Stop evacuating; accept connections again",
+    "node",
+    responses={200: _EVAC},
+)
 async def evacuation_stop(request: web.Request) -> web.Response:
     m = _mgmt(request)
     await m.evacuation.stop()

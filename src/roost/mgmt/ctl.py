@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -39,8 +40,11 @@ def _leaf(parent: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
 
 def add_parser(sub: Any) -> None:
     ctl = sub.add_parser("ctl", help="manage a running node over its REST API")
-    ctl.add_argument("--url", default=os.environ.get("ROOSTCTL_URL", DEFAULT_URL),
-                     help=f"management API (default: ROOSTCTL_URL or {DEFAULT_URL})")  # fmt: skip
+    ctl.add_argument(
+        "--url",
+        default=os.environ.get("ROOSTCTL_URL", DEFAULT_URL),
+        help=f"management API (default: ROOSTCTL_URL or {DEFAULT_URL})",
+    )
     ctl.add_argument("--api-key", default=os.environ.get("ROOSTCTL_API_KEY"))
     ctl.add_argument("--user", default=os.environ.get("ROOSTCTL_USER"))
     ctl.add_argument("--password", default=os.environ.get("ROOSTCTL_PASSWORD"))
@@ -148,7 +152,7 @@ class Client:
 
 def _first_key(path: str) -> str | None:
     try:
-        for line in open(path).read().splitlines():
+        for line in Path(path).read_text().splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 return line.partition(":")[2].strip() if ":" in line else line
@@ -166,8 +170,9 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     for r in rows:
         cells.append(["" if r.get(k) is None else _fmt(r.get(k)) for k, _ in columns])
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in cells]  # fmt: skip
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
     return "\n".join(lines)
 
 
@@ -197,15 +202,35 @@ def _seg(value: str) -> str:
 
 # ------------------------------------------------------------------------- commands
 
-CLIENT_COLS = [("clientid", "CLIENT ID"), ("username", "USERNAME"), ("ip_address", "ADDRESS"),
-               ("listener", "LISTENER"), ("proto_ver", "PROTO"), ("connected", "CONNECTED"),
-               ("subscriptions_cnt", "SUBS"), ("mqueue_len", "QUEUED"), ("inflight_cnt", "INFLIGHT")]  # fmt: skip
-NODE_COLS = [("name", "NODE"), ("role", "ROLE"), ("version", "VERSION"), ("status", "STATUS"),
-             ("connections", "CONNECTIONS"), ("sessions", "SESSIONS"), ("uptime", "UPTIME")]  # fmt: skip
-SUB_COLS = [("clientid", "CLIENT ID"), ("topic", "TOPIC"), ("qos", "QOS"), ("nl", "NL"),
-            ("rap", "RAP"), ("rh", "RH")]  # fmt: skip
-RET_COLS = [("topic", "TOPIC"), ("qos", "QOS"), ("payload_size", "SIZE"),
-            ("from_clientid", "FROM")]  # fmt: skip
+CLIENT_COLS = [
+    ("clientid", "CLIENT ID"),
+    ("username", "USERNAME"),
+    ("ip_address", "ADDRESS"),
+    ("listener", "LISTENER"),
+    ("proto_ver", "PROTO"),
+    ("connected", "CONNECTED"),
+    ("subscriptions_cnt", "SUBS"),
+    ("mqueue_len", "QUEUED"),
+    ("inflight_cnt", "INFLIGHT"),
+]
+NODE_COLS = [
+    ("name", "NODE"),
+    ("role", "ROLE"),
+    ("version", "VERSION"),
+    ("status", "STATUS"),
+    ("connections", "CONNECTIONS"),
+    ("sessions", "SESSIONS"),
+    ("uptime", "UPTIME"),
+]
+SUB_COLS = [
+    ("clientid", "CLIENT ID"),
+    ("topic", "TOPIC"),
+    ("qos", "QOS"),
+    ("nl", "NL"),
+    ("rap", "RAP"),
+    ("rh", "RH"),
+]
+RET_COLS = [("topic", "TOPIC"), ("qos", "QOS"), ("payload_size", "SIZE"), ("from_clientid", "FROM")]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,9 +271,19 @@ def _dispatch(c: Client, a: argparse.Namespace) -> tuple[str, Any, int] | None:
         return table(nodes, NODE_COLS), nodes, 0
     if cmd == "clients":
         if action == "list":
-            page = c.call("GET", "/api/v1/clients" + _q({
-                "like_clientid": a.like, "username": a.username, "conn_state": a.state,
-                "limit": a.limit, "page": a.page}))  # fmt: skip
+            page = c.call(
+                "GET",
+                "/api/v1/clients"
+                + _q(
+                    {
+                        "like_clientid": a.like,
+                        "username": a.username,
+                        "conn_state": a.state,
+                        "limit": a.limit,
+                        "page": a.page,
+                    }
+                ),
+            )
             return _paged(page, CLIENT_COLS), page, 0
         if action == "show":
             d = c.call("GET", f"/api/v1/clients/{_seg(a.clientid)}")
@@ -260,14 +295,25 @@ def _dispatch(c: Client, a: argparse.Namespace) -> tuple[str, Any, int] | None:
         c.call("DELETE", f"/api/v1/clients/{_seg(a.clientid)}")
         return f"kicked {a.clientid}", {"kicked": a.clientid}, 0
     if cmd == "subscriptions":
-        page = c.call("GET", "/api/v1/subscriptions" + _q({
-            "clientid": a.clientid, "topic": a.topic, "match_topic": a.match, "limit": a.limit,
-            "page": a.page}))  # fmt: skip
+        page = c.call(
+            "GET",
+            "/api/v1/subscriptions"
+            + _q(
+                {
+                    "clientid": a.clientid,
+                    "topic": a.topic,
+                    "match_topic": a.match,
+                    "limit": a.limit,
+                    "page": a.page,
+                }
+            ),
+        )
         return _paged(page, SUB_COLS), page, 0
     if cmd == "retained":
         if action == "list":
-            page = c.call("GET", "/api/v1/retained" + _q({"topic": a.topic, "limit": a.limit,
-                                                           "page": a.page}))  # fmt: skip
+            page = c.call(
+                "GET", "/api/v1/retained" + _q({"topic": a.topic, "limit": a.limit, "page": a.page})
+            )
             return _paged(page, RET_COLS), page, 0
         if action == "show":
             d = c.call("GET", f"/api/v1/retained/{_seg(a.topic)}")
@@ -320,16 +366,29 @@ def _evacuate(c: Client, a: argparse.Namespace) -> tuple[str, Any, int]:
     if a.action == "stop":
         st = c.call("DELETE", path)
         return "evacuation stopped; the node accepts connections again", st, 0
-    st = c.call("POST", path, {
-        "conn_evict_rate": a.rate, "sess_evict_rate": a.session_rate,
-        "wait_takeover": a.wait_takeover, "server_reference": a.server_reference})  # fmt: skip
+    st = c.call(
+        "POST",
+        path,
+        {
+            "conn_evict_rate": a.rate,
+            "sess_evict_rate": a.session_rate,
+            "wait_takeover": a.wait_takeover,
+            "server_reference": a.server_reference,
+        },
+    )
     deadline = time.monotonic() + a.timeout
     while not a.no_wait and st["status"] == "running":
         if time.monotonic() > deadline:
-            return f"still running after {a.timeout:g}s: {st['connections']} connections left", st, 1
+            return (
+                f"still running after {a.timeout:g}s: {st['connections']} connections left",
+                st,
+                1,
+            )
         if not a.json:
-            print(f"evacuating: {st['connections']} connections, {st['sessions']} sessions left",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"evacuating: {st['connections']} connections, {st['sessions']} sessions left",
+                file=sys.stderr,
+            )
         time.sleep(1.0)
         st = c.call("GET", path)
     text = f"evacuation {st['status']}: {st['evicted_connections']} connections moved away"

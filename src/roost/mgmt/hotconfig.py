@@ -84,7 +84,9 @@ async def apply_config(broker: Broker, listeners: ListenerSet, new: Config) -> l
     return changed
 
 
-async def _apply_listeners(broker: Broker, listeners: ListenerSet, old: Config, new: Config) -> None:
+async def _apply_listeners(
+    broker: Broker, listeners: ListenerSet, old: Config, new: Config
+) -> None:
     have = _wanted(old)
     want = _wanted(new)
     running = set(listeners.servers) | listeners.unavailable

@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from roost.mgmt.listeners import ListenerSet
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _START = time.time()
 
@@ -108,10 +107,18 @@ def render(broker: Broker, listeners: ListenerSet | None, lag: LoopLag | None) -
     w = _Writer()
     s = broker.stats
     cfg = broker.config
-    w.metric("roost_info", "gauge", "Node name, role and version.",
-             [({"node": cfg.node.name, "role": cfg.node.role, "version": __version__}, 1)])  # fmt: skip
-    w.one("roost_uptime_seconds", "gauge", "Seconds since the node started.",
-          round(broker.clock() - broker.started_at, 3))  # fmt: skip
+    w.metric(
+        "roost_info",
+        "gauge",
+        "Node name, role and version.",
+        [({"node": cfg.node.name, "role": cfg.node.role, "version": __version__}, 1)],
+    )
+    w.one(
+        "roost_uptime_seconds",
+        "gauge",
+        "Seconds since the node started.",
+        round(broker.clock() - broker.started_at, 3),
+    )
 
     by_listener: dict[str, int] = {}
     connected = 0
@@ -121,47 +128,82 @@ def render(broker: Broker, listeners: ListenerSet | None, lag: LoopLag | None) -
             by_listener[ch.listener] = by_listener.get(ch.listener, 0) + 1
     w.one("roost_connections", "gauge", "Connected MQTT clients.", connected)
     labels = sorted(set(by_listener) | set(listeners.servers if listeners else ()))
-    w.metric("roost_listener_connections", "gauge", "Connected clients per listener.",
-             [({"listener": lbl}, by_listener.get(lbl, 0)) for lbl in labels])  # fmt: skip
+    w.metric(
+        "roost_listener_connections",
+        "gauge",
+        "Connected clients per listener.",
+        [({"listener": lbl}, by_listener.get(lbl, 0)) for lbl in labels],
+    )
     if listeners is not None:
         up = [({"listener": lbl}, int(listeners.serving(lbl))) for lbl in sorted(listeners.servers)]
         up += [({"listener": lbl}, 0) for lbl in sorted(listeners.unavailable)]
         w.metric("roost_listener_up", "gauge", "1 when the listener accepts connections.", up)
-    w.metric("roost_listener_accept_errors", "counter",
-             "Connections a listener refused or failed to accept.",
-             [({"listener": n}, st.refused) for n, st in sorted(broker.listener_states.items())])  # fmt: skip
-    w.one("roost_connections_accepted", "counter", "CONNECTs that opened a session.",
-          s.connections_total)  # fmt: skip
-    w.one("roost_auth_failures", "counter", "CONNECTs refused for credentials or bans.",
-          s.auth_failures)  # fmt: skip
+    w.metric(
+        "roost_listener_accept_errors",
+        "counter",
+        "Connections a listener refused or failed to accept.",
+        [({"listener": n}, st.refused) for n, st in sorted(broker.listener_states.items())],
+    )
+    w.one(
+        "roost_connections_accepted",
+        "counter",
+        "CONNECTs that opened a session.",
+        s.connections_total,
+    )
+    w.one(
+        "roost_auth_failures",
+        "counter",
+        "CONNECTs refused for credentials or bans.",
+        s.auth_failures,
+    )
 
     sessions = len(broker.sessions)
     online = sum(1 for x in broker.sessions.values() if x.connected)
-    w.metric("roost_sessions", "gauge", "Sessions by state.",
-             [({"state": "connected"}, online), ({"state": "disconnected"}, sessions - online)])  # fmt: skip
+    w.metric(
+        "roost_sessions",
+        "gauge",
+        "Sessions by state.",
+        [({"state": "connected"}, online), ({"state": "disconnected"}, sessions - online)],
+    )
     inflight = queued = qmax = 0
     for x in broker.sessions.values():
         inflight += len(x.inflight)
         q = len(x.queue)
         queued += q
         qmax = max(qmax, q)
-    w.one("roost_inflight_messages", "gauge", "QoS 1/2 messages sent and not yet acknowledged.",
-          inflight)  # fmt: skip
+    w.one(
+        "roost_inflight_messages",
+        "gauge",
+        "QoS 1/2 messages sent and not yet acknowledged.",
+        inflight,
+    )
     w.one("roost_queued_messages", "gauge", "Messages waiting in session queues.", queued)
     w.one("roost_queue_length_max", "gauge", "Longest session queue.", qmax)
-    w.one("roost_subscriptions", "gauge", "Subscriptions (shared ones included).",
-          broker.router.count)  # fmt: skip
-    w.one("roost_topics", "gauge", "Distinct topic filters in the routing table.",
-          len(broker.router.filters()))  # fmt: skip
+    w.one(
+        "roost_subscriptions", "gauge", "Subscriptions (shared ones included).", broker.router.count
+    )
+    w.one(
+        "roost_topics",
+        "gauge",
+        "Distinct topic filters in the routing table.",
+        len(broker.router.filters()),
+    )
     w.one("roost_retained_messages", "gauge", "Retained messages.", len(broker.retainer))
     w.one("roost_bans", "gauge", "Entries in the ban list.", len(broker.bans))
 
-    w.metric("roost_messages_received", "counter", "PUBLISH messages received, by QoS.",
-             [({"qos": str(q)}, n) for q, n in enumerate(s.received_qos)])  # fmt: skip
-    w.metric("roost_messages_sent", "counter", "PUBLISH messages sent, by QoS.",
-             [({"qos": str(q)}, n) for q, n in enumerate(s.sent_qos)])  # fmt: skip
-    w.one("roost_bytes_received", "counter", "Bytes received from MQTT clients.",
-          s.bytes_received)  # fmt: skip
+    w.metric(
+        "roost_messages_received",
+        "counter",
+        "PUBLISH messages received, by QoS.",
+        [({"qos": str(q)}, n) for q, n in enumerate(s.received_qos)],
+    )
+    w.metric(
+        "roost_messages_sent",
+        "counter",
+        "PUBLISH messages sent, by QoS.",
+        [({"qos": str(q)}, n) for q, n in enumerate(s.sent_qos)],
+    )
+    w.one("roost_bytes_received", "counter", "Bytes received from MQTT clients.", s.bytes_received)
     w.one("roost_bytes_sent", "counter", "Bytes sent to MQTT clients.", s.bytes_sent)
     dropped = {
         "no_subscribers": s.dropped_no_subscribers,
@@ -171,8 +213,12 @@ def render(broker: Broker, listeners: ListenerSet | None, lag: LoopLag | None) -
         "qos0_offline": s.dropped_qos0_offline,
         "not_authorized": s.publish_denied,
     }
-    w.metric("roost_messages_dropped", "counter", "Messages dropped, by reason.",
-             [({"reason": r}, n) for r, n in dropped.items()])  # fmt: skip
+    w.metric(
+        "roost_messages_dropped",
+        "counter",
+        "Messages dropped, by reason.",
+        [({"reason": r}, n) for r, n in dropped.items()],
+    )
 
     p = _process()
     w.one("process_cpu_seconds", "counter", "User and system CPU time.", round(p["cpu"], 3))
@@ -183,8 +229,16 @@ def render(broker: Broker, listeners: ListenerSet | None, lag: LoopLag | None) -
         w.one("process_open_fds", "gauge", "Open file descriptors.", int(p["fds"]))
     w.one("process_start_time_seconds", "gauge", "Process start, Unix time.", round(_START, 3))
     if lag is not None:
-        w.one("roost_event_loop_lag_seconds", "gauge", "Last measured event-loop lag.",
-              round(lag.last, 6))  # fmt: skip
-        w.one("roost_event_loop_lag_max_seconds", "gauge",
-              "Largest event-loop lag since the previous scrape.", round(lag.take_max(), 6))  # fmt: skip
+        w.one(
+            "roost_event_loop_lag_seconds",
+            "gauge",
+            "Last measured event-loop lag.",
+            round(lag.last, 6),
+        )
+        w.one(
+            "roost_event_loop_lag_max_seconds",
+            "gauge",
+            "Largest event-loop lag since the previous scrape.",
+            round(lag.take_max(), 6),
+        )
     return w.text()
