@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.brokerproc import BrokerProcess
+from tests.clients import PahoClient
 from tests.http import Api
 
 
@@ -20,6 +21,15 @@ def _schemathesis() -> list[str]:
 def test_no_server_errors_on_generated_requests():
     with BrokerProcess({"sys_topics": {"enabled": False}}) as b:
         b.wait_api()
+        api = Api(b.api_url, key=b.api_key)
+        # The resources the document's examples name, so the examples phase reaches real ones.
+        client = PahoClient(b.port, "example-client")
+        client.connect()
+        client.subscribe("example/#", 1)
+        api.ok(
+            "POST", "/api/v1/publish", {"topic": "example/topic", "payload": "x", "retain": True}
+        )
+        api.ok("POST", "/api/v1/banned", {"as": "clientid", "who": "example-banned"})
         r = subprocess.run(
             [
                 *_schemathesis(),
@@ -48,5 +58,7 @@ def test_no_server_errors_on_generated_requests():
         assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:] + b.log()[-3000:]
         assert "30 passed" in r.stdout or "passed" in r.stdout
         # The node survived the barrage and still answers.
-        assert Api(b.api_url, key=b.api_key).get("/api/v1/node")[0] == 200
+        assert api.get("/api/v1/node")[0] == 200
+        client.c.loop_stop()
         assert "Traceback" not in b.log()
+        assert "client example-client kicked" in b.log()  # the examples reached a real client

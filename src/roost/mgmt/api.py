@@ -77,6 +77,7 @@ class Param:
     schema: dict[str, Any]
     description: str = ""
     required: bool = False
+    example: str | None = None
 
 
 @dataclass
@@ -128,8 +129,19 @@ def _qp(name: str, schema: dict[str, Any], description: str = "") -> Param:
     return Param(name, "query", schema, description)
 
 
+#: Examples for path parameters (the fuzz test creates these resources so examples hit them).
+_EXAMPLES = {
+    "clientid": "example-client",
+    "topic": "example/topic",
+    "id": "tcp:default",
+    "name": "roost@example",
+    "who": "example-banned",
+}
+
+
 def _pp(name: str, description: str = "") -> Param:
-    return Param(name, "path", {"type": "string", "minLength": 1}, description, True)
+    schema = {"type": "string", "minLength": 1}
+    return Param(name, "path", schema, description, True, _EXAMPLES.get(name))
 
 
 PAGING = [
@@ -194,6 +206,7 @@ def openapi_document() -> dict[str, Any]:
                     "required": p.required,
                     "schema": p.schema,
                     **({"description": p.description} if p.description else {}),
+                    **({"example": p.example} if p.example is not None else {}),
                 }
                 for p in r.params
             ]
