@@ -161,6 +161,25 @@ def test_dashboard_login_overview_kick_and_websocket_client(browser):
             assert m.topic == "dash/out" and m.payload == b"from the browser"
             page.click("#ws-disconnect-btn")
             page.wait_for_selector("#ws-state:text-is('disconnected')")
+        # The other pages show what the broker holds.
+        api.ok(
+            "POST", "/api/v1/publish", {"topic": "dash/kept", "payload": "kept!", "retain": True}
+        )
+        page.click("#nav a[href='#subscriptions']")
+        page.locator("#subs-table tbody tr", has_text="dash/out").wait_for()
+        page.click("#nav a[href='#topics']")
+        page.locator("#topics-table tbody tr", has_text="dash/out").wait_for()
+        page.click("#nav a[href='#retained']")
+        kept = page.locator("#retained-table tbody tr", has_text="dash/kept")
+        kept.get_by_role("link").click()
+        page.wait_for_selector("#retained-payload:text-is('kept!')")
+        kept.get_by_role("button", name="Delete").click()
+        kept.wait_for(state="detached")
+        assert api.get("/api/v1/retained/dash/kept")[0] == 404
+        page.click("#nav a[href='#listeners']")
+        tcp = page.locator("#listeners-table tbody tr", has_text="tcp:default")
+        tcp.wait_for()
+        assert "running" in tcp.inner_text()
         page.click("#nav a[href='#overview']")
         page.wait_for_selector(".card:has-text('Connections')")
         page.screenshot(path=str(b.config_path.parent / "overview.png"))
