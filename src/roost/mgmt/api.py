@@ -116,7 +116,7 @@ def route(
                 tag,
                 params or [],
                 body,
-                responses or {200: {"type": "object"}},
+                responses or RESPONSES.get((method, path)) or {200: {"type": "object"}},
                 public,
             )
         )
@@ -177,6 +177,184 @@ def _page_schema(item: dict[str, Any]) -> dict[str, Any]:
             },
         },
     }
+
+
+_S: dict[str, Any] = {"type": "string"}
+_I: dict[str, Any] = {"type": "integer"}
+_B: dict[str, Any] = {"type": "boolean"}
+_N: dict[str, Any] = {"type": "number"}
+
+
+def _obj(required: dict[str, Any], optional: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": list(required),
+        "properties": {**required, **(optional or {})},
+    }
+
+
+CLIENT = _obj(
+    {
+        "clientid": _S,
+        "node": _S,
+        "connected": _B,
+        "expiry_interval": _I,
+        "subscriptions_cnt": _I,
+        "inflight_cnt": _I,
+        "mqueue_len": _I,
+        "awaiting_rel_cnt": _I,
+    },
+    {
+        "username": {"type": ["string", "null"]},
+        "ip_address": _S,
+        "port": _I,
+        "listener": _S,
+        "proto_ver": _I,
+        "keepalive": _I,
+        "connected_at": _S,
+    },
+)
+SUBSCRIPTION = _obj(
+    {"clientid": _S, "node": _S, "topic": _S, "qos": _I, "nl": _I, "rap": _I, "rh": _I},
+    {"share_group": _S, "sub_id": _I},
+)
+CLIENT_DETAIL = {
+    **CLIENT,
+    "properties": {
+        **CLIENT["properties"],
+        "subscriptions": {"type": "array", "items": SUBSCRIPTION},
+    },
+}
+LISTENER = _obj(
+    {
+        "id": _S,
+        "type": _S,
+        "name": _S,
+        "bind": _S,
+        "enabled": _B,
+        "running": _B,
+        "status": {"type": "string", "enum": ["running", "stopped", "unavailable"]},
+        "connections": _I,
+        "max_connections": _I,
+        "accept_errors": _I,
+    },
+    {"path": _S},
+)
+TOPIC = _obj(
+    {
+        "topic": _S,
+        "node": _S,
+        "subscribers": _I,
+        "shared_groups": {"type": "object", "additionalProperties": _I},
+    },
+)
+RETAINED = _obj({"topic": _S, "qos": _I, "from_clientid": _S, "payload_size": _I})
+RETAINED_FULL = {
+    **RETAINED,
+    "required": [*RETAINED["required"], "payload", "payload_text"],
+    "properties": {
+        **RETAINED["properties"],
+        "payload": _S,
+        "payload_text": {"type": ["string", "null"]},
+        "properties": {"type": "object"},
+    },
+}
+BAN = _obj(
+    {
+        "as": {"type": "string", "enum": ["clientid", "username", "peerhost"]},
+        "who": _S,
+        "reason": _S,
+        "by": _S,
+        "at": _N,
+        "until": {"type": ["number", "null"]},
+    },
+)
+NODE = _obj(
+    {
+        "name": _S,
+        "role": {"type": "string", "enum": ["core", "replicant"]},
+        "version": _S,
+        "status": {"type": "string", "enum": ["running", "evacuating"]},
+        "connections": _I,
+    },
+    {
+        "uptime": _N,
+        "started_at": _S,
+        "sessions": _I,
+        "subscriptions": _I,
+        "topics": _I,
+        "retained": _I,
+        "pid": _I,
+    },
+)
+STATUS = _obj(
+    {"status": {"type": "string", "enum": ["ok", "unavailable"]}, "ready": _B, "live": _B},
+    {"node": _S, "version": _S, "evacuating": _B, "checks": {"type": "object"}},
+)
+EVACUATION = _obj(
+    {
+        "status": {"type": "string", "enum": ["idle", "running", "done", "failed", "stopped"]},
+        "message": _S,
+        "connections": _I,
+        "sessions": _I,
+        "evicted_connections": _I,
+        "moved_sessions": _I,
+    },
+    {"started_at": {"type": ["number", "null"]}, "finished_at": {"type": ["number", "null"]}},
+)
+STATS = _obj(
+    {
+        "connections": _I,
+        "sessions": _I,
+        "subscriptions": _I,
+        "topics": _I,
+        "retained": _I,
+        "inflight": _I,
+        "queued": _I,
+        "bans": _I,
+        "counters": {"type": "object", "additionalProperties": _I},
+        "time": _N,
+    },
+)
+CONFIG_REF = {"$ref": "#/components/schemas/Config"}
+
+#: Response schemas by operation (the 4xx errors are added to every operation).
+RESPONSES: dict[tuple[str, str], dict[int, Any]] = {
+    ("GET", "/status"): {200: STATUS, 503: STATUS},
+    ("GET", "/status/live"): {200: STATUS},
+    ("GET", "/metrics"): {200: None},
+    ("GET", "/api/v1/node"): {200: NODE},
+    ("GET", "/api/v1/stats"): {200: STATS},
+    ("GET", "/api/v1/cluster/nodes"): {200: _obj({"nodes": {"type": "array", "items": NODE}})},
+    ("DELETE", "/api/v1/cluster/nodes/{name}"): {204: None, 409: _ERROR_SCHEMA},
+    ("GET", "/api/v1/listeners"): {200: _obj({"data": {"type": "array", "items": LISTENER}})},
+    ("POST", "/api/v1/listeners/{id}/enable"): {200: LISTENER},
+    ("POST", "/api/v1/listeners/{id}/disable"): {200: LISTENER},
+    ("GET", "/api/v1/clients"): {200: _page_schema(CLIENT)},
+    ("GET", "/api/v1/clients/{clientid}"): {200: CLIENT_DETAIL},
+    ("DELETE", "/api/v1/clients/{clientid}"): {204: None},
+    ("GET", "/api/v1/subscriptions"): {200: _page_schema(SUBSCRIPTION)},
+    ("GET", "/api/v1/clients/{clientid}/subscriptions"): {
+        200: _obj({"data": {"type": "array", "items": SUBSCRIPTION}})
+    },
+    ("POST", "/api/v1/clients/{clientid}/subscribe"): {200: SUBSCRIPTION},
+    ("POST", "/api/v1/clients/{clientid}/unsubscribe"): {204: None},
+    ("GET", "/api/v1/topics"): {200: _page_schema(TOPIC)},
+    ("GET", "/api/v1/retained"): {200: _page_schema(RETAINED)},
+    ("GET", "/api/v1/retained/{topic}"): {200: RETAINED_FULL},
+    ("DELETE", "/api/v1/retained/{topic}"): {204: None},
+    ("POST", "/api/v1/publish"): {200: _obj({"matched": _I})},
+    ("GET", "/api/v1/config"): {200: CONFIG_REF},
+    ("PUT", "/api/v1/config"): {
+        200: _obj({"changed": {"type": "array", "items": _S}, "config": CONFIG_REF})
+    },
+    ("GET", "/api/v1/banned"): {200: _page_schema(BAN)},
+    ("POST", "/api/v1/banned"): {200: BAN},
+    ("DELETE", "/api/v1/banned/{as}/{who}"): {204: None},
+    ("GET", "/api/v1/node/evacuation"): {200: EVACUATION},
+    ("POST", "/api/v1/node/evacuation"): {202: EVACUATION},
+    ("DELETE", "/api/v1/node/evacuation"): {200: EVACUATION},
+}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -603,35 +781,12 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 # ----------------------------------------------------------------------------- handlers
 
-_NODE = {
-    "type": "object",
-    "required": ["name", "role", "version", "status", "connections"],
-    "properties": {
-        "name": {"type": "string"},
-        "role": {"type": "string"},
-        "version": {"type": "string"},
-        "status": {"type": "string"},
-        "connections": {"type": "integer"},
-        "uptime": {"type": "number"},
-    },
-}
-_STATUS = {
-    "type": "object",
-    "required": ["status", "ready"],
-    "properties": {
-        "status": {"type": "string"},
-        "ready": {"type": "boolean"},
-        "checks": {"type": "object"},
-    },
-}
-
 
 @route(
     "GET",
     "/status",
     "Readiness: 200 when listeners are open and the store is usable, else 503",
     "health",
-    responses={200: _STATUS, 503: _STATUS},
     public=True,
 )
 async def status(request: web.Request) -> web.Response:
@@ -654,14 +809,13 @@ async def status(request: web.Request) -> web.Response:
     "/status/live",
     "Liveness: 200 while the node's event loop answers",
     "health",
-    responses={200: _STATUS},
     public=True,
 )
 async def live(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "ready": _mgmt(request).readiness()[0], "live": True})
 
 
-@route("GET", "/metrics", "Prometheus metrics", "health", responses={200: None})
+@route("GET", "/metrics", "Prometheus metrics", "health")
 async def prometheus(request: web.Request) -> web.Response:
     m = _mgmt(request)
     text = metrics.render(m.broker, m.listeners, m.lag)
@@ -678,7 +832,6 @@ async def openapi(request: web.Request) -> web.Response:
     "/api/v1/node",
     "This node: name, role, version, status, counts",
     "node",
-    responses={200: _NODE},
 )
 async def node(request: web.Request) -> web.Response:
     return web.json_response(_mgmt(request).node_info())
@@ -703,13 +856,6 @@ async def stats(request: web.Request) -> web.Response:
     "/api/v1/cluster/nodes",
     "Every node of the cluster",
     "cluster",
-    responses={
-        200: {
-            "type": "object",
-            "required": ["nodes"],
-            "properties": {"nodes": {"type": "array", "items": _NODE}},
-        }
-    },
 )
 async def cluster_nodes(request: web.Request) -> web.Response:
     m = _mgmt(request)
@@ -723,7 +869,6 @@ async def cluster_nodes(request: web.Request) -> web.Response:
     "Remove a departed node from the cluster",
     "cluster",
     params=[_pp("name")],
-    responses={204: None, 409: _ERROR_SCHEMA},
 )
 async def cluster_remove(request: web.Request) -> web.Response:
     m = _mgmt(request)
@@ -915,7 +1060,6 @@ async def client(request: web.Request) -> web.Response:
     "Kick a client: disconnect it (MQTT 5 reason 0x98) and discard its session",
     "clients",
     params=[_pp("clientid")],
-    responses={204: None},
 )
 async def client_kick(request: web.Request) -> web.Response:
     m = _mgmt(request)
@@ -1040,7 +1184,6 @@ async def client_subscribe(request: web.Request) -> web.Response:
     "subscriptions",
     params=[_pp("clientid")],
     body=UnsubscribeBody,
-    responses={204: None},
 )
 async def client_unsubscribe(request: web.Request) -> web.Response:
     m = _mgmt(request)
@@ -1145,7 +1288,6 @@ async def retained_get(request: web.Request) -> web.Response:
     "Delete one retained message",
     "retained",
     params=[_pp("topic", "The topic, URL-encoded.")],
-    responses={204: None},
 )
 async def retained_delete(request: web.Request) -> web.Response:
     m = _mgmt(request)
@@ -1163,7 +1305,6 @@ async def retained_delete(request: web.Request) -> web.Response:
     "Publish a message as the broker",
     "publish",
     body=PublishBody,
-    responses={200: {"type": "object", "properties": {"matched": {"type": "integer"}}}},
 )
 async def publish(request: web.Request) -> web.Response:
     m = _mgmt(request)
@@ -1210,7 +1351,6 @@ async def config_get(request: web.Request) -> web.Response:
     "Replace the running configuration, applied at once; refused with the key and reason",
     "config",
     body=_config_schema(),  # type: ignore[arg-type]
-    responses={200: {"type": "object", "properties": {"changed": {"type": "array"}}}},
 )
 async def config_put(request: web.Request) -> web.Response:
     m = _mgmt(request)
@@ -1260,7 +1400,6 @@ async def ban_add(request: web.Request) -> web.Response:
     "Lift a ban",
     "bans",
     params=[Param("as", "path", {"type": "string", "enum": list(KINDS)}, "", True), _pp("who")],
-    responses={204: None},
 )
 async def ban_delete(request: web.Request) -> web.Response:
     m = _mgmt(request)
@@ -1274,24 +1413,12 @@ async def ban_delete(request: web.Request) -> web.Response:
 
 # -- evacuation --------------------------------------------------------------------------
 
-_EVAC = {
-    "type": "object",
-    "required": ["status", "connections", "sessions"],
-    "properties": {
-        "status": {"type": "string", "enum": ["idle", "running", "done", "failed", "stopped"]},
-        "connections": {"type": "integer"},
-        "sessions": {"type": "integer"},
-        "message": {"type": "string"},
-    },
-}
-
 
 @route(
     "GET",
     "/api/v1/node/evacuation",
     "Evacuation status of this node",
     "node",
-    responses={200: _EVAC},
 )
 async def evacuation_status(request: web.Request) -> web.Response:
     return web.json_response(_mgmt(request).evacuation.as_dict())
@@ -1303,7 +1430,6 @@ async def evacuation_status(request: web.Request) -> web.Response:
     "Start moving this node's clients away (MQTT 5 reason 0x9C); new CONNECTs are refused",
     "node",
     body=EvacuationBody,
-    responses={202: _EVAC},
 )
 async def evacuation_start(request: web.Request) -> web.Response:
     m = _mgmt(request)
@@ -1319,7 +1445,6 @@ async def evacuation_start(request: web.Request) -> web.Response:
     "/api/v1/node/evacuation",
     "Stop evacuating; accept connections again",
     "node",
-    responses={200: _EVAC},
 )
 async def evacuation_stop(request: web.Request) -> web.Response:
     m = _mgmt(request)
