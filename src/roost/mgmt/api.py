@@ -293,7 +293,7 @@ STATUS = _obj(
 )
 EVACUATION = _obj(
     {
-        "status": {"type": "string", "enum": ["idle", "running", "done", "failed", "stopped"]},
+        "status": {"type": "string", "enum": ["idle", "evacuating", "done", "failed", "stopped"]},
         "message": _S,
         "connections": _I,
         "sessions": _I,
@@ -346,7 +346,13 @@ RESPONSES: dict[tuple[str, str], dict[int, Any]] = {
     ("POST", "/api/v1/publish"): {200: _obj({"matched": _I})},
     ("GET", "/api/v1/config"): {200: CONFIG_REF},
     ("PUT", "/api/v1/config"): {
-        200: _obj({"changed": {"type": "array", "items": _S}, "config": CONFIG_REF})
+        200: _obj(
+            {
+                "changed": {"type": "array", "items": _S},
+                "restart_required": {"type": "array", "items": _S},
+                "config": CONFIG_REF,
+            }
+        )
     },
     ("GET", "/api/v1/banned"): {200: _page_schema(BAN)},
     ("POST", "/api/v1/banned"): {200: BAN},
@@ -930,7 +936,7 @@ async def _set_listener(request: web.Request, enabled: bool) -> web.Response:
     if not isinstance(group, dict) or name not in group:
         raise ApiError(404, "LISTENER_NOT_FOUND", f"no listener {label!r}")
     group[name]["enabled"] = enabled
-    new = hotconfig.parse_new_config(m.broker.config, raw)
+    new = hotconfig.parse_new_config(m.broker.config, raw)[0]
     await hotconfig.apply_config(m.broker, m.listeners, new)
     lst = getattr(new.listeners, kind)[name]
     return web.json_response(_listener_view(m, kind, name, lst))
@@ -1348,18 +1354,18 @@ async def config_get(request: web.Request) -> web.Response:
 @route(
     "PUT",
     "/api/v1/config",
-    "Replace the running configuration, applied at once; refused with the key and reason",
+    "Replace the running config, applied at once; invalid values refused with key and reason",
     "config",
     body=_config_schema(),  # type: ignore[arg-type]
 )
 async def config_put(request: web.Request) -> web.Response:
     m = _mgmt(request)
     raw = await _json_body(request)
-    new = hotconfig.parse_new_config(m.broker.config, raw)
+    new, restart = hotconfig.parse_new_config(m.broker.config, raw)
     changed = await hotconfig.apply_config(m.broker, m.listeners, new)
-    return web.json_response(
-        {"changed": changed, "config": hotconfig.public_config(m.broker.config)}
-    )
+    body = {"changed": changed, "restart_required": restart}
+    body["config"] = hotconfig.public_config(m.broker.config)
+    return web.json_response(body)
 
 
 # -- bans --------------------------------------------------------------------------------

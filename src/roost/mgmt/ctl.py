@@ -332,7 +332,10 @@ def _dispatch(c: Client, a: argparse.Namespace) -> tuple[str, Any, int] | None:
         _set_path(cfg, a.key, value)
         r = c.call("PUT", "/api/v1/config", cfg)
         changed = ", ".join(r["changed"]) or "nothing"
-        return f"{a.key} = {json.dumps(value)} (changed: {changed})", r["changed"], 0
+        text = f"{a.key} = {json.dumps(value)} (changed: {changed})"
+        if r.get("restart_required"):
+            text += f"; takes effect after a restart: {', '.join(r['restart_required'])}"
+        return text, {k: r[k] for k in ("changed", "restart_required")}, 0
     if cmd == "evacuate":
         return _evacuate(c, a)
     raise CtlError(f"unknown command {cmd}", 2)
@@ -377,7 +380,7 @@ def _evacuate(c: Client, a: argparse.Namespace) -> tuple[str, Any, int]:
         },
     )
     deadline = time.monotonic() + a.timeout
-    while not a.no_wait and st["status"] == "running":
+    while not a.no_wait and st["status"] == "evacuating":
         if time.monotonic() > deadline:
             return (
                 f"still running after {a.timeout:g}s: {st['connections']} connections left",
@@ -394,4 +397,4 @@ def _evacuate(c: Client, a: argparse.Namespace) -> tuple[str, Any, int]:
     text = f"evacuation {st['status']}: {st['evicted_connections']} connections moved away"
     if st.get("message"):
         text += f" ({st['message']})"
-    return text, st, 0 if st["status"] in ("done", "running") else 1
+    return text, st, 0 if st["status"] in ("done", "evacuating") else 1

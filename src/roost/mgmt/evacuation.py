@@ -28,7 +28,7 @@ _STEP = 0.1  # seconds between eviction batches
 class Evacuation:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-        self.status = "idle"  # idle | running | done | failed | stopped
+        self.status = "idle"  # idle | evacuating | done | failed | stopped
         self.message = ""
         self.params: dict[str, Any] = {}
         self.started_at: float | None = None
@@ -54,7 +54,7 @@ class Evacuation:
             "wait_takeover": wait_takeover,
             "server_reference": server_reference,
         }
-        self.status = "running"
+        self.status = "evacuating"
         self.message = ""
         self.started_at = time.time()
         self.finished_at = None

@@ -2,8 +2,9 @@
 
 Listeners are opened, closed or moved; MQTT limits, authentication, authorization, $SYS and log
 levels take effect at once (limits on new connections and sessions; queue limits on existing
-sessions too). ``node`` and the management listener's ``api.bind``/``api.enabled`` need a restart,
-so a change to them is refused, like an invalid value, with the key and the reason.
+sessions too). ``node`` and the management listener's ``api.bind``/``api.enabled`` need a restart:
+a change to them is kept for the next start and reported as such. Invalid values are refused
+with the key and the reason.
 """
 
 from __future__ import annotations
@@ -32,13 +33,16 @@ def public_config(config: Config) -> dict[str, Any]:
     return data
 
 
-def parse_new_config(current: Config, raw: Any) -> Config:
-    """Validate a whole config sent by a client; the ``node`` section defaults to the current."""
+def parse_new_config(current: Config, raw: Any) -> tuple[Config, list[str]]:
+    """Validate a whole config sent by a client: (config to run now, keys that need a restart).
+
+    ``node`` may be left out. Changes to ``node.*``, ``api.bind`` and ``api.enabled`` are not
+    applied (the running values are kept) and come back as needing a restart.
+    """
     if not isinstance(raw, dict):
         raise ConfigError("invalid config: (top level): must be a JSON object")
     raw = copy.deepcopy(raw)
-    node_now = current.node.model_dump(mode="json")
-    node_new = raw.setdefault("node", node_now)
+    raw.setdefault("node", current.node.model_dump(mode="json"))
     api = raw.get("api")
     if isinstance(api, dict) and isinstance(api.get("users"), dict):
         for name, pw in api["users"].items():
@@ -48,14 +52,19 @@ def parse_new_config(current: Config, raw: Any) -> Config:
         new = Config.model_validate(raw)
     except ValidationError as e:
         raise explain(e, "request") from None
-    if isinstance(node_new, dict) and new.node != current.node:
-        for key, value in new.node.model_dump().items():
-            if getattr(current.node, key) != value:
-                raise ConfigError(f"invalid config: node.{key}: cannot change at run time")
+    restart: list[str] = []
+    for key, value in new.node.model_dump().items():
+        if getattr(current.node, key) != value:
+            restart.append(f"node.{key}")
     for key in ("bind", "enabled"):
         if getattr(new.api, key) != getattr(current.api, key):
-            raise ConfigError(f"invalid config: api.{key}: cannot change at run time (restart)")
-    return new
+            restart.append(f"api.{key}")
+    if restart:
+        api_now = {"bind": current.api.bind, "enabled": current.api.enabled}
+        new = new.model_copy(
+            update={"node": current.node, "api": new.api.model_copy(update=api_now)}
+        )
+    return new, restart
 
 
 def _wanted(config: Config) -> dict[str, tuple[str, str, ListenerBase]]:
