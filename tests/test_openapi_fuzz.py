@@ -1,8 +1,16 @@
 """schemathesis against the served OpenAPI document: generated requests for every operation, no
-5xx. Bounded (examples per operation and a time budget) so it stays under a minute."""
+5xx, responses as documented. Bounded (examples per operation, a time budget per run) so the
+whole test stays under a minute.
+
+Two runs: first every operation but ``PUT /api/v1/config`` (a generated config may replace the
+API keys, after which nothing else would get past authentication), then that one alone.
+``/status`` is left out: its 503 is the documented "not ready" answer, which the fuzzer causes
+by disabling listeners, and test_mgmt_api checks it directly.
+"""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -13,9 +21,16 @@ from tests.clients import PahoClient
 from tests.http import Api
 
 
-def _schemathesis() -> list[str]:
+def _schemathesis(b: BrokerProcess, max_time: int, *select: str) -> subprocess.CompletedProcess:
     exe = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
-    return [exe]
+    checks = "not_a_server_error,response_schema_conformance,content_type_conformance"
+    return subprocess.run(
+        [exe, "run", f"{b.api_url}/api/v1/openapi.json", "--checks", checks,
+         "--phases", "examples,coverage,fuzzing", "--max-examples", "8",
+         "--max-time", str(max_time), "--workers", "1", "--no-color", "--seed", "20261121",
+         "--header", f"Authorization: Bearer {b.api_key}", *select],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
 
 
 def test_no_server_errors_on_generated_requests():
@@ -26,39 +41,19 @@ def test_no_server_errors_on_generated_requests():
         client = PahoClient(b.port, "example-client")
         client.connect()
         client.subscribe("example/#", 1)
-        api.ok(
-            "POST", "/api/v1/publish", {"topic": "example/topic", "payload": "x", "retain": True}
-        )
+        retained = {"topic": "example/topic", "payload": "x", "retain": True}
+        api.ok("POST", "/api/v1/publish", retained)
         api.ok("POST", "/api/v1/banned", {"as": "clientid", "who": "example-banned"})
-        r = subprocess.run(
-            [
-                *_schemathesis(),
-                "run",
-                f"{b.api_url}/api/v1/openapi.json",
-                "--checks",
-                "not_a_server_error,response_schema_conformance,content_type_conformance",
-                "--phases",
-                "examples,coverage,fuzzing",
-                "--max-examples",
-                "8",
-                "--max-time",
-                "35",
-                "--workers",
-                "1",
-                "--no-color",
-                "--header",
-                f"Authorization: Bearer {b.api_key}",
-                "--seed",
-                "20261121",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+
+        r = _schemathesis(b, 28, "--exclude-path", "/api/v1/config", "--exclude-path-regex",
+                          "^/status")  # fmt: skip
         assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:] + b.log()[-3000:]
-        assert "30 passed" in r.stdout or "passed" in r.stdout
-        # The node survived the barrage and still answers.
+        assert "401 Unauthorized" not in r.stdout  # every operation got past authentication
+        # The examples phase ran (on the resources made above, whichever still existed).
+        assert re.search(r"Examples \(in [\d.]+s\)\s+✅ [1-9]\d* passed", r.stdout), r.stdout
         assert api.get("/api/v1/node")[0] == 200
-        client.c.loop_stop()
+
+        r = _schemathesis(b, 10, "--include-path", "/api/v1/config", "--include-method", "PUT")
+        assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:] + b.log()[-3000:]
         assert "Traceback" not in b.log()
-        assert "client example-client kicked" in b.log()  # the examples reached a real client
+        client.c.loop_stop()
