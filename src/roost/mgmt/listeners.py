@@ -46,6 +46,7 @@ class ListenerSet:
         self.unavailable.discard(label)
         server = self.servers.pop(label, None)
         self.binds.pop(label, None)
+        self.broker.listener_states.pop(label, None)
         if server is None:
             return
         server.close()

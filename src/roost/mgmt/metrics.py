@@ -141,7 +141,7 @@ def render(broker: Broker, listeners: ListenerSet | None, lag: LoopLag | None) -
     w.metric(
         "roost_listener_accept_errors",
         "counter",
-        "Connections a listener refused or failed to accept.",
+        "Connections a listener refused (over max_connections).",
         [({"listener": n}, st.refused) for n, st in sorted(broker.listener_states.items())],
     )
     w.one(
