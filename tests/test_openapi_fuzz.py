@@ -22,6 +22,7 @@ from tests.http import Api
 
 
 def _schemathesis(b: BrokerProcess, max_time: int, *select: str) -> subprocess.CompletedProcess:
+    # Run in the broker's temporary directory: schemathesis leaves a cache where it runs.
     exe = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
     checks = "not_a_server_error,response_schema_conformance,content_type_conformance"
     return subprocess.run(
@@ -29,7 +30,7 @@ def _schemathesis(b: BrokerProcess, max_time: int, *select: str) -> subprocess.C
          "--phases", "examples,coverage,fuzzing", "--max-examples", "8",
          "--max-time", str(max_time), "--workers", "1", "--no-color", "--seed", "20261121",
          "--header", f"Authorization: Bearer {b.api_key}", *select],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, cwd=b.tmp.name,
     )  # fmt: skip
 
 
