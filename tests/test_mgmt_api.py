@@ -38,6 +38,16 @@ def test_auth_errors_are_json_and_public_paths_need_none(node):
     code, doc = anon.get("/api/v1/openapi.json")
     assert code == 200 and doc["openapi"].startswith("3.1")
     assert "/api/v1/clients/{clientid}" in doc["paths"]
+    # The key file is re-read when it changes (a rotated Secret).
+    keys = node.config_path.parent / "api-keys"
+    before = keys.read_text()
+    try:
+        keys.write_text("# rotated\nrotated-key-0123456789\n")
+        assert Api(node.api_url, key="rotated-key-0123456789").get("/api/v1/node")[0] == 200
+        assert Api(node.api_url, key=node.api_key).get("/api/v1/node")[0] == 401
+    finally:
+        keys.write_text(before)
+    wait_for(lambda: Api(node.api_url, key=node.api_key).get("/api/v1/node")[0] == 200)
     code, body = Api(node.api_url, key=node.api_key).get("/api/v1/nothing-here")
     assert code == 404 and body["code"] == "NOT_FOUND"
 

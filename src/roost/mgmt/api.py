@@ -560,12 +560,14 @@ class Management:
             return self._keys
         try:
             mtime = os.stat(path).st_mtime
-        except OSError:
+            text = Path(path).read_text() if self._keys_src != (path, mtime) else None
+        except (OSError, UnicodeDecodeError) as e:
+            log.warning("cannot read the API key file %s: %s", path, e)
             self._keys, self._keys_src = {}, None
             return self._keys
-        if self._keys_src != (path, mtime):
+        if text is not None:
             keys: dict[str, str] = {}
-            for n, line in enumerate(Path(path).read_text().splitlines()):
+            for n, line in enumerate(text.splitlines()):
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue
