@@ -98,10 +98,18 @@ def test_subscribe_publish_unsubscribe_topics(api, node):
     c = PahoClient(node.port, "api-sub")
     c.connect()
     try:
+        api.ok("POST", "/api/v1/publish", {"topic": "adm/9/x", "payload": "old", "retain": True})
         s = api.ok("POST", "/api/v1/clients/api-sub/subscribe", {"topic": "adm/+/x", "qos": 1})
         assert s["topic"] == "adm/+/x" and s["qos"] == 1
+        m = c.recv()  # retained messages follow a subscription made for the client too
+        assert (m.topic, m.payload, m.retain) == ("adm/9/x", b"old", True)
+        api.ok("DELETE", "/api/v1/retained/adm/9/x", status=204)
+        shared = {"topic": "$share/g/adm/+/x", "rh": 1}
+        assert api.ok("POST", "/api/v1/clients/api-sub/subscribe", shared)["share_group"] == "g"
         subs = api.ok("GET", "/api/v1/subscriptions?clientid=api-sub")["data"]
-        assert [x["topic"] for x in subs] == ["adm/+/x"]
+        assert [x["topic"] for x in subs] == ["adm/+/x", "$share/g/adm/+/x"]
+        unsub = {"topic": "$share/g/adm/+/x"}
+        api.ok("POST", "/api/v1/clients/api-sub/unsubscribe", unsub, status=204)
         hits = api.ok("GET", f"/api/v1/subscriptions?match_topic={q('adm/7/x')}")["data"]
         assert [x["clientid"] for x in hits] == ["api-sub"]
         topics = api.ok("GET", f"/api/v1/topics?topic={q('adm/1/x')}")["data"]

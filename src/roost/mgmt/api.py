@@ -1176,7 +1176,8 @@ async def client_subscribe(request: web.Request) -> web.Response:
         raise ApiError(400, "BAD_TOPIC", "nl: no local is not allowed on a shared subscription")
     opts = SubOpts(s, body.topic, min(body.qos, cfg.max_qos_allowed), body.nl, body.rap, body.rh)
     existed = m.broker.subscribe(opts)
-    if (group is None and body.rh == 0) or (body.rh == 1 and not existed):
+    # As at SUBSCRIBE: retained messages unless shared, rh 2, or rh 1 and it already existed.
+    if group is None and (body.rh == 0 or (body.rh == 1 and not existed)):
         now = m.broker.clock()
         for msg in m.broker.retainer.lookup(real, now):
             if msg.topic.startswith("$") and real[:1] in ("+", "#"):
