@@ -132,3 +132,22 @@ def test_evacuate_waits_until_done(make_broker):
     st = json.loads(ctl(b, "--json", "evacuate", "status").stdout)
     assert st["status"] == "done" and st["connections"] == 0
     assert ctl(b, "evacuate", "stop").returncode == 0
+
+
+def test_listeners_and_bans(node):
+    r = ctl(node, "listeners", "list")
+    assert r.returncode == 0 and "tcp:default" in r.stdout and "running" in r.stdout
+    assert "ssl:default" in r.stdout and "stopped" in r.stdout  # configured off in the tests
+    r = ctl(node, "bans", "add", "clientid", "ctl-banned", "--reason", "spam", "--for", "60")
+    assert r.returncode == 0, r.stderr
+    raw = RawClient(node.port)
+    assert raw.connect("ctl-banned").reason_code == 0x8A
+    raw.close()
+    r = ctl(node, "bans", "list")
+    assert "ctl-banned" in r.stdout and "spam" in r.stdout
+    assert ctl(node, "bans", "delete", "clientid", "ctl-banned").returncode == 0
+    raw = RawClient(node.port)
+    assert raw.connect("ctl-banned").reason_code == 0
+    raw.close()
+    r = ctl(node, "listeners", "disable", "tcp:nope")
+    assert r.returncode == 1 and "LISTENER_NOT_FOUND" in r.stderr

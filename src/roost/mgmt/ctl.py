@@ -89,6 +89,24 @@ def add_parser(sub: Any) -> None:
     _leaf(ret, "show").add_argument("topic")
     _leaf(ret, "delete").add_argument("topic")
 
+    lis = cmds.add_parser("listeners", help="MQTT listeners").add_subparsers(
+        dest="action", required=True
+    )
+    _leaf(lis, "list")
+    _leaf(lis, "enable").add_argument("id", help="type:name, e.g. tcp:default")
+    _leaf(lis, "disable").add_argument("id", help="type:name, e.g. tcp:default")
+
+    bans = cmds.add_parser("bans", help="the ban list").add_subparsers(dest="action", required=True)
+    _leaf(bans, "list")
+    ba = _leaf(bans, "add", help="ban and disconnect")
+    ba.add_argument("kind", choices=["clientid", "username", "peerhost"])
+    ba.add_argument("who")
+    ba.add_argument("--reason", default="")
+    ba.add_argument("--for", dest="seconds", type=float, help="seconds (default: forever)")
+    bd = _leaf(bans, "delete")
+    bd.add_argument("kind", choices=["clientid", "username", "peerhost"])
+    bd.add_argument("who")
+
     conf = cmds.add_parser("config", help="running configuration").add_subparsers(
         dest="action", required=True
     )
@@ -230,6 +248,9 @@ SUB_COLS = [
     ("rap", "RAP"),
     ("rh", "RH"),
 ]
+LISTENER_COLS = [("id", "ID"), ("bind", "BIND"), ("status", "STATUS"),
+                 ("connections", "CONNECTIONS"), ("max_connections", "MAX")]  # fmt: skip
+BAN_COLS = [("as", "AS"), ("who", "WHO"), ("reason", "REASON"), ("by", "BY"), ("until", "UNTIL")]
 RET_COLS = [("topic", "TOPIC"), ("qos", "QOS"), ("payload_size", "SIZE"), ("from_clientid", "FROM")]
 
 
@@ -320,6 +341,23 @@ def _dispatch(c: Client, a: argparse.Namespace) -> tuple[str, Any, int] | None:
             return keyvalues(d), d, 0
         c.call("DELETE", f"/api/v1/retained/{_seg(a.topic)}")
         return f"deleted the retained message on {a.topic}", {"deleted": a.topic}, 0
+    if cmd == "listeners":
+        if action == "list":
+            data = c.call("GET", "/api/v1/listeners")["data"]
+            return table(data, LISTENER_COLS), data, 0
+        d = c.call("POST", f"/api/v1/listeners/{_seg(a.id)}/{action}")
+        return f"{d['id']}: {d['status']}", d, 0
+    if cmd == "bans":
+        if action == "list":
+            page = c.call("GET", "/api/v1/banned?limit=10000")
+            return _paged(page, BAN_COLS), page, 0
+        if action == "add":
+            until = time.time() + a.seconds if a.seconds else None
+            body = {"as": a.kind, "who": a.who, "reason": a.reason, "until": until}
+            d = c.call("POST", "/api/v1/banned", body)
+            return f"banned {a.kind} {a.who}", d, 0
+        c.call("DELETE", f"/api/v1/banned/{_seg(a.kind)}/{_seg(a.who)}")
+        return f"lifted the ban on {a.kind} {a.who}", {"deleted": [a.kind, a.who]}, 0
     if cmd == "config":
         cfg = c.call("GET", "/api/v1/config")
         if action == "get":
