@@ -26,7 +26,12 @@ class BrokerProcess:
 
     def __init__(self, config: dict[str, Any] | None = None, port: int | None = None) -> None:
         self.port = port or free_port()
+        self.api_port = free_port()
         self.tmp = tempfile.TemporaryDirectory(prefix="roost-test-")
+        #: Bearer key for the management API (bootstrap key file), and basic-auth admin.
+        self.api_key = "test-key-" + os.urandom(8).hex()
+        keys = Path(self.tmp.name) / "api-keys"
+        keys.write_text(f"test:{self.api_key}\n")
         cfg: dict[str, Any] = {
             "node": {"data_dir": self.tmp.name},
             "listeners": {
@@ -37,6 +42,11 @@ class BrokerProcess:
                 "quic": {"default": {"enabled": False}},
             },
             "log": {"level": "info"},
+            "api": {
+                "bind": f"127.0.0.1:{self.api_port}",
+                "bootstrap_keys_file": str(keys),
+                "users": {"admin": "test-pass"},
+            },
         }
         _merge(cfg, config or {})
         self.config_path = Path(self.tmp.name) / "roost.yaml"
@@ -76,6 +86,22 @@ class BrokerProcess:
     def restart(self, timeout: float = 10.0) -> BrokerProcess:
         """Start again on the same port, config and data directory."""
         return self.start(timeout)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def wait_api(self, timeout: float = 10.0) -> None:
+        """Wait until the management listener accepts connections."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.api_port), timeout=0.2),
+            ):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"management API did not listen within {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

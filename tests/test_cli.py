@@ -74,6 +74,7 @@ def test_start_on_env_only_logs_where_it_listens_and_stops_gracefully():
         "ROOST_LISTENERS__WS__DEFAULT__ENABLED": "false",
         "ROOST_LISTENERS__WSS__DEFAULT__ENABLED": "false",
         "ROOST_LISTENERS__QUIC__DEFAULT__ENABLED": "false",
+        "ROOST_API__BIND": f"127.0.0.1:{free_port()}",  # loopback, not the default 0.0.0.0:18083
     })  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "roost", "start"], env=env,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip

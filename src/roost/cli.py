@@ -16,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="run a broker node")
     start.add_argument("--config", "-c", help="YAML config file (default: ROOST_CONFIG or none)")
     add_passwd_parser(sub)
+    from roost.mgmt.ctl import add_parser as add_ctl
+
+    add_ctl(sub)
     return parser
 
 
@@ -29,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         from roost.passwd_cli import run_passwd
 
         return run_passwd(args)
+    if args.command == "ctl":
+        from roost.mgmt.ctl import run as run_ctl
+
+        return run_ctl(args)
     return 2
 
 

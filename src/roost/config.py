@@ -275,6 +275,26 @@ class LogSettings(_Model):
     levels: dict[str, Literal["debug", "info", "warning", "error"]] = Field(default_factory=dict)
 
 
+class ApiSettings(_Model):
+    """The management listener: REST API, dashboard, ``/status`` and ``/metrics``."""
+
+    enabled: bool = True
+    bind: str = "0.0.0.0:18083"
+    #: File of API keys, one ``key`` or ``name:key`` a line, sent as ``Authorization: Bearer``.
+    #: Empty: the file named by ``ROOSTOP_API_KEY_FILE`` (set by the operator), if any.
+    bootstrap_keys_file: str = ""
+    #: Basic-auth users (name -> password) for the dashboard and ``roost ctl``.
+    users: dict[str, str] = Field(default_factory=lambda: {"admin": "public"})
+    #: Serve ``/metrics`` without credentials (Prometheus scrapes usually carry none).
+    public_metrics: bool = True
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, v: str) -> str:
+        parse_bind(v)
+        return v
+
+
 class Config(_Model):
     node: NodeSettings = Field(default_factory=NodeSettings)
     listeners: Listeners = Field(default_factory=Listeners)
@@ -284,6 +304,7 @@ class Config(_Model):
     sys_topics: SysTopics = Field(default_factory=SysTopics)
     persistence: PersistenceSettings = Field(default_factory=PersistenceSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
 
 _ENV_ALIASES = {"DATA_DIR": "NODE__DATA_DIR"}
@@ -308,7 +329,7 @@ def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
             node[path[-1]] = value
 
 
-def _explain(err: ValidationError, source: str) -> ConfigError:
+def explain(err: ValidationError, source: str) -> ConfigError:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -343,4 +364,4 @@ def load_config(
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise _explain(e, source) from None
+        raise explain(e, source) from None

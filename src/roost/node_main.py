@@ -10,12 +10,15 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from roost import __version__
 from roost.broker.durable import Durable
 from roost.broker.node import Broker
-from roost.config import Config, ConfigError, load_config
+from roost.config import Config, ConfigError, ListenerBase, load_config
 from roost.logs import setup_logging
+from roost.mgmt.api import Management
+from roost.mgmt.listeners import ListenerSet
 from roost.store.persister import Persister
 from roost.store.sqlite import SqliteStore
 from roost.transport.listeners import start_listener
@@ -38,16 +41,24 @@ def _open_store(config: Config, broker: Broker) -> Persister | None:
     return persister
 
 
+async def _open_listener(broker: Broker, kind: str, name: str, lst: ListenerBase) -> Any:
+    """Open one MQTT listener of any type (the REST API reopens them through this too)."""
+    label = f"{kind}:{name}"
+    server, addrs = await start_listener(broker, kind, label, lst, broker.config.node.data_dir)
+    for host, port in addrs:
+        log.info("listening for MQTT on %s %s:%d", label, host, port)
+    return server
+
+
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     broker = Broker(config)
     persister = _open_store(config, broker)
-    servers = []
+    listeners = ListenerSet(broker, _open_listener)
     for kind, name, lst in config.listeners.enabled():
-        label = f"{kind}:{name}"
-        server, addrs = await start_listener(broker, kind, label, lst, config.node.data_dir)
-        servers.append(server)
-        for host, port in addrs:
-            log.info("listening for MQTT on %s %s:%d", label, host, port)
+        await listeners.start(kind, name, lst)
+    mgmt = Management(broker, listeners)
+    if config.api.enabled:
+        await mgmt.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -70,8 +81,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     await stop.wait()
     log.info("shutting down")
     tick_task.cancel()
-    for server in servers:
-        server.close()
+    await mgmt.close()
+    await listeners.close_all()
     broker.shutdown()
     await asyncio.sleep(0.1)  # let the DISCONNECTs reach the sockets
     if persister is not None:

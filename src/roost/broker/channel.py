@@ -251,7 +251,9 @@ class Channel:
         if len(data) > self.client_max_packet:
             self.broker.stats.dropped_too_large += 1
             return
-        self.broker.stats.messages_sent += 1
+        stats = self.broker.stats
+        stats.messages_sent += 1
+        stats.sent_qos[0] += 1
         self.write(data)
 
     def send_publish(
@@ -283,7 +285,9 @@ class Channel:
                 del self.out_aliases[msg.topic]
             self.broker.stats.dropped_too_large += 1
             return False
-        self.broker.stats.messages_sent += 1
+        stats = self.broker.stats
+        stats.messages_sent += 1
+        stats.sent_qos[qos] += 1
         self.write(data)
         return True
 
@@ -363,6 +367,10 @@ class Channel:
             assigned = True
         elif len(client_id) > cfg.max_clientid_len:  # ids the broker assigns are not limited
             return self._refuse(RC.CLIENT_IDENTIFIER_NOT_VALID, "client id too long")
+        refusal = broker.admit(client_id, c.username, self.peer)  # bans
+        if refusal is not None:
+            broker.stats.auth_denied += 1
+            return self._refuse(*refusal)
         refusal = broker.limits.connect_refusal(self.listener)
         if refusal is not None:
             return self._refuse(*refusal)

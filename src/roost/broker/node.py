@@ -11,11 +11,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from roost import __version__
 from roost.broker.acl import Acl
 from roost.broker.authn import Authenticator
+from roost.broker.bans import Bans, peer_host
 from roost.broker.limits import Limits
 from roost.broker.message import Message
 from roost.broker.retainer import Retainer
@@ -51,6 +52,11 @@ class Broker:
         self._id_counter = 0
         # Set by the node runner when the store is durable (see roost.broker.durable).
         self.durable: Durable | None = None
+        self.bans = Bans()
+        #: Set while this node is evacuated: new connections are sent elsewhere.
+        self.evacuating = False
+        #: Per-listener counters (``ListenerState``) registered by the transports, for metrics.
+        self.listener_states: dict[str, Any] = {}
 
     @property
     def acl_active(self) -> bool:
@@ -73,6 +79,23 @@ class Broker:
         return f"roost-{os.getpid():x}-{self._id_counter:x}-{os.urandom(3).hex()}"
 
     # --------------------------------------------------------------------------- sessions
+
+    def admit(self, client_id: str, username: str | None, peer: str) -> tuple[int, str] | None:
+        """(reason code, reason string) when a CONNECT must be refused before it opens a session."""
+        if self.bans and self.bans.match(client_id, username, peer_host(peer)) is not None:
+            return RC.BANNED, "banned"
+        if self.evacuating:
+            return RC.USE_ANOTHER_SERVER, "this node is being evacuated"
+        return None
+
+    def discard_session(self, client_id: str) -> bool:
+        """End an offline session now (an administrator's kick)."""
+        session = self.sessions.get(client_id)
+        if session is None or session.channel is not None:
+            return False
+        self._expiring.pop(client_id, None)
+        self._end_session(session)
+        return True
 
     def open_session(
         self, channel: Channel, client_id: str, clean_start: bool, expiry: int
@@ -200,7 +223,9 @@ class Broker:
 
     def publish(self, msg: Message) -> int:
         """Route one message to every matching session; returns how many got it."""
-        self.stats.messages_received += 1
+        stats = self.stats
+        stats.messages_received += 1
+        stats.received_qos[msg.qos] += 1
         return self.route(msg)
 
     def route(self, msg: Message) -> int:

@@ -20,12 +20,25 @@ class Stats:
         "messages_sent",
         "publish_denied",
         "publish_rate_exceeded",
+        "received_qos",
+        "sent_qos",
         "subscribe_denied",
     )
 
     def __init__(self) -> None:
         for name in self.__slots__:
             setattr(self, name, 0)
+        self.received_qos = [0, 0, 0]  # messages by QoS, indexed by QoS
+        self.sent_qos = [0, 0, 0]
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        out: dict[str, int] = {}
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                prefix = "messages_received" if name == "received_qos" else "messages_sent"
+                for qos, n in enumerate(value):
+                    out[f"{prefix}_qos{qos}"] = n
+            else:
+                out[name] = value
+        return out

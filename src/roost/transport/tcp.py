@@ -117,6 +117,7 @@ async def start_tcp_listener(
     cert_as_username: bool = False,
 ) -> asyncio.Server:
     state = ListenerState(name, max_connections, cert_as_username)
+    broker.listener_states[name] = state
     loop = asyncio.get_running_loop()
     # A client that stalls its TLS handshake holds a socket; give up on it after 10 s.
     kw = {"ssl_handshake_timeout": 10.0} if ssl_context is not None else {}

@@ -1,0 +1,1489 @@
+"""The management listener: REST API under ``/api/v1``, ``/status``, ``/metrics``, dashboard.
+
+aiohttp in the broker's own event loop: handlers read the broker's state directly, with no
+locks and no copies, and a request never waits on another thread. Every route is declared with
+``@route(...)``, which also builds the OpenAPI 3.1 document served at ``/api/v1/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from roost import __version__
+from roost.broker.bans import KINDS, Ban
+from roost.broker.message import Message
+from roost.broker.node import Broker
+from roost.broker.router import SubOpts
+from roost.broker.session import Session
+from roost.config import ConfigError, explain, parse_bind
+from roost.mgmt import hotconfig, metrics
+from roost.mgmt.evacuation import Evacuation
+from roost.mgmt.listeners import ListenerSet
+from roost.mqtt import reason_codes as RC
+from roost.mqtt.topics import matches, parse_shared, valid_topic_filter, valid_topic_name
+
+log = logging.getLogger("roost.mgmt")
+
+STATIC = Path(__file__).parent / "static"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# ------------------------------------------------------------------------------ errors
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status)
+
+
+_HTTP_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+}
+
+# ----------------------------------------------------------------------- OpenAPI routes
+
+
+@dataclass
+class Param:
+    name: str
+    where: Literal["path", "query"]
+    schema: dict[str, Any]
+    description: str = ""
+    required: bool = False
+    example: str | None = None
+
+
+@dataclass
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    tag: str
+    params: list[Param] = field(default_factory=list)
+    body: type[BaseModel] | dict[str, Any] | None = None
+    responses: dict[int, Any] = field(default_factory=dict)
+    public: bool = False
+
+
+ROUTES: list[Route] = []
+
+
+def route(
+    method: str,
+    path: str,
+    summary: str,
+    tag: str,
+    params: list[Param] | None = None,
+    body: type[BaseModel] | dict[str, Any] | None = None,
+    responses: dict[int, Any] | None = None,
+    public: bool = False,
+) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        ROUTES.append(
+            Route(
+                method,
+                path,
+                fn,
+                summary,
+                tag,
+                params or [],
+                body,
+                responses or RESPONSES.get((method, path)) or {200: {"type": "object"}},
+                public,
+            )
+        )
+        return fn
+
+    return deco
+
+
+def _qp(name: str, schema: dict[str, Any], description: str = "") -> Param:
+    return Param(name, "query", schema, description)
+
+
+#: Examples for path parameters (the fuzz test creates these resources so examples hit them).
+_EXAMPLES = {
+    "clientid": "example-client",
+    "topic": "example/topic",
+    "id": "tcp:default",
+    "name": "roost@example",
+    "who": "example-banned",
+}
+
+
+def _pp(name: str, description: str = "") -> Param:
+    schema = {"type": "string", "minLength": 1}
+    return Param(name, "path", schema, description, True, _EXAMPLES.get(name))
+
+
+PAGING = [
+    _qp("page", {"type": "integer", "minimum": 1, "default": 1}, "Page number, from 1."),
+    _qp(
+        "limit",
+        {"type": "integer", "minimum": 1, "maximum": 10000, "default": 100},
+        "Items per page.",
+    ),
+]
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["code", "message"],
+    "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+}
+
+
+def _page_schema(item: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["data", "meta"],
+        "properties": {
+            "data": {"type": "array", "items": item},
+            "meta": {
+                "type": "object",
+                "properties": {
+                    "page": {"type": "integer"},
+                    "limit": {"type": "integer"},
+                    "count": {"type": "integer"},
+                    "hasnext": {"type": "boolean"},
+                },
+            },
+        },
+    }
+
+
+_S: dict[str, Any] = {"type": "string"}
+_I: dict[str, Any] = {"type": "integer"}
+_B: dict[str, Any] = {"type": "boolean"}
+_N: dict[str, Any] = {"type": "number"}
+
+
+def _obj(required: dict[str, Any], optional: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": list(required),
+        "properties": {**required, **(optional or {})},
+    }
+
+
+CLIENT = _obj(
+    {
+        "clientid": _S,
+        "node": _S,
+        "connected": _B,
+        "expiry_interval": _I,
+        "subscriptions_cnt": _I,
+        "inflight_cnt": _I,
+        "mqueue_len": _I,
+        "awaiting_rel_cnt": _I,
+    },
+    {
+        "username": {"type": ["string", "null"]},
+        "ip_address": _S,
+        "port": _I,
+        "listener": _S,
+        "proto_ver": _I,
+        "keepalive": _I,
+        "connected_at": _S,
+    },
+)
+SUBSCRIPTION = _obj(
+    {"clientid": _S, "node": _S, "topic": _S, "qos": _I, "nl": _I, "rap": _I, "rh": _I},
+    {"share_group": _S, "sub_id": _I},
+)
+CLIENT_DETAIL = {
+    **CLIENT,
+    "properties": {
+        **CLIENT["properties"],
+        "subscriptions": {"type": "array", "items": SUBSCRIPTION},
+    },
+}
+LISTENER = _obj(
+    {
+        "id": _S,
+        "type": _S,
+        "name": _S,
+        "bind": _S,
+        "enabled": _B,
+        "running": _B,
+        "status": {"type": "string", "enum": ["running", "stopped", "unavailable"]},
+        "connections": _I,
+        "max_connections": _I,
+        "accept_errors": _I,
+    },
+    {"path": _S},
+)
+TOPIC = _obj(
+    {
+        "topic": _S,
+        "node": _S,
+        "subscribers": _I,
+        "shared_groups": {"type": "object", "additionalProperties": _I},
+    },
+)
+RETAINED = _obj({"topic": _S, "qos": _I, "from_clientid": _S, "payload_size": _I})
+RETAINED_FULL = {
+    **RETAINED,
+    "required": [*RETAINED["required"], "payload", "payload_text"],
+    "properties": {
+        **RETAINED["properties"],
+        "payload": _S,
+        "payload_text": {"type": ["string", "null"]},
+        "properties": {"type": "object"},
+    },
+}
+BAN = _obj(
+    {
+        "as": {"type": "string", "enum": ["clientid", "username", "peerhost"]},
+        "who": _S,
+        "reason": _S,
+        "by": _S,
+        "at": _N,
+        "until": {"type": ["number", "null"]},
+    },
+)
+NODE = _obj(
+    {
+        "name": _S,
+        "role": {"type": "string", "enum": ["core", "replicant"]},
+        "version": _S,
+        "status": {"type": "string", "enum": ["running", "evacuating"]},
+        "connections": _I,
+    },
+    {
+        "uptime": _N,
+        "started_at": _S,
+        "sessions": _I,
+        "subscriptions": _I,
+        "topics": _I,
+        "retained": _I,
+        "pid": _I,
+    },
+)
+STATUS = _obj(
+    {"status": {"type": "string", "enum": ["ok", "unavailable"]}, "ready": _B, "live": _B},
+    {"node": _S, "version": _S, "evacuating": _B, "checks": {"type": "object"}},
+)
+EVACUATION = _obj(
+    {
+        "status": {"type": "string", "enum": ["idle", "evacuating", "done", "failed", "stopped"]},
+        "message": _S,
+        "connections": _I,
+        "sessions": _I,
+        "evicted_connections": _I,
+        "moved_sessions": _I,
+    },
+    {"started_at": {"type": ["number", "null"]}, "finished_at": {"type": ["number", "null"]}},
+)
+STATS = _obj(
+    {
+        "connections": _I,
+        "sessions": _I,
+        "subscriptions": _I,
+        "topics": _I,
+        "retained": _I,
+        "inflight": _I,
+        "queued": _I,
+        "bans": _I,
+        "counters": {"type": "object", "additionalProperties": _I},
+        "time": _N,
+    },
+)
+CONFIG_REF = {"$ref": "#/components/schemas/Config"}
+
+#: Response schemas by operation (the 4xx errors are added to every operation).
+RESPONSES: dict[tuple[str, str], dict[int, Any]] = {
+    ("GET", "/status"): {200: STATUS, 503: STATUS},
+    ("GET", "/status/live"): {200: STATUS},
+    ("GET", "/metrics"): {200: None},
+    ("GET", "/api/v1/node"): {200: NODE},
+    ("GET", "/api/v1/stats"): {200: STATS},
+    ("GET", "/api/v1/cluster/nodes"): {200: _obj({"nodes": {"type": "array", "items": NODE}})},
+    ("DELETE", "/api/v1/cluster/nodes/{name}"): {204: None, 409: _ERROR_SCHEMA},
+    ("GET", "/api/v1/listeners"): {200: _obj({"data": {"type": "array", "items": LISTENER}})},
+    ("POST", "/api/v1/listeners/{id}/enable"): {200: LISTENER},
+    ("POST", "/api/v1/listeners/{id}/disable"): {200: LISTENER},
+    ("GET", "/api/v1/clients"): {200: _page_schema(CLIENT)},
+    ("GET", "/api/v1/clients/{clientid}"): {200: CLIENT_DETAIL},
+    ("DELETE", "/api/v1/clients/{clientid}"): {204: None},
+    ("GET", "/api/v1/subscriptions"): {200: _page_schema(SUBSCRIPTION)},
+    ("GET", "/api/v1/clients/{clientid}/subscriptions"): {
+        200: _obj({"data": {"type": "array", "items": SUBSCRIPTION}})
+    },
+    ("POST", "/api/v1/clients/{clientid}/subscribe"): {200: SUBSCRIPTION},
+    ("POST", "/api/v1/clients/{clientid}/unsubscribe"): {204: None},
+    ("GET", "/api/v1/topics"): {200: _page_schema(TOPIC)},
+    ("GET", "/api/v1/retained"): {200: _page_schema(RETAINED)},
+    ("GET", "/api/v1/retained/{topic}"): {200: RETAINED_FULL},
+    ("DELETE", "/api/v1/retained/{topic}"): {204: None},
+    ("POST", "/api/v1/publish"): {200: _obj({"matched": _I})},
+    ("GET", "/api/v1/config"): {200: CONFIG_REF},
+    ("PUT", "/api/v1/config"): {
+        200: _obj(
+            {
+                "changed": {"type": "array", "items": _S},
+                "restart_required": {"type": "array", "items": _S},
+                "config": CONFIG_REF,
+            }
+        )
+    },
+    ("GET", "/api/v1/banned"): {200: _page_schema(BAN)},
+    ("POST", "/api/v1/banned"): {200: BAN},
+    ("DELETE", "/api/v1/banned/{as}/{who}"): {204: None},
+    ("GET", "/api/v1/node/evacuation"): {200: EVACUATION},
+    ("POST", "/api/v1/node/evacuation"): {202: EVACUATION},
+    ("DELETE", "/api/v1/node/evacuation"): {200: EVACUATION},
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    components: dict[str, Any] = {"Error": _ERROR_SCHEMA}
+
+    def schema_of(obj: Any) -> dict[str, Any]:
+        if isinstance(obj, type) and issubclass(obj, BaseModel):
+            s = obj.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(s.pop("$defs", {}))
+            components[obj.__name__] = s
+            return {"$ref": f"#/components/schemas/{obj.__name__}"}
+        return obj
+
+    paths: dict[str, Any] = {}
+    for r in ROUTES:
+        op: dict[str, Any] = {
+            "summary": r.summary,
+            "tags": [r.tag],
+            "operationId": f"{r.method.lower()}_{r.handler.__name__}",
+            "responses": {},
+        }
+        if r.params:
+            op["parameters"] = [
+                {
+                    "name": p.name,
+                    "in": p.where,
+                    "required": p.required,
+                    "schema": p.schema,
+                    **({"description": p.description} if p.description else {}),
+                    **({"example": p.example} if p.example is not None else {}),
+                }
+                for p in r.params
+            ]
+        if r.body is not None:
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": schema_of(r.body)}},
+            }
+        for status, schema in r.responses.items():
+            if status == 200 and r.path == "/metrics":
+                op["responses"]["200"] = {
+                    "description": "Prometheus text format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            elif schema is None:
+                op["responses"][str(status)] = {"description": "No content"}
+            else:
+                op["responses"][str(status)] = {
+                    "description": "OK" if status < 300 else "Error",
+                    "content": {"application/json": {"schema": schema_of(schema)}},
+                }
+        errors = {"400": "Bad request", "404": "Not found"}
+        if not r.public:
+            errors["401"] = "Missing or wrong credentials"
+        for status, text in errors.items():
+            op["responses"].setdefault(
+                status,
+                {
+                    "description": text,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                    },
+                },
+            )
+        if r.public:
+            op["security"] = []
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Roost management API",
+            "version": __version__,
+            "description": "Manage one Roost MQTT broker node. Errors are JSON "
+            '{"code", "message"}. Authenticate with an API key (Authorization: Bearer KEY) '
+            "or HTTP basic auth (a dashboard user, or key name and key).",
+        },
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "apiKey": {"type": "http", "scheme": "bearer"},
+                "basic": {"type": "http", "scheme": "basic"},
+            },
+        },
+        "security": [{"apiKey": []}, {"basic": []}],
+    }
+
+
+# ------------------------------------------------------------------------ request bodies
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SubscribeBody(_Body):
+    topic: str = Field(min_length=1, max_length=65535)
+    qos: int = Field(0, ge=0, le=2)
+    nl: bool = False
+    rap: bool = False
+    rh: int = Field(0, ge=0, le=2)
+
+
+class UnsubscribeBody(_Body):
+    topic: str = Field(min_length=1, max_length=65535)
+
+
+class PublishProperties(_Body):
+    payload_format_indicator: int | None = Field(None, ge=0, le=1)
+    message_expiry_interval: int | None = Field(None, ge=0, le=0xFFFFFFFF)
+    content_type: str | None = None
+    response_topic: str | None = None
+    correlation_data: str | None = None
+    user_properties: dict[str, str] | None = None
+
+
+class PublishBody(_Body):
+    topic: str = Field(min_length=1, max_length=65535)
+    payload: str = ""
+    payload_encoding: Literal["plain", "base64"] = "plain"
+    qos: int = Field(0, ge=0, le=2)
+    retain: bool = False
+    properties: PublishProperties | None = None
+
+
+class BanBody(_Body):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    as_: Literal["clientid", "username", "peerhost"] = Field(alias="as")
+    who: str = Field(min_length=1, max_length=65535)
+    reason: str = ""
+    #: Unix time when the ban ends; omitted: forever.
+    until: float | None = Field(None, ge=0)
+
+
+class EvacuationBody(_Body):
+    #: Connections disconnected per second.
+    conn_evict_rate: int = Field(500, ge=1, le=1_000_000)
+    #: Sessions moved per second (cluster only).
+    sess_evict_rate: int = Field(500, ge=1, le=1_000_000)
+    #: Seconds to let clients reconnect elsewhere before moving the sessions left.
+    wait_takeover: float = Field(60, ge=0, le=86400)
+    #: Sent to MQTT 5 clients as Server Reference (e.g. another node's address).
+    server_reference: str = ""
+
+
+def _config_schema() -> dict[str, Any]:
+    from roost.config import Config
+
+    return Config  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------ the app state
+
+
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a client's malformed HTTP with a traceback; it is the client's fault, so one
+    line at info level is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "malformed HTTP request: %s", (exc.message,)
+            record.exc_info = None
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
+
+
+class Management:
+    """Everything the handlers need; one per node."""
+
+    def __init__(self, broker: Broker, listeners: ListenerSet) -> None:
+        self.broker = broker
+        self.listeners = listeners
+        self.evacuation = Evacuation(broker)
+        self.lag = metrics.LoopLag()
+        self.runner: web.AppRunner | None = None
+        self._keys: dict[str, str] = {}  # key -> name
+        self._keys_src: tuple[str, float] | None = None
+        self.started = time.time()
+        #: Replaced by the cluster layer: every node of the cluster as node_info() dicts.
+        self.cluster_nodes: Callable[[], list[dict[str, Any]]] | None = None
+
+    # -- auth ---------------------------------------------------------------------------
+
+    def _key_file(self) -> str:
+        return self.broker.config.api.bootstrap_keys_file or os.environ.get(
+            "ROOSTOP_API_KEY_FILE", ""
+        )
+
+    def api_keys(self) -> dict[str, str]:
+        """Keys from the bootstrap file, re-read when it changes (a rotated Kubernetes Secret)."""
+        path = self._key_file()
+        if not path:
+            self._keys, self._keys_src = {}, None
+            return self._keys
+        try:
+            mtime = os.stat(path).st_mtime
+            text = Path(path).read_text() if self._keys_src != (path, mtime) else None
+        except (OSError, UnicodeDecodeError) as e:
+            log.warning("cannot read the API key file %s: %s", path, e)
+            self._keys, self._keys_src = {}, None
+            return self._keys
+        if text is not None:
+            keys: dict[str, str] = {}
+            for n, line in enumerate(text.splitlines()):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                name, sep, key = line.partition(":")
+                if not sep:
+                    name, key = f"key{n + 1}", line
+                keys[key.strip()] = name.strip()
+            self._keys, self._keys_src = keys, (path, mtime)
+        return self._keys
+
+    def authenticate(self, header: str) -> str | None:
+        """The caller's name for a valid Authorization header, else None."""
+        scheme, _, cred = header.partition(" ")
+        scheme = scheme.lower()
+        cred = cred.strip()
+        if scheme == "bearer" and cred:
+            for key, name in self.api_keys().items():
+                if hmac.compare_digest(key.encode(), cred.encode()):
+                    return name
+            return None
+        if scheme == "basic":
+            try:
+                user, sep, pw = base64.b64decode(cred, validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            if not sep:
+                return None
+            want = self.broker.config.api.users.get(user)
+            if want is not None and hmac.compare_digest(want.encode(), pw.encode()):
+                return user
+            for key, name in self.api_keys().items():  # EMQX style: key name and key
+                if name == user and hmac.compare_digest(key.encode(), pw.encode()):
+                    return name
+        return None
+
+    # -- views ----------------------------------------------------------------------------
+
+    def node_info(self) -> dict[str, Any]:
+        b = self.broker
+        cfg = b.config
+        connections = sum(1 for ch in b.channels if ch.connected)
+        return {
+            "name": cfg.node.name,
+            "role": cfg.node.role,
+            "version": __version__,
+            "status": "evacuating" if b.evacuating else "running",
+            "uptime": round(b.clock() - b.started_at, 3),
+            "started_at": _iso(time.time() - (b.clock() - b.started_at)),
+            "connections": connections,
+            "sessions": len(b.sessions),
+            "subscriptions": b.router.count,
+            "topics": len(b.router.filters()),
+            "retained": len(b.retainer),
+            "pid": os.getpid(),
+        }
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        ls = self.listeners
+        listeners = {lbl: ("up" if ls.serving(lbl) else "down") for lbl in sorted(ls.servers)}
+        for lbl in sorted(ls.unavailable):
+            listeners[lbl] = "unavailable"
+        listeners_ok = bool(ls.servers) and all(ls.serving(lbl) for lbl in ls.servers)
+        store = getattr(self.broker, "store", None)
+        store_ok, store_detail = True, "memory"
+        if store is not None:
+            try:
+                check = getattr(store, "healthy", None)
+                store_ok = bool(check()) if check is not None else True
+                store_detail = "ok" if store_ok else "unusable"
+            except Exception as e:  # a store that cannot answer is not usable
+                store_ok, store_detail = False, f"unusable: {e}"
+        checks = {
+            "listeners": {"ok": listeners_ok, "detail": listeners},
+            "store": {"ok": store_ok, "detail": store_detail},
+        }
+        return listeners_ok and store_ok, checks
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> web.AppRunner:
+        app = make_app(self)
+        server_log = logging.getLogger("aiohttp.server")
+        if not any(isinstance(f, _MalformedRequestFilter) for f in server_log.filters):
+            server_log.addFilter(_MalformedRequestFilter())
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        host, port = parse_bind(self.broker.config.api.bind)
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        self.runner = runner
+        self.lag.start()
+        log.info("management API and dashboard on http://%s:%d/", host, port)
+        api = self.broker.config.api
+        if api.users.get("admin") == "public":
+            log.warning("the dashboard user admin still has the default password")
+        return runner
+
+    async def close(self) -> None:
+        self.lag.stop()
+        await self.evacuation.stop()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+def _mgmt(request: web.Request) -> Management:
+    return request.app["mgmt"]
+
+
+async def _json_body(request: web.Request, model: type[BaseModel] | None = None) -> Any:
+    try:
+        raw = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "BAD_REQUEST", "the body must be JSON") from None
+    if not _utf8_clean(raw):
+        # JSON may carry lone surrogates (\ud800) that no UTF-8 topic or payload can hold.
+        raise ApiError(400, "BAD_REQUEST", "the body holds a string that is not valid Unicode")
+    if model is None:
+        return raw
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ApiError(400, "BAD_REQUEST", str(explain(e, "request body"))) from None
+
+
+def _utf8_clean(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_utf8_clean(k) and _utf8_clean(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_utf8_clean(v) for v in value)
+    return True
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, "BAD_REQUEST", f"{name}: must be an integer") from None
+    if not lo <= value <= hi:
+        raise ApiError(400, "BAD_REQUEST", f"{name}: must be from {lo} to {hi}")
+    return value
+
+
+def _page(request: web.Request, items: list[Any]) -> dict[str, Any]:
+    page = _int_param(request, "page", 1, 1, 1 << 31)
+    limit = _int_param(request, "limit", 100, 1, 10000)
+    start = (page - 1) * limit
+    return {
+        "data": items[start : start + limit],
+        "meta": {
+            "page": page,
+            "limit": limit,
+            "count": len(items),
+            "hasnext": start + limit < len(items),
+        },
+    }
+
+
+def _choice(request: web.Request, name: str, allowed: tuple[str, ...]) -> str | None:
+    value = request.query.get(name)
+    if value is not None and value not in allowed:
+        raise ApiError(400, "BAD_REQUEST", f"{name}: must be one of {', '.join(allowed)}")
+    return value
+
+
+# --------------------------------------------------------------------------- middlewares
+
+_PUBLIC_PREFIXES = ("/status", "/dashboard", "/api/v1/openapi.json")
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return error_response(e.status, e.code, e.message)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _HTTP_CODES.get(e.status, "ERROR")
+        return error_response(e.status, code, e.reason or code)
+    except ConfigError as e:
+        return error_response(400, "BAD_CONFIG", str(e))
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, "INTERNAL_ERROR", "internal error; see the node's log")
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    path = request.path
+    m = _mgmt(request)
+    public = path == "/" or path.startswith(_PUBLIC_PREFIXES)
+    if path == "/metrics" and m.broker.config.api.public_metrics:
+        public = True
+    if not public:
+        who = m.authenticate(request.headers.get("Authorization", ""))
+        if who is None:
+            resp = error_response(
+                401, "UNAUTHORIZED", "an API key or a user and password is needed"
+            )
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="roost"'
+            return resp
+        request["user"] = who
+    return await handler(request)
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+@route(
+    "GET",
+    "/status",
+    "Readiness: 200 when listeners are open and the store is usable, else 503",
+    "health",
+    public=True,
+)
+async def status(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    ready, checks = m.readiness()
+    body = {
+        "status": "ok" if ready else "unavailable",
+        "ready": ready,
+        "live": True,
+        "node": m.broker.config.node.name,
+        "version": __version__,
+        "evacuating": m.broker.evacuating,
+        "checks": checks,
+    }
+    return web.json_response(body, status=200 if ready else 503)
+
+
+@route(
+    "GET",
+    "/status/live",
+    "Liveness: 200 while the node's event loop answers",
+    "health",
+    public=True,
+)
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "ready": _mgmt(request).readiness()[0], "live": True})
+
+
+@route("GET", "/metrics", "Prometheus metrics", "health")
+async def prometheus(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    text = metrics.render(m.broker, m.listeners, m.lag)
+    return web.Response(body=text.encode(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+@route("GET", "/api/v1/openapi.json", "This document", "meta", public=True)
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+@route(
+    "GET",
+    "/api/v1/node",
+    "This node: name, role, version, status, counts",
+    "node",
+)
+async def node(request: web.Request) -> web.Response:
+    return web.json_response(_mgmt(request).node_info())
+
+
+@route("GET", "/api/v1/stats", "Counts and counters of this node", "node")
+async def stats(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    b = m.broker
+    info = m.node_info()
+    body = {k: info[k] for k in ("connections", "sessions", "subscriptions", "topics", "retained")}
+    body["inflight"] = sum(len(s.inflight) for s in b.sessions.values())
+    body["queued"] = sum(len(s.queue) for s in b.sessions.values())
+    body["bans"] = len(b.bans)
+    body["counters"] = b.stats.as_dict()
+    body["time"] = time.time()
+    return web.json_response(body)
+
+
+@route(
+    "GET",
+    "/api/v1/cluster/nodes",
+    "Every node of the cluster",
+    "cluster",
+)
+async def cluster_nodes(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    nodes = m.cluster_nodes() if m.cluster_nodes is not None else [m.node_info()]
+    return web.json_response({"nodes": nodes})
+
+
+@route(
+    "DELETE",
+    "/api/v1/cluster/nodes/{name}",
+    "Remove a departed node from the cluster",
+    "cluster",
+    params=[_pp("name")],
+)
+async def cluster_remove(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    name = request.match_info["name"]
+    if name == m.broker.config.node.name:
+        raise ApiError(409, "CONFLICT", "a node cannot remove itself; ask another node")
+    raise ApiError(404, "NODE_NOT_FOUND", f"no node {name!r} in this cluster")
+
+
+# -- listeners ---------------------------------------------------------------------------
+
+
+def _listener_view(m: Management, kind: str, name: str, lst: Any) -> dict[str, Any]:
+    label = f"{kind}:{name}"
+    conns = sum(1 for ch in m.broker.channels if ch.connected and ch.listener == label)
+    state = m.broker.listener_states.get(label)
+    running = m.listeners.serving(label)
+    d = {
+        "id": label,
+        "type": kind,
+        "name": name,
+        "bind": lst.bind,
+        "enabled": lst.enabled,
+        "running": running,
+        "status": "running"
+        if running
+        else "unavailable"
+        if label in m.listeners.unavailable
+        else "stopped",
+        "connections": conns,
+        "max_connections": lst.max_connections,
+        "accept_errors": state.refused if state is not None else 0,
+    }
+    if hasattr(lst, "path"):
+        d["path"] = lst.path
+    return d
+
+
+def _all_listeners(m: Management) -> list[dict[str, Any]]:
+    out = []
+    ls = m.broker.config.listeners
+    for kind in ("tcp", "ssl", "ws", "wss", "quic"):
+        for name, lst in getattr(ls, kind).items():
+            out.append(_listener_view(m, kind, name, lst))
+    return out
+
+
+@route("GET", "/api/v1/listeners", "MQTT listeners of this node", "listeners")
+async def listeners(request: web.Request) -> web.Response:
+    return web.json_response({"data": _all_listeners(_mgmt(request))})
+
+
+async def _set_listener(request: web.Request, enabled: bool) -> web.Response:
+    m = _mgmt(request)
+    label = request.match_info["id"]
+    kind, _, name = label.partition(":")
+    raw = m.broker.config.model_dump(mode="json")
+    group = raw["listeners"].get(kind)
+    if not isinstance(group, dict) or name not in group:
+        raise ApiError(404, "LISTENER_NOT_FOUND", f"no listener {label!r}")
+    group[name]["enabled"] = enabled
+    new = hotconfig.parse_new_config(m.broker.config, raw)[0]
+    await hotconfig.apply_config(m.broker, m.listeners, new)
+    lst = getattr(new.listeners, kind)[name]
+    return web.json_response(_listener_view(m, kind, name, lst))
+
+
+@route(
+    "POST",
+    "/api/v1/listeners/{id}/enable",
+    "Enable and open a listener",
+    "listeners",
+    params=[_pp("id", "type:name, e.g. tcp:default")],
+)
+async def listener_enable(request: web.Request) -> web.Response:
+    return await _set_listener(request, True)
+
+
+@route(
+    "POST",
+    "/api/v1/listeners/{id}/disable",
+    "Close a listener and its connections",
+    "listeners",
+    params=[_pp("id", "type:name, e.g. tcp:default")],
+)
+async def listener_disable(request: web.Request) -> web.Response:
+    return await _set_listener(request, False)
+
+
+# -- clients -----------------------------------------------------------------------------
+
+
+def _client_view(m: Management, s: Session) -> dict[str, Any]:
+    ch = s.channel
+    d: dict[str, Any] = {
+        "clientid": s.client_id,
+        "node": m.broker.config.node.name,
+        "connected": ch is not None,
+        "expiry_interval": s.expiry_interval,
+        "subscriptions_cnt": len(s.subscriptions),
+        "inflight_cnt": len(s.inflight),
+        "mqueue_len": len(s.queue),
+        "awaiting_rel_cnt": len(s.awaiting_rel),
+    }
+    if ch is not None:
+        host, _, port = ch.peer.rpartition(":")
+        d.update(
+            {
+                "username": ch.username,
+                "ip_address": host.strip("[]") or ch.peer,
+                "port": int(port) if port.isdigit() else 0,
+                "listener": ch.listener,
+                "proto_ver": ch.version,
+                "keepalive": ch.keepalive,
+                "connected_at": _iso(time.time() - (m.broker.clock() - ch.created_at)),
+            }
+        )
+    return d
+
+
+@route(
+    "GET",
+    "/api/v1/clients",
+    "Clients (sessions) of this node, filtered and paged",
+    "clients",
+    params=[
+        *PAGING,
+        _qp("clientid", {"type": "string"}, "Exact client id."),
+        _qp("like_clientid", {"type": "string"}, "Client id contains this."),
+        _qp("username", {"type": "string"}, "Exact username."),
+        _qp("like_username", {"type": "string"}, "Username contains this."),
+        _qp("ip_address", {"type": "string"}, "Peer address."),
+        _qp("listener", {"type": "string"}, "Listener id, e.g. tcp:default."),
+        _qp("conn_state", {"type": "string", "enum": ["connected", "disconnected"]}),
+        _qp("proto_ver", {"type": "integer", "enum": [3, 4, 5]}),
+    ],
+)
+async def clients(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    q = request.query
+    state = _choice(request, "conn_state", ("connected", "disconnected"))
+    proto = _int_param(request, "proto_ver", 0, 3, 5) if "proto_ver" in q else None
+    out = []
+    for cid in sorted(m.broker.sessions):
+        s = m.broker.sessions[cid]
+        if "clientid" in q and cid != q["clientid"]:
+            continue
+        if "like_clientid" in q and q["like_clientid"] not in cid:
+            continue
+        if state is not None and s.connected != (state == "connected"):
+            continue
+        view = _client_view(m, s)
+        if "username" in q and view.get("username") != q["username"]:
+            continue
+        if "like_username" in q and q["like_username"] not in (view.get("username") or ""):
+            continue
+        if "ip_address" in q and view.get("ip_address") != q["ip_address"]:
+            continue
+        if "listener" in q and view.get("listener") != q["listener"]:
+            continue
+        if proto is not None and view.get("proto_ver") != proto:
+            continue
+        out.append(view)
+    return web.json_response(_page(request, out))
+
+
+def _session(m: Management, request: web.Request) -> Session:
+    cid = request.match_info["clientid"]
+    s = m.broker.sessions.get(cid)
+    if s is None:
+        raise ApiError(404, "CLIENTID_NOT_FOUND", f"no client {cid!r} on this node")
+    return s
+
+
+@route(
+    "GET", "/api/v1/clients/{clientid}", "One client's details", "clients", params=[_pp("clientid")]
+)
+async def client(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    s = _session(m, request)
+    d = _client_view(m, s)
+    d["subscriptions"] = [_sub_view(m, o) for o in s.subscriptions.values()]
+    return web.json_response(d)
+
+
+@route(
+    "DELETE",
+    "/api/v1/clients/{clientid}",
+    "Kick a client: disconnect it (MQTT 5 reason 0x98) and discard its session",
+    "clients",
+    params=[_pp("clientid")],
+)
+async def client_kick(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    s = _session(m, request)
+    ch = s.channel
+    if ch is not None:
+        ch.disconnect(RC.ADMINISTRATIVE_ACTION, "kicked by an administrator")
+    m.broker.discard_session(s.client_id)
+    log.info("client %s kicked by %s", s.client_id, request.get("user"))
+    return web.Response(status=204)
+
+
+# -- subscriptions -----------------------------------------------------------------------
+
+
+def _sub_view(m: Management, o: SubOpts) -> dict[str, Any]:
+    group = parse_shared(o.topic_filter)[0]
+    d = {
+        "clientid": o.session.client_id,
+        "node": m.broker.config.node.name,
+        "topic": o.topic_filter,
+        "qos": o.qos,
+        "nl": int(o.no_local),
+        "rap": int(o.rap),
+        "rh": o.retain_handling,
+    }
+    if group is not None:
+        d["share_group"] = group
+    if o.sub_id:
+        d["sub_id"] = o.sub_id
+    return d
+
+
+@route(
+    "GET",
+    "/api/v1/subscriptions",
+    "Subscriptions of this node, filtered and paged",
+    "subscriptions",
+    params=[
+        *PAGING,
+        _qp("clientid", {"type": "string"}),
+        _qp("topic", {"type": "string"}, "Exact filter as subscribed."),
+        _qp("match_topic", {"type": "string"}, "Subscriptions a message on this topic reaches."),
+        _qp("qos", {"type": "integer", "minimum": 0, "maximum": 2}),
+        _qp("share_group", {"type": "string"}),
+    ],
+)
+async def subscriptions(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    q = request.query
+    qos = _int_param(request, "qos", 0, 0, 2) if "qos" in q else None
+    out = []
+    sessions = m.broker.sessions
+    ids = [q["clientid"]] if "clientid" in q else sorted(sessions)
+    for cid in ids:
+        s = sessions.get(cid)
+        if s is None:
+            continue
+        for f, o in s.subscriptions.items():
+            if "topic" in q and f != q["topic"]:
+                continue
+            group, real = parse_shared(f)
+            if "share_group" in q and group != q["share_group"]:
+                continue
+            if qos is not None and o.qos != qos:
+                continue
+            if "match_topic" in q and not matches(real, q["match_topic"]):
+                continue
+            out.append(_sub_view(m, o))
+    return web.json_response(_page(request, out))
+
+
+@route(
+    "GET",
+    "/api/v1/clients/{clientid}/subscriptions",
+    "One client's subscriptions",
+    "subscriptions",
+    params=[_pp("clientid")],
+)
+async def client_subscriptions(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    s = _session(m, request)
+    return web.json_response({"data": [_sub_view(m, o) for o in s.subscriptions.values()]})
+
+
+@route(
+    "POST",
+    "/api/v1/clients/{clientid}/subscribe",
+    "Subscribe a client to a filter",
+    "subscriptions",
+    params=[_pp("clientid")],
+    body=SubscribeBody,
+)
+async def client_subscribe(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    s = _session(m, request)
+    body: SubscribeBody = await _json_body(request, SubscribeBody)
+    cfg = m.broker.config.mqtt
+    try:
+        group, real = parse_shared(body.topic)
+    except ValueError as e:
+        raise ApiError(400, "BAD_TOPIC", f"topic: {e}") from None
+    if not valid_topic_filter(real, cfg.max_topic_levels):
+        raise ApiError(400, "BAD_TOPIC", f"topic: {body.topic!r} is not a valid topic filter")
+    if group is not None and body.nl:
+        raise ApiError(400, "BAD_TOPIC", "nl: no local is not allowed on a shared subscription")
+    opts = SubOpts(s, body.topic, min(body.qos, cfg.max_qos_allowed), body.nl, body.rap, body.rh)
+    existed = m.broker.subscribe(opts)
+    # As at SUBSCRIBE: retained messages unless shared, rh 2, or rh 1 and it already existed.
+    if group is None and (body.rh == 0 or (body.rh == 1 and not existed)):
+        now = m.broker.clock()
+        for msg in m.broker.retainer.lookup(real, now):
+            if msg.topic.startswith("$") and real[:1] in ("+", "#"):
+                continue
+            s.deliver(msg, min(msg.qos, opts.qos), True)
+    return web.json_response(_sub_view(m, opts))
+
+
+@route(
+    "POST",
+    "/api/v1/clients/{clientid}/unsubscribe",
+    "Remove a client's subscription",
+    "subscriptions",
+    params=[_pp("clientid")],
+    body=UnsubscribeBody,
+)
+async def client_unsubscribe(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    s = _session(m, request)
+    body: UnsubscribeBody = await _json_body(request, UnsubscribeBody)
+    if not m.broker.unsubscribe(s, body.topic):
+        raise ApiError(404, "SUBSCRIPTION_NOT_FOUND", f"{s.client_id} has no {body.topic!r}")
+    return web.Response(status=204)
+
+
+# -- topics ------------------------------------------------------------------------------
+
+
+@route(
+    "GET",
+    "/api/v1/topics",
+    "Routes: topic filters with subscribers on this node",
+    "topics",
+    params=[*PAGING, _qp("topic", {"type": "string"}, "Only filters that match this topic.")],
+)
+async def topics(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    topic = request.query.get("topic")
+    out = []
+    node_name = m.broker.config.node.name
+    for e in sorted(m.broker.router.filters(), key=lambda e: e.topic_filter):
+        if topic is not None and not matches(e.topic_filter, topic):
+            continue
+        out.append(
+            {
+                "topic": e.topic_filter,
+                "node": node_name,
+                "subscribers": len(e.subs),
+                "shared_groups": {g: len(grp.members) for g, grp in e.groups.items()},
+            }
+        )
+    return web.json_response(_page(request, out))
+
+
+# -- retained ----------------------------------------------------------------------------
+
+
+def _retained_view(msg: Message, payload: bool) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "topic": msg.topic,
+        "qos": msg.qos,
+        "from_clientid": msg.sender,
+        "payload_size": len(msg.payload),
+    }
+    if payload:
+        d["payload"] = base64.b64encode(msg.payload).decode()
+        try:
+            d["payload_text"] = msg.payload.decode()
+        except UnicodeDecodeError:
+            d["payload_text"] = None
+        if msg.props:
+            d["properties"] = {
+                k: (v.hex() if isinstance(v, bytes) else v) for k, v in msg.props.items()
+            }
+    return d
+
+
+@route(
+    "GET",
+    "/api/v1/retained",
+    "Retained messages (without payloads), filtered and paged",
+    "retained",
+    params=[*PAGING, _qp("topic", {"type": "string"}, "A topic filter.")],
+)
+async def retained(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    f = request.query.get("topic", "#")
+    if not valid_topic_filter(f, 65535):
+        raise ApiError(400, "BAD_TOPIC", f"topic: {f!r} is not a valid topic filter")
+    msgs = sorted(m.broker.retainer.lookup(f, m.broker.clock()), key=lambda x: x.topic)
+    return web.json_response(_page(request, [_retained_view(x, False) for x in msgs]))
+
+
+def _retained_msg(m: Management, request: web.Request) -> Message:
+    topic = request.match_info["topic"]
+    msg = m.broker.retainer.get(topic)
+    if msg is None or msg.expired(m.broker.clock()):
+        raise ApiError(404, "TOPIC_NOT_FOUND", f"no retained message on {topic!r}")
+    return msg
+
+
+@route(
+    "GET",
+    "/api/v1/retained/{topic}",
+    "One retained message with its payload (base64)",
+    "retained",
+    params=[_pp("topic", "The topic, URL-encoded.")],
+)
+async def retained_get(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    return web.json_response(_retained_view(_retained_msg(m, request), True))
+
+
+@route(
+    "DELETE",
+    "/api/v1/retained/{topic}",
+    "Delete one retained message",
+    "retained",
+    params=[_pp("topic", "The topic, URL-encoded.")],
+)
+async def retained_delete(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    msg = _retained_msg(m, request)
+    m.broker.retainer.delete(msg.topic)
+    return web.Response(status=204)
+
+
+# -- publish -----------------------------------------------------------------------------
+
+
+@route(
+    "POST",
+    "/api/v1/publish",
+    "Publish a message as the broker",
+    "publish",
+    body=PublishBody,
+)
+async def publish(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    body: PublishBody = await _json_body(request, PublishBody)
+    cfg = m.broker.config.mqtt
+    if not valid_topic_name(body.topic, cfg.max_topic_levels) or body.topic.startswith("$"):
+        raise ApiError(400, "BAD_TOPIC", f"topic: {body.topic!r} is not a topic one may publish to")
+    if body.payload_encoding == "base64":
+        try:
+            payload = base64.b64decode(body.payload, validate=True)
+        except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
+            raise ApiError(400, "BAD_REQUEST", "payload: not valid base64") from None
+    else:
+        payload = body.payload.encode()
+    if len(payload) > cfg.max_packet_size:
+        raise ApiError(400, "PAYLOAD_TOO_LARGE", "payload: larger than mqtt.max_packet_size")
+    props: dict[str, Any] = {}
+    if body.properties is not None:
+        p = body.properties.model_dump(exclude_none=True)
+        if "user_properties" in p:
+            p["user_property"] = list(p.pop("user_properties").items())
+        if "correlation_data" in p:
+            p["correlation_data"] = p["correlation_data"].encode()
+        props = p
+    now = m.broker.clock()
+    msg = Message(
+        body.topic, payload, min(body.qos, cfg.max_qos_allowed), body.retain, props or None, "", now
+    )
+    matched = m.broker.publish(msg)
+    return web.json_response({"matched": matched})
+
+
+# -- config ------------------------------------------------------------------------------
+
+
+@route("GET", "/api/v1/config", "The running configuration (passwords masked)", "config")
+async def config_get(request: web.Request) -> web.Response:
+    return web.json_response(hotconfig.public_config(_mgmt(request).broker.config))
+
+
+@route(
+    "PUT",
+    "/api/v1/config",
+    "Replace the running config, applied at once; invalid values refused with key and reason",
+    "config",
+    body=_config_schema(),  # type: ignore[arg-type]
+)
+async def config_put(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    raw = await _json_body(request)
+    new, restart = hotconfig.parse_new_config(m.broker.config, raw)
+    changed = await hotconfig.apply_config(m.broker, m.listeners, new)
+    body = {"changed": changed, "restart_required": restart}
+    body["config"] = hotconfig.public_config(m.broker.config)
+    return web.json_response(body)
+
+
+# -- bans --------------------------------------------------------------------------------
+
+
+@route("GET", "/api/v1/banned", "The ban list", "bans", params=PAGING)
+async def banned(request: web.Request) -> web.Response:
+    bans = _mgmt(request).broker.bans.list()
+    return web.json_response(_page(request, [b.as_dict() for b in bans]))
+
+
+@route(
+    "POST",
+    "/api/v1/banned",
+    "Ban a client id, username or peer address; matching clients are disconnected",
+    "bans",
+    body=BanBody,
+)
+async def ban_add(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    body: BanBody = await _json_body(request, BanBody)
+    if body.until is not None and body.until <= time.time():
+        raise ApiError(400, "BAD_REQUEST", "until: must be in the future")
+    ban = Ban(body.as_, body.who, body.reason, str(request.get("user", "")), 0.0, body.until)
+    m.broker.bans.add(ban)
+    from roost.broker.bans import peer_host
+
+    for ch in list(m.broker.channels):
+        if ch.connected and m.broker.bans.match(ch.client_id, ch.username, peer_host(ch.peer)):
+            # 0x8A "banned" is a CONNACK code only; DISCONNECT says administrative action.
+            ch.disconnect(RC.ADMINISTRATIVE_ACTION, "banned")
+    return web.json_response(ban.as_dict())
+
+
+@route(
+    "DELETE",
+    "/api/v1/banned/{as}/{who}",
+    "Lift a ban",
+    "bans",
+    params=[Param("as", "path", {"type": "string", "enum": list(KINDS)}, "", True), _pp("who")],
+)
+async def ban_delete(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    kind, who = request.match_info["as"], request.match_info["who"]
+    if kind not in KINDS:
+        raise ApiError(400, "BAD_REQUEST", f"as: must be one of {', '.join(KINDS)}")
+    if not m.broker.bans.remove(kind, who):
+        raise ApiError(404, "NOT_FOUND", f"no ban on {kind} {who!r}")
+    return web.Response(status=204)
+
+
+# -- evacuation --------------------------------------------------------------------------
+
+
+@route(
+    "GET",
+    "/api/v1/node/evacuation",
+    "Evacuation status of this node",
+    "node",
+)
+async def evacuation_status(request: web.Request) -> web.Response:
+    return web.json_response(_mgmt(request).evacuation.as_dict())
+
+
+@route(
+    "POST",
+    "/api/v1/node/evacuation",
+    "Start moving this node's clients away (MQTT 5 reason 0x9C); new CONNECTs are refused",
+    "node",
+    body=EvacuationBody,
+)
+async def evacuation_start(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    body: EvacuationBody = await _json_body(request, EvacuationBody)
+    m.evacuation.start(
+        body.conn_evict_rate, body.sess_evict_rate, body.wait_takeover, body.server_reference
+    )
+    return web.json_response(m.evacuation.as_dict(), status=202)
+
+
+@route(
+    "DELETE",
+    "/api/v1/node/evacuation",
+    "Stop evacuating; accept connections again",
+    "node",
+)
+async def evacuation_stop(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    await m.evacuation.stop()
+    return web.json_response(m.evacuation.as_dict())
+
+
+# ------------------------------------------------------------------------------ the app
+
+
+async def _index(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound("/dashboard/")
+
+
+async def _dashboard(request: web.Request) -> web.StreamResponse:
+    name = request.match_info.get("file") or "index.html"
+    path = (STATIC / name).resolve()
+    if STATIC.resolve() not in path.parents or not path.is_file():
+        raise ApiError(404, "NOT_FOUND", "no such dashboard file")
+    return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+
+def make_app(m: Management) -> web.Application:
+    app = web.Application(middlewares=[_errors, _auth], client_max_size=4 * 1024 * 1024)
+    app["mgmt"] = m
+    for r in ROUTES:
+        # Path parameters may hold "/" (topics): match the rest of the path for the last one.
+        path = r.path.replace("{topic}", "{topic:.+}").replace("{who}", "{who:.+}")
+        app.router.add_route(r.method, path, r.handler)
+    app.router.add_get("/", _index)
+    app.router.add_get("/dashboard/", _dashboard)
+    app.router.add_get("/dashboard/{file}", _dashboard)
+    return app

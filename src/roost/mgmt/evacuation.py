@@ -1,0 +1,146 @@
+"""Evacuation: move this node's clients away before the node goes (upgrade, scale-down).
+
+Connected clients are disconnected at a bounded rate, MQTT 5 ones with reason 0x9C "use another
+server" (and a Server Reference when one is given), while new CONNECTs are refused the same way.
+After the last connection, ``wait_takeover`` seconds let persistent clients reconnect elsewhere and
+take their sessions over; sessions still here after that are handed to ``session_mover`` when the
+cluster layer provides one (on a single node they stay, persisted, and the status says so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from roost.broker.node import Broker
+from roost.mqtt import reason_codes as RC
+from roost.mqtt.packets import Disconnect
+
+log = logging.getLogger("roost.mgmt")
+
+_STEP = 0.1  # seconds between eviction batches
+
+
+class Evacuation:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.status = "idle"  # idle | evacuating | done | failed | stopped
+        self.message = ""
+        self.params: dict[str, Any] = {}
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.evicted_connections = 0
+        self.moved_sessions = 0
+        #: Set by the cluster layer: move up to n offline sessions to other nodes, return how many.
+        self.session_mover: Callable[[int], Awaitable[int]] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(
+        self,
+        conn_evict_rate: int,
+        sess_evict_rate: int,
+        wait_takeover: float,
+        server_reference: str = "",
+    ) -> None:
+        if self._task is not None and not self._task.done():
+            return  # already running: a repeated request is not an error (idempotent for retries)
+        self.params = {
+            "conn_evict_rate": conn_evict_rate,
+            "sess_evict_rate": sess_evict_rate,
+            "wait_takeover": wait_takeover,
+            "server_reference": server_reference,
+        }
+        self.status = "evacuating"
+        self.message = ""
+        self.started_at = time.time()
+        self.finished_at = None
+        self.evicted_connections = 0
+        self.moved_sessions = 0
+        self.broker.evacuating = True
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Cancel, and accept connections again."""
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self.status = "stopped"
+            self.finished_at = time.time()
+        elif self.status != "idle":
+            self.status = "stopped"
+        self.broker.evacuating = False
+
+    def connections(self) -> int:
+        return sum(1 for ch in self.broker.channels if ch.connected)
+
+    def as_dict(self) -> dict[str, Any]:
+        sessions = len(self.broker.sessions)
+        return {
+            "status": self.status,
+            "message": self.message,
+            "connections": self.connections(),
+            "sessions": sessions,
+            "evicted_connections": self.evicted_connections,
+            "moved_sessions": self.moved_sessions,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            **self.params,
+        }
+
+    async def _run(self) -> None:
+        try:
+            await self._evict_connections()
+            await asyncio.sleep(float(self.params["wait_takeover"]))
+            await self._move_sessions()
+            self.status = "done"
+            left = len(self.broker.sessions)
+            if left:
+                self.message = f"{left} offline sessions kept on this node"
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("evacuation failed")
+            self.status = "failed"
+            self.message = str(e) or type(e).__name__
+        finally:
+            self.finished_at = time.time()
+        log.info("evacuation %s: %d connections evicted", self.status, self.evicted_connections)
+
+    async def _evict_connections(self) -> None:
+        rate = max(1, int(self.params["conn_evict_rate"]))
+        ref = self.params.get("server_reference") or ""
+        budget = 0.0
+        while True:
+            victims = [ch for ch in self.broker.channels if ch.connected and not ch.closed]
+            if not victims:
+                return
+            budget = min(budget + rate * _STEP, float(rate))
+            n = int(budget) if budget >= 1 else (1 if not self.evicted_connections else 0)
+            for ch in victims[:n]:
+                if ref and ch.v5 and ch.connected:
+                    # Server Reference tells MQTT 5 clients where to go.
+                    ch.send(Disconnect(RC.USE_ANOTHER_SERVER, {"server_reference": ref}))
+                    ch.close()
+                else:
+                    ch.disconnect(RC.USE_ANOTHER_SERVER, "node evacuated")
+                self.evicted_connections += 1
+            budget -= n
+            await asyncio.sleep(_STEP)
+
+    async def _move_sessions(self) -> None:
+        mover = self.session_mover
+        if mover is None:
+            return
+        rate = max(1, int(self.params["sess_evict_rate"]))
+        while self.broker.sessions:
+            moved = await mover(rate)
+            self.moved_sessions += moved
+            if moved == 0:
+                return
+            await asyncio.sleep(1.0)

@@ -1,0 +1,244 @@
+"""Prometheus text exposition (format 0.0.4), written by hand from the broker's live state.
+
+Counters are the broker's own plain ints, read at scrape time: nothing is added to the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import time
+from typing import TYPE_CHECKING
+
+from roost import __version__
+from roost.broker.node import Broker
+
+if TYPE_CHECKING:
+    from roost.mgmt.listeners import ListenerSet
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_START = time.time()
+
+
+class LoopLag:
+    """Measures how late the event loop wakes a sleeping task: a busy loop shows as lag."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.last = 0.0
+        self.max = 0.0  # since the last scrape
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def take_max(self) -> float:
+        m, self.max = max(self.max, self.last), 0.0
+        return m
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(self.interval)
+            self.last = max(0.0, loop.time() - t0 - self.interval)
+            self.max = max(self.max, self.last)
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def metric(
+        self, name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]
+    ) -> None:
+        self.lines.append(f"# HELP {name} {help_}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        sample_name = name + "_total" if kind == "counter" and not name.endswith("_total") else name
+        for labels, value in samples:
+            if labels:
+                lbl = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
+                self.lines.append(f"{sample_name}{{{lbl}}} {_num(value)}")
+            else:
+                self.lines.append(f"{sample_name} {_num(value)}")
+
+    def one(self, name: str, kind: str, help_: str, value: float) -> None:
+        self.metric(name, kind, help_, [({}, value)])
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _num(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    return repr(float(v))
+
+
+def _process() -> dict[str, float]:
+    out: dict[str, float] = {}
+    t = os.times()
+    out["cpu"] = t.user + t.system
+    try:
+        with open("/proc/self/statm") as f:
+            fields = f.read().split()
+        out["vms"] = int(fields[0]) * _PAGE
+        out["rss"] = int(fields[1]) * _PAGE
+    except OSError:
+        out["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        out["fds"] = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        pass
+    return out
+
+
+def render(broker: Broker, listeners: ListenerSet | None, lag: LoopLag | None) -> str:
+    w = _Writer()
+    s = broker.stats
+    cfg = broker.config
+    w.metric(
+        "roost_info",
+        "gauge",
+        "Node name, role and version.",
+        [({"node": cfg.node.name, "role": cfg.node.role, "version": __version__}, 1)],
+    )
+    w.one(
+        "roost_uptime_seconds",
+        "gauge",
+        "Seconds since the node started.",
+        round(broker.clock() - broker.started_at, 3),
+    )
+
+    by_listener: dict[str, int] = {}
+    connected = 0
+    for ch in broker.channels:
+        if ch.connected:
+            connected += 1
+            by_listener[ch.listener] = by_listener.get(ch.listener, 0) + 1
+    w.one("roost_connections", "gauge", "Connected MQTT clients.", connected)
+    labels = sorted(set(by_listener) | set(listeners.servers if listeners else ()))
+    w.metric(
+        "roost_listener_connections",
+        "gauge",
+        "Connected clients per listener.",
+        [({"listener": lbl}, by_listener.get(lbl, 0)) for lbl in labels],
+    )
+    if listeners is not None:
+        up = [({"listener": lbl}, int(listeners.serving(lbl))) for lbl in sorted(listeners.servers)]
+        up += [({"listener": lbl}, 0) for lbl in sorted(listeners.unavailable)]
+        w.metric("roost_listener_up", "gauge", "1 when the listener accepts connections.", up)
+    w.metric(
+        "roost_listener_accept_errors",
+        "counter",
+        "Connections a listener refused (over max_connections).",
+        [({"listener": n}, st.refused) for n, st in sorted(broker.listener_states.items())],
+    )
+    w.one(
+        "roost_connections_accepted",
+        "counter",
+        "CONNECTs that opened a session.",
+        s.connections_total,
+    )
+    w.one(
+        "roost_auth_failures",
+        "counter",
+        "CONNECTs refused for credentials or bans.",
+        s.auth_denied,
+    )
+
+    sessions = len(broker.sessions)
+    online = sum(1 for x in broker.sessions.values() if x.connected)
+    w.metric(
+        "roost_sessions",
+        "gauge",
+        "Sessions by state.",
+        [({"state": "connected"}, online), ({"state": "disconnected"}, sessions - online)],
+    )
+    inflight = queued = qmax = 0
+    for x in broker.sessions.values():
+        inflight += len(x.inflight)
+        q = len(x.queue)
+        queued += q
+        qmax = max(qmax, q)
+    w.one(
+        "roost_inflight_messages",
+        "gauge",
+        "QoS 1/2 messages sent and not yet acknowledged.",
+        inflight,
+    )
+    w.one("roost_queued_messages", "gauge", "Messages waiting in session queues.", queued)
+    w.one("roost_queue_length_max", "gauge", "Longest session queue.", qmax)
+    w.one(
+        "roost_subscriptions", "gauge", "Subscriptions (shared ones included).", broker.router.count
+    )
+    w.one(
+        "roost_topics",
+        "gauge",
+        "Distinct topic filters in the routing table.",
+        len(broker.router.filters()),
+    )
+    w.one("roost_retained_messages", "gauge", "Retained messages.", len(broker.retainer))
+    w.one("roost_bans", "gauge", "Entries in the ban list.", len(broker.bans))
+
+    w.metric(
+        "roost_messages_received",
+        "counter",
+        "PUBLISH messages received, by QoS.",
+        [({"qos": str(q)}, n) for q, n in enumerate(s.received_qos)],
+    )
+    w.metric(
+        "roost_messages_sent",
+        "counter",
+        "PUBLISH messages sent, by QoS.",
+        [({"qos": str(q)}, n) for q, n in enumerate(s.sent_qos)],
+    )
+    w.one("roost_bytes_received", "counter", "Bytes received from MQTT clients.", s.bytes_received)
+    w.one("roost_bytes_sent", "counter", "Bytes sent to MQTT clients.", s.bytes_sent)
+    dropped = {
+        "no_subscribers": s.dropped_no_subscribers,
+        "queue_full": s.dropped_queue_full,
+        "too_large": s.dropped_too_large,
+        "expired": s.dropped_expired,
+        "qos0_offline": s.dropped_qos0_offline,
+        "not_authorized": s.publish_denied,
+    }
+    w.metric(
+        "roost_messages_dropped",
+        "counter",
+        "Messages dropped, by reason.",
+        [({"reason": r}, n) for r, n in dropped.items()],
+    )
+
+    p = _process()
+    w.one("process_cpu_seconds", "counter", "User and system CPU time.", round(p["cpu"], 3))
+    w.one("process_resident_memory_bytes", "gauge", "Resident memory.", int(p["rss"]))
+    if "vms" in p:
+        w.one("process_virtual_memory_bytes", "gauge", "Virtual memory.", int(p["vms"]))
+    if "fds" in p:
+        w.one("process_open_fds", "gauge", "Open file descriptors.", int(p["fds"]))
+    w.one("process_start_time_seconds", "gauge", "Process start, Unix time.", round(_START, 3))
+    if lag is not None:
+        w.one(
+            "roost_event_loop_lag_seconds",
+            "gauge",
+            "Last measured event-loop lag.",
+            round(lag.last, 6),
+        )
+        w.one(
+            "roost_event_loop_lag_max_seconds",
+            "gauge",
+            "Largest event-loop lag since the previous scrape.",
+            round(lag.take_max(), 6),
+        )
+    return w.text()
