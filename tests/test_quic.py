@@ -471,3 +471,20 @@ def test_control_stream_end_ends_the_connection(qb, how):
         watcher.disconnect()
 
     run(main())
+
+
+def test_keepalive_counts_traffic_on_any_stream(qb):
+    """Keepalive 1 s, and the control stream silent for 3 s: PUBLISHes on a data stream keep
+    the connection alive."""
+
+    async def main() -> None:
+        q = QuicClient("127.0.0.1", qb.quic, "ka-streams", keepalive=1)
+        await q.connect()
+        data = q.open_stream()
+        for i in range(10):
+            await data.publish("ka/data", str(i).encode(), 1)
+            await asyncio.sleep(0.3)
+        assert q.terminated is None and q.disconnect_packet is None
+        await q.disconnect()
+
+    run(main())
