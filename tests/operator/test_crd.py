@@ -11,15 +11,12 @@ import jsonschema
 import pytest
 import yaml
 
-from roost.operator.schema import CEL_RULES, crd, crd_yaml
+from roost.operator.artifacts import files
+from roost.operator.schema import CEL_RULES, crd
 from tests.operator.k8s_schemas import validate
 from tests.operator.structural import structural_errors
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD_FILES = [
-    ROOT / "deploy/crds/roostclusters.roost.io.yaml",
-    ROOT / "deploy/charts/roost-operator/crds/roostclusters.roost.io.yaml",
-]
 
 
 def _schema() -> dict[str, Any]:
@@ -39,9 +36,9 @@ def test_structural_checker_catches_a_ref() -> None:
     assert structural_errors(bad) == ["/x: $ref is not allowed", "/x: no type"]
 
 
-@pytest.mark.parametrize("path", CRD_FILES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_crd_files_are_up_to_date(path: Path) -> None:
-    assert path.read_text() == crd_yaml(), "regenerate: python -m roost.operator.schema > FILE"
+@pytest.mark.parametrize("path", list(files(ROOT)), ids=lambda p: str(p.relative_to(ROOT)))
+def test_generated_files_are_up_to_date(path: Path) -> None:
+    assert path.read_text() == files(ROOT)[path], "regenerate: python -m roost.operator.artifacts"
 
 
 def test_short_name_subresources_and_scale_paths() -> None:
