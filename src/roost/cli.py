@@ -14,6 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="run a broker node")
     start.add_argument("--config", "-c", help="YAML config file (default: ROOST_CONFIG or none)")
+    from roost.operator.main import add_arguments as add_operator_arguments
+
+    add_operator_arguments(sub.add_parser("operator", help="run the Kubernetes operator"))
     return parser
 
 
@@ -23,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from roost.node_main import run_node
 
         return run_node(args)
+    if args.command == "operator":
+        from roost.operator.main import run_operator
+
+        return run_operator(args)
     return 2
 
 
