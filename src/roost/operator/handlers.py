@@ -38,7 +38,12 @@ def default_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
-def make_registry(settings: Settings, login: Login = default_login) -> kopf.OperatorRegistry:
+def make_registry(
+    settings: Settings,
+    login: Login = default_login,
+    tune: Callable[[kopf.OperatorSettings], None] | None = None,
+) -> kopf.OperatorRegistry:
+    """The operator's handlers; ``login`` and ``tune`` (kopf settings) are for tests."""
     registry = kopf.OperatorRegistry()
     ctx = Context(settings)
     wakers: dict[str, asyncio.Event] = {}
@@ -49,6 +54,8 @@ def make_registry(settings: Settings, login: Login = default_login) -> kopf.Oper
         settings.persistence.finalizer = "roost.io/pvc-retention"
         settings.posting.level = logging.INFO
         settings.watching.server_timeout = 300
+        if tune is not None:
+            tune(settings)
 
     @kopf.on.login(registry=registry)
     async def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:

@@ -77,9 +77,9 @@ def _tmpfile(data: Any) -> str:
 
 
 class Kube:
-    def __init__(self, info: kopf.ConnectionInfo) -> None:
+    def __init__(self, info: kopf.ConnectionInfo, user_agent: str = "roost-operator") -> None:
         self.server = info.server.rstrip("/")
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "User-Agent": user_agent}
         if info.token:
             headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
         auth = None
