@@ -52,7 +52,7 @@ class Controllers:
     async def _loop(self) -> None:
         while True:
             await self.step()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
 
     async def _make_pod(self, name: str, template: dict[str, Any], role: str) -> None:
         image = template["spec"]["containers"][0]["image"]
@@ -77,7 +77,8 @@ class Controllers:
                 "uid": f"uid-{name}-{len(self.journal)}",
                 "labels": template["metadata"]["labels"],
             },
-            "spec": template["spec"],
+            # Only what the operator reads; full pod specs would slow KMock down for nothing.
+            "spec": {"containers": [{"name": "roost", "image": image}]},
             "status": status,
         }
         await self.kube.create(pod)
@@ -98,24 +99,27 @@ class Controllers:
             for i in range(n):
                 pod = f"{name}-{i}"
                 if pod not in pods:
+                    # Like the StatefulSet controller: the claim first (kept if it exists).
+                    await self._claim(f"data-{pod}", sts)
                     await self._make_pod(pod, sts["spec"]["template"], "core")
-                pvc = f"data-{pod}"
-                if await self.kube.get("PersistentVolumeClaim", NS, pvc) is None:
-                    labels = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["labels"]
-                    await self.kube.create(
-                        {
-                            "apiVersion": "v1",
-                            "kind": "PersistentVolumeClaim",
-                            "metadata": {"name": pvc, "namespace": NS, "labels": labels},
-                            "spec": {"accessModes": ["ReadWriteOnce"]},
-                        }
-                    )
             for pod_name in pods:
                 tail = pod_name.removeprefix(f"{name}-")
                 if tail.isdigit() and int(tail) >= n:
                     await self.kube.delete("Pod", NS, pod_name)
         for dep in await self.kube.list("Deployment", NS, {}):
             await self._deployment(dep, pods)
+
+    async def _claim(self, pvc: str, sts: dict[str, Any]) -> None:
+        if await self.kube.get("PersistentVolumeClaim", NS, pvc) is None:
+            labels = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["labels"]
+            await self.kube.create(
+                {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": pvc, "namespace": NS, "labels": labels},
+                    "spec": {"accessModes": ["ReadWriteOnce"]},
+                }
+            )
 
     async def _deployment(self, dep: dict[str, Any], pods: dict[str, Any]) -> None:
         name = dep["metadata"]["name"]

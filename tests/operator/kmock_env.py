@@ -68,6 +68,7 @@ class Env:
     nodes: FakeNodes
     controllers: Controllers
     journal: list[tuple[str, str]]
+    archive: list[Any]
 
     async def get(self, kind: str, name: str) -> dict[str, Any] | None:
         return await self.kube.get(kind, NS, name)
@@ -89,13 +90,23 @@ class Env:
             f"timed out waiting for {what}; last: {last!r}; journal: {self.journal}"
         )
 
-    async def ready(self, name: str = "mq") -> dict[str, Any]:
+    async def ready(
+        self, name: str = "mq", when: Callable[[dict[str, Any]], bool] = lambda st: True
+    ) -> dict[str, Any]:
+        """The status once Ready is True and ``when(status)`` holds."""
+
         async def check() -> dict[str, Any] | None:
             st = await self.status(name)
             conds = {c["type"]: c["status"] for c in st.get("conditions", [])}
-            return st if conds.get("Ready") == "True" else None
+            return st if conds.get("Ready") == "True" and when(st) else None
 
         return await self.until("Ready", check)
+
+    async def rolled(self, before: str, name: str = "mq") -> dict[str, Any]:
+        """The status once a rollout away from revision ``before`` has finished."""
+        return await self.ready(
+            name, lambda st: st.get("currentRevision") == st.get("updateRevision") != before
+        )
 
     async def patch_spec(self, patch: dict[str, Any], name: str = "mq") -> None:
         await self.kube.patch("RoostCluster", NS, name, {"spec": copy.deepcopy(patch)})
@@ -111,10 +122,21 @@ class Env:
         """Requests that changed something, from anyone but the test's own controllers."""
         return [
             f"{r.method} {r.url.path}"
-            for r in self.api
+            for r in [*self.archive, *self.api]
             if str(r.method).upper().endswith(("POST", "PUT", "PATCH", "DELETE"))
             and r.headers.get("User-Agent") != TEST_AGENT
         ]
+
+
+async def _trim_history(api: kmock.KubernetesEmulator, archive: list[Any]) -> None:
+    """Keep KMock's request log short: it matches each request against the whole log, so a
+    long flow slows down quadratically. Old requests move to ``archive`` for assertions."""
+    log = api._requests  # no public way to trim it
+    while True:
+        await asyncio.sleep(0.2)
+        if len(log) > 50:
+            archive.extend(log[:-20])
+            del log[:-20]
 
 
 def _tune(settings: kopf.OperatorSettings) -> None:
@@ -144,6 +166,8 @@ async def running_operator() -> AsyncIterator[Env]:
         await nodes.start()
         controllers = Controllers(kube, nodes, journal)
         await controllers.start()
+        archive: list[Any] = []
+        trimmer = asyncio.create_task(_trim_history(api, archive))
         settings = Settings(interval=0.2, node_port=nodes.port, evacuation_poll=0.02)
         registry = make_registry(settings, login=lambda **_: info, tune=_tune)
         stop = asyncio.Event()
@@ -151,11 +175,16 @@ async def running_operator() -> AsyncIterator[Env]:
             kopf.operator(registry=registry, standalone=True, namespaces=[NS], stop_flag=stop)
         )
         try:
-            yield Env(kube, api, nodes, controllers, journal)
+            yield Env(kube, api, nodes, controllers, journal, archive)
         finally:
             stop.set()
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(task, 10)
+            # kopf waits for its watch streams to time out; nothing is left to do by then.
+            done, _ = await asyncio.wait([task], timeout=1.0)
+            if not done:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            trimmer.cancel()
             await controllers.stop()
             await nodes.stop()
             await kube.close()

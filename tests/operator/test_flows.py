@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from roost.operator import render
 from tests.operator.controllers import NS
-from tests.operator.kmock_env import cluster, running_operator
+from tests.operator.kmock_env import Env, cluster, running_operator
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
 
@@ -44,9 +46,7 @@ async def test_create_to_ready() -> None:
         await env.until("a quiet moment", lambda: _quiet(env))
 
 
-async def _quiet(env) -> bool:  # type: ignore[no-untyped-def]
-    import asyncio
-
+async def _quiet(env: Env) -> bool:
     before = len(env.writes())
     await asyncio.sleep(1.0)
     return len(env.writes()) == before
@@ -83,8 +83,9 @@ async def test_scale_down_and_up_with_evacuation() -> None:
         assert j.index(("evacuated", rep)) < j.index(("pod-deleted", rep))
 
         await env.patch_spec({"coreTemplate": {"replicas": 3}})
-        st = await env.ready()
-        assert st["coreReadyReplicas"] == 3
+        await env.ready(when=lambda st: st["coreReadyReplicas"] == 3)
+        # A fresh claim for each new member: the old etcd data was deleted with the member.
+        assert await env.get("PersistentVolumeClaim", "data-mq-core-2") is not None
 
 
 async def test_image_upgrade_cores_then_replicants() -> None:
@@ -95,21 +96,10 @@ async def test_image_upgrade_cores_then_replicants() -> None:
             w.split("@")[0] for what, w in env.journal if what == "pod-created" and "replicant" in w
         }
         env.journal.clear()
+        before = (await env.status())["updateRevision"]
         await env.patch_spec({"image": "roost:2"})
-
-        async def upgraded() -> bool:
-            st = await env.status()
-            return (
-                st.get("phase") == "Running"
-                and all(w.startswith("roost@") for w in [n["name"] for n in st.get("nodes", [])])
-                and any(e[0] == "pod-deleted" and e[1] in old_rep_pods for e in env.journal)
-                and st["replicantReadyReplicas"] == 2
-                and all((e[0] != "pod-deleted" or True) for e in env.journal)
-                and len([e for e in env.journal if e[0] == "pod-deleted" and e[1] in old_rep_pods])
-                == 2
-            )
-
-        await env.until("upgraded", upgraded)
+        st = await env.rolled(before)
+        assert (st["coreReadyReplicas"], st["replicantReadyReplicas"]) == (3, 2)
         j = env.journal
         evacuated = [who for what, who in j if what == "evacuate"]
         assert evacuated[:3] == ["mq-core-2", "mq-core-1", "mq-core-0"]
@@ -146,14 +136,12 @@ async def test_bad_image_then_fixed() -> None:
             c["message"] for c in st["conditions"] if c["type"] == "Degraded"
         )
         # Only one core was touched; the other two still serve.
-        import asyncio
-
         await asyncio.sleep(1.0)
         assert [w for what, w in env.journal if what == "evacuate"] == ["mq-core-2"]
         assert any(e["reason"] == "Degraded" for e in env.events())
 
         await env.patch_spec({"image": "roost:3"})
-        st = await env.ready()
+        st = await env.rolled(st["updateRevision"])
         assert st["phase"] == "Running"
         cores = [w for what, w in env.journal if what == "pod-created" and "core" in w]
         assert len(cores) == 4  # broken core-2, then core-2, core-1, core-0 on the fix
@@ -173,7 +161,7 @@ async def test_config_change_is_pushed_without_restart() -> None:
             return len(nodes) == 5 and all(n.config["mqtt"]["max_inflight"] == 77 for n in nodes)
 
         await env.until("config on every node", pushed)
-        assert sorted(w for what, w in env.journal if what == "put-config").__len__() == 5
+        assert len([w for what, w in env.journal if what == "put-config"]) == 5
         assert not [e for e in env.journal if e[0] in ("pod-deleted", "evacuate")]
         cm = await env.get("ConfigMap", "mq-config")
         assert "max_inflight: 77" in cm["data"]["roost.yaml"]

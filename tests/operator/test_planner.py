@@ -128,3 +128,12 @@ def test_deleting_pods_are_not_acted_on() -> None:
     pods = [*cores(2, "c1"), PodState("r-core-2", "c1", False, deleting=True)]
     p = plan(replace(BASE, core_revision="c2", core_pods=pods))
     assert p.action is None
+
+
+def test_one_replicant_removal_at_a_time() -> None:
+    # The Deployment was lowered to 1 but its removed pod is still there: wait for it.
+    o = replace(BASE, replicant_desired=0, deployments=[DeploymentState("r1", 1, 1)])
+    p = plan(o)
+    assert p.action is None and "removed" in p.waiting
+    o = replace(o, replicant_pods=reps(2)[1:])
+    assert plan(o).action == Action("remove-replicant", "r-replicant-r1-1", True, "r1")

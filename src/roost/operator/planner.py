@@ -172,10 +172,13 @@ def plan(o: Observed) -> Plan:
             plan_.waiting = "waiting for the new replicant pods to be ready"
             return plan_
         d = old_deps[0]
+        pods = pods_of.get(d.revision, [])
+        if len(pods) > d.replicas:
+            plan_.waiting = "waiting for the last removed replicant pod to go"
+            return plan_
         if d.replicas == 0:
             plan_.delete_deployments.append(d.revision)
             return plan_
-        pods = pods_of.get(d.revision, [])
         pod = next((p for p in pods if not p.ready), None) or (pods[0] if pods else None)
         if pod is None:
             plan_.waiting = "waiting for old replicant pods to be listed"
@@ -183,9 +186,13 @@ def plan(o: Observed) -> Plan:
         plan_.action = Action("remove-replicant", pod.name, pod.ready, d.revision)
         return plan_
 
+    pods = pods_of.get(new.revision, [])
+    if len(pods) > new.replicas:
+        plan_.phase = "Scaling"
+        plan_.waiting = "waiting for the last removed replicant pod to go"
+        return plan_
     if new.replicas > o.replicant_desired:
         plan_.phase = "Scaling"
-        pods = pods_of.get(new.revision, [])
         pod = next((p for p in pods if not p.ready), None) or (pods[-1] if pods else None)
         if pod is None:
             plan_.waiting = "waiting for replicant pods to be listed"

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,9 @@ class Settings:
     node_port: int = render.MGMT_PORT
     #: Seconds between evacuation status polls.
     evacuation_poll: float = 1.0
+    #: Seconds before objects that the spec did not change are read back again (to repair
+    #: manual edits or deletions); a changed spec is applied at once.
+    resync: float = 60.0
 
 
 @dataclass
@@ -52,6 +56,8 @@ class Context:
     api_keys: dict[str, str] = field(default_factory=dict)
     #: pod uid -> hash of the config last confirmed on that node.
     pushed_config: dict[str, str] = field(default_factory=dict)
+    #: (namespace, kind, name) -> (hash of what was applied, monotonic time it was checked).
+    applied: dict[tuple[str, str, str], tuple[str, float]] = field(default_factory=dict)
 
 
 Warn = Any  # callable(reason, message): posts a Kubernetes event on the RoostCluster
@@ -113,12 +119,27 @@ class Reconciler:
         self.owner = render.owner_reference(self.name, self.uid)
         self.warn = warn
         self.pods: dict[str, Obj] = {}
+        self.deployments: dict[str, Obj] = {}
 
     # -- writes that converge -----------------------------------------------------------------
 
-    async def ensure(self, obj: Obj, immutable: tuple[str, ...] = ()) -> Obj:
+    async def ensure_cached(self, obj: Obj) -> None:
+        """ensure(), skipped while the same object was checked less than ``resync`` ago."""
+        key = (self.ns, obj["kind"], obj["metadata"]["name"])
+        digest = _config_hash(obj)
+        seen = self.ctx.applied.get(key)
+        now = time.monotonic()
+        if seen and seen[0] == digest and now - seen[1] < self.ctx.settings.resync:
+            return
+        await self.ensure(obj)
+        self.ctx.applied[key] = (digest, now)
+
+    async def ensure(
+        self, obj: Obj, immutable: tuple[str, ...] = (), have: Obj | None = None
+    ) -> Obj:
         kind, name = obj["kind"], obj["metadata"]["name"]
-        have = await self.kube.get(kind, self.ns, name)
+        if have is None:
+            have = await self.kube.get(kind, self.ns, name)
         if have is None:
             log.info("creating %s %s/%s", kind, self.ns, name)
             return await self.kube.create(obj)
@@ -188,6 +209,7 @@ class Reconciler:
         pods = await self.kube.list("Pod", self.ns, render.selector(self.name))
         self.pods = {p["metadata"]["name"]: p for p in pods}
         deps = await self.kube.list("Deployment", self.ns, render.selector(self.name, "replicant"))
+        self.deployments = {d["metadata"]["labels"].get(render.LABEL_REVISION, ""): d for d in deps}
         role = render.LABEL_COMPONENT
         return (
             Observed(
@@ -220,7 +242,7 @@ class Reconciler:
 
     async def apply(self, spec: RoostClusterSpec, p: Plan, sts: Obj | None, o: Observed) -> None:
         for obj in render.static_objects(self.name, self.ns, self.uid, spec, self.serving_role(o)):
-            await self.ensure(obj)
+            await self.ensure_cached(obj)
         bootstrap = p.core_replicas
         if sts is not None:
             ann = sts["metadata"].get("annotations", {})
@@ -273,6 +295,14 @@ class Reconciler:
             self.warn("EvacuationIncomplete", f"{pod_name}: {result.detail}; removing it anyway")
 
     async def act(self, spec: RoostClusterSpec, a: Action, o: Observed) -> None:
+        try:
+            await self._act(spec, a, o)
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            log.info("%s went away while being removed", a.pod)  # what we wanted anyway
+
+    async def _act(self, spec: RoostClusterSpec, a: Action, o: Observed) -> None:
         log.info("%s/%s: %s %s (evacuate=%s)", self.ns, self.name, a.kind, a.pod, a.evacuate)
         if a.evacuate:
             await self.evacuate(spec, a.pod)
