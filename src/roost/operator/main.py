@@ -19,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument(
-        "--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL"
+        "--liveness",
+        default="http://0.0.0.0:8080/healthz",
+        help="liveness endpoint URL; empty to serve none",
     )
 
 
@@ -40,7 +42,7 @@ def run_operator(args: argparse.Namespace) -> int:
             standalone=True,
             clusterwide=not args.namespace,
             namespaces=args.namespace,
-            liveness_endpoint=args.liveness,
+            liveness_endpoint=args.liveness or None,
         )
     )
     return 0
