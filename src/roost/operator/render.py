@@ -336,28 +336,34 @@ def _broker_container(
     return container
 
 
-# A fresh member of the bootstrap set starts a new cluster; a later one (scale-up) adds itself
-# to the running cluster first; a member with data just restarts (PVC kept across upgrades).
-_ETCD_SCRIPT = """\
+# A member with data restarts on it (PVC kept across upgrades). A fresh one joins the running
+# cluster if one answers (scale-up, or a member whose PVC went with a scale-down), adding itself
+# first; only when none answers do the first BOOTSTRAP members start a new cluster together.
+ETCD_SCRIPT = """\
 set -eu
 ord="${POD_NAME##*-}"
 peer="http://${POD_NAME}.${PEERS}:2380"
-common="--name ${POD_NAME} --data-dir /data/etcd --listen-peer-urls http://0.0.0.0:2380 \
---listen-client-urls http://0.0.0.0:2379 --advertise-client-urls http://${POD_NAME}.${PEERS}:2379 \
---initial-advertise-peer-urls ${peer}"
-if [ -d /data/etcd/member ]; then exec etcd $common; fi
-if [ "$ord" -lt "$BOOTSTRAP" ]; then
-  cluster=""; i=0
-  while [ "$i" -lt "$BOOTSTRAP" ]; do
-    cluster="${cluster:+$cluster,}${STS}-$i=http://${STS}-$i.${PEERS}:2380"; i=$((i+1))
-  done
-  exec etcd $common --initial-cluster "$cluster" --initial-cluster-state new \
-    --initial-cluster-token "$TOKEN"
+set -- --name "$POD_NAME" --data-dir /data/etcd --listen-peer-urls http://0.0.0.0:2380 \
+  --listen-client-urls http://0.0.0.0:2379 \
+  --advertise-client-urls "http://${POD_NAME}.${PEERS}:2379" --initial-advertise-peer-urls "$peer"
+if [ -d /data/etcd/member ]; then exec etcd "$@"; fi
+if members=$(etcdctl --endpoints "$ENDPOINTS" --command-timeout=5s member list 2>/dev/null); then
+  case "$members" in
+    *"$peer"*) ;;
+    *) etcdctl --endpoints "$ENDPOINTS" member add "$POD_NAME" --peer-urls "$peer" >/dev/null
+       members=$(etcdctl --endpoints "$ENDPOINTS" member list) ;;
+  esac
+  cluster=$(printf '%s\n' "$members" | awk -F', ' -v me="$POD_NAME" -v peer="$peer" \
+    '{n=$3; if ($4==peer) n=me; printf "%s%s=%s", s, n, $4; s=","}')
+  exec etcd "$@" --initial-cluster "$cluster" --initial-cluster-state existing
 fi
-etcdctl --endpoints "$ENDPOINTS" member add "$POD_NAME" --peer-urls "$peer" || true
-cluster=$(etcdctl --endpoints "$ENDPOINTS" member list | awk -F', ' -v me="$POD_NAME" \
-  '{n=$3; if (n=="") n=me; printf "%s%s=%s", s, n, $4; s=","}')
-exec etcd $common --initial-cluster "$cluster" --initial-cluster-state existing
+if [ "$ord" -ge "$BOOTSTRAP" ]; then echo "no etcd member answers at $ENDPOINTS" >&2; exit 1; fi
+cluster=""; i=0
+while [ "$i" -lt "$BOOTSTRAP" ]; do
+  cluster="${cluster:+$cluster,}${STS}-$i=http://${STS}-$i.${PEERS}:2380"; i=$((i+1))
+done
+exec etcd "$@" --initial-cluster "$cluster" --initial-cluster-state new \
+  --initial-cluster-token "$TOKEN"
 """
 
 
@@ -366,7 +372,7 @@ def _etcd_container(name: str, spec: RoostClusterSpec, uid: str, bootstrap: int)
         "name": "etcd",
         "image": spec.image,
         "imagePullPolicy": spec.imagePullPolicy,
-        "command": ["/bin/sh", "-c", _ETCD_SCRIPT],
+        "command": ["/bin/sh", "-c", ETCD_SCRIPT],
         "env": [
             _field_env("POD_NAME", "metadata.name"),
             {"name": "PEERS", "value": headless_name(name)},
