@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import kmock
 import pytest
 
 from roost.operator import render
@@ -211,3 +212,17 @@ async def test_delete_with_pvc_policy(policy: str) -> None:
             assert pvcs == [None, None, None]
         else:
             assert all(p is not None for p in pvcs)
+
+
+async def test_service_monitor_without_prometheus_operator_is_reported() -> None:
+    async with running_operator() as env:
+        # A cluster without the Prometheus operator answers 404 for the resource.
+        env.api["post", kmock.resource("monitoring.coreos.com/v1/servicemonitors")] << 404
+        await env.kube.create(cluster(serviceMonitor={"enabled": True}))
+        await env.ready()
+
+        async def event() -> list[dict]:
+            return [e for e in env.events() if e.get("reason") == "ServiceMonitorUnavailable"]
+
+        (ev,) = await env.until("event", event)
+        assert "serviceMonitor.enabled: false" in ev["message"]

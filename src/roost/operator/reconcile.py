@@ -58,6 +58,8 @@ class Context:
     pushed_config: dict[str, str] = field(default_factory=dict)
     #: (namespace, kind, name) -> (hash of what was applied, monotonic time it was checked).
     applied: dict[tuple[str, str, str], tuple[str, float]] = field(default_factory=dict)
+    #: Warnings already posted as events, not repeated on every reconcile.
+    warned: set[tuple[str, str, str]] = field(default_factory=set)
 
 
 Warn = Any  # callable(reason, message): posts a Kubernetes event on the RoostCluster
@@ -151,6 +153,12 @@ class Reconciler:
         log.info("updating %s %s/%s", kind, self.ns, name)
         return await self.kube.patch(kind, self.ns, name, want)
 
+    def warn_once(self, reason: str, message: str) -> None:
+        key = (self.uid, reason, message)
+        if key not in self.ctx.warned:
+            self.ctx.warned.add(key)
+            self.warn(reason, message)
+
     async def write_status(self, new: Obj) -> None:
         merged = {**self.status, **new}
         if merged != self.status:
@@ -242,7 +250,19 @@ class Reconciler:
 
     async def apply(self, spec: RoostClusterSpec, p: Plan, sts: Obj | None, o: Observed) -> None:
         for obj in render.static_objects(self.name, self.ns, self.uid, spec, self.serving_role(o)):
-            await self.ensure_cached(obj)
+            try:
+                await self.ensure_cached(obj)
+            except ApiError as e:
+                # Without the Prometheus operator there is no ServiceMonitor resource: say so,
+                # and run the cluster anyway.
+                if obj["kind"] != "ServiceMonitor" or e.status != 404:
+                    raise
+                self.warn_once(
+                    "ServiceMonitorUnavailable",
+                    "serviceMonitor.enabled is set but the cluster has no "
+                    "monitoring.coreos.com/v1 ServiceMonitor resource; install the Prometheus "
+                    "operator or set serviceMonitor.enabled: false",
+                )
         bootstrap = p.core_replicas
         if sts is not None:
             ann = sts["metadata"].get("annotations", {})

@@ -312,6 +312,8 @@ def _broker_container(
         {"name": "config", "mountPath": "/etc/roost/roost.yaml", "subPath": "roost.yaml"},
         {"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True},
         {"name": "data", "mountPath": DATA_DIR},
+        # The root filesystem is read-only; temporary files (e.g. self-signed certificates).
+        {"name": "tmp", "mountPath": "/tmp"},
         *tmpl.extraVolumeMounts,
     ]
     container: dict[str, Any] = {
@@ -407,6 +409,7 @@ def _pod_template(
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": config_map_name(name)}},
         {"name": "api-key", "secret": {"secretName": api_key_secret_name(name)}},
+        {"name": "tmp", "emptyDir": {}},
     ]
     if role == "core":
         containers.append(_etcd_container(name, spec, uid, bootstrap))
