@@ -91,8 +91,7 @@ class Controllers:
     async def step(self) -> None:
         pods = {p["metadata"]["name"]: p for p in await self.kube.list("Pod", NS, {})}
         for gone in self.seen - pods.keys():
-            self.journal.append(("pod-deleted", gone))
-            self.nodes.remove(self.ips.get(gone, ""))
+            self._gone(gone)
         self.seen = set(pods)
         for sts in await self.kube.list("StatefulSet", NS, {}):
             name, n = sts["metadata"]["name"], sts["spec"]["replicas"]
@@ -105,9 +104,27 @@ class Controllers:
             for pod_name in pods:
                 tail = pod_name.removeprefix(f"{name}-")
                 if tail.isdigit() and int(tail) >= n:
-                    await self.kube.delete("Pod", NS, pod_name)
-        for dep in await self.kube.list("Deployment", NS, {}):
+                    await self._delete_pod(pod_name)
+        deps = await self.kube.list("Deployment", NS, {})
+        for dep in deps:
             await self._deployment(dep, pods)
+        # The garbage collector: replicant pods whose Deployment is gone.
+        revs = {d["metadata"]["labels"].get(render.LABEL_REVISION) for d in deps}
+        for name, pod in pods.items():
+            labels = pod["metadata"].get("labels", {})
+            replicant = labels.get(render.LABEL_COMPONENT) == "replicant"
+            if replicant and labels.get(render.LABEL_REVISION) not in revs:
+                await self._delete_pod(name)
+
+    def _gone(self, pod: str) -> None:
+        self.journal.append(("pod-deleted", pod))
+        self.nodes.remove(self.ips.get(pod, ""))
+        self.seen.discard(pod)
+
+    async def _delete_pod(self, pod: str) -> None:
+        # Recorded at once (a deletion by the operator is noticed on the next listing).
+        await self.kube.delete("Pod", NS, pod)
+        self._gone(pod)
 
     async def _claim(self, pvc: str, sts: dict[str, Any]) -> None:
         if await self.kube.get("PersistentVolumeClaim", NS, pvc) is None:
@@ -145,7 +162,7 @@ class Controllers:
                 return int(ann.get(render.DELETION_COST, "0"))
 
             for p in sorted(mine, key=cost)[: len(mine) - want]:
-                await self.kube.delete("Pod", NS, p["metadata"]["name"])
+                await self._delete_pod(p["metadata"]["name"])
         ready = sum(
             1
             for p in mine

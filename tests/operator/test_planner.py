@@ -90,6 +90,7 @@ def test_replicants_roll_after_cores_new_deployment_then_old_pods_evacuated() ->
     p = plan(o)
     assert p.action == Action("remove-replicant", "r-replicant-r1-0", True, "r1")
     o = replace(o, deployments=[DeploymentState("r1", 0, 0), DeploymentState("r2", 2, 2)])
+    o = replace(o, replicant_pods=reps(2, "r2"))
     assert plan(o).delete_deployments == ["r1"]
 
 
@@ -137,3 +138,14 @@ def test_one_replicant_removal_at_a_time() -> None:
     assert p.action is None and "removed" in p.waiting
     o = replace(o, replicant_pods=reps(2)[1:])
     assert plan(o).action == Action("remove-replicant", "r-replicant-r1-1", True, "r1")
+
+
+def test_old_deployment_scaled_to_zero_waits_for_its_last_pod() -> None:
+    o = replace(
+        BASE,
+        replicant_revision="r2",
+        deployments=[DeploymentState("r1", 0, 0), DeploymentState("r2", 2, 2)],
+        replicant_pods=reps(1, "r1") + reps(2, "r2"),
+    )
+    p = plan(o)
+    assert p.delete_deployments == [] and "removed" in p.waiting

@@ -160,10 +160,10 @@ def plan(o: Observed) -> Plan:
 
     old_deps = [d for d in o.deployments if d.revision != o.replicant_revision]
     # A Deployment with no ready pod serves no one (a bad image, say): drop it whole.
-    for d in old_deps:
-        if d.ready == 0:
-            plan_.delete_deployments.append(d.revision)
-    old_deps = [d for d in old_deps if d.ready > 0]
+    # (One already scaled to 0 goes the normal way: its last pod is waited for.)
+    broken = [d for d in old_deps if d.ready == 0 and d.replicas > 0]
+    plan_.delete_deployments.extend(d.revision for d in broken)
+    old_deps = [d for d in old_deps if d not in broken]
 
     new_ready = new.ready >= o.replicant_desired and new.replicas >= o.replicant_desired
     if old_deps:
