@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import kmock
 import pytest
 
 from roost.operator import render
 from tests.operator.controllers import NS
-from tests.operator.kmock_env import Env, cluster, running_operator
+from tests.operator.helm_binary import tool
+from tests.operator.kmock_env import TEST_AGENT, Env, cluster, running_operator
+from tests.operator.test_charts import template
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
 
@@ -226,3 +229,53 @@ async def test_service_monitor_without_prometheus_operator_is_reported() -> None
 
         (ev,) = await env.until("event", event)
         assert "serviceMonitor.enabled: false" in ev["message"]
+
+
+def _verb(request: Any) -> str:
+    method = str(request.method).rsplit(".", 1)[-1].upper()
+    if method == "GET":
+        if request.params.get("watch") in ("true", "1"):
+            return "watch"
+        return "get" if request.name else "list"
+    return {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]
+
+
+async def test_operator_needs_only_what_the_chart_grants() -> None:
+    rules = [
+        rule
+        for doc in template(tool("helm"), "roost-operator")
+        if doc["kind"] == "ClusterRole"
+        for rule in doc["rules"]
+    ]
+
+    def allowed(group: str, resource: str, verb: str) -> bool:
+        return any(
+            group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
+            for r in rules
+        )
+
+    async with running_operator() as env:
+        await env.kube.create(cluster(pvcRetentionPolicy={"whenDeleted": "Delete"}))
+        await env.ready()
+        await env.patch_spec({"replicantTemplate": {"replicas": 1}})
+        await env.ready(when=lambda st: st["replicantReadyReplicas"] == 1)
+        await env.kube.delete("RoostCluster", NS, "mq")
+        await env.until("deleted", lambda: _gone(env))
+        used = {
+            (
+                r.resource.group,
+                r.resource.plural + (f"/{r.subresource}" if r.subresource else ""),
+                _verb(r),
+            )
+            for r in [*env.archive, *env.api]
+            if r.resource is not None
+            and r.resource.plural
+            and r.headers.get("User-Agent") != TEST_AGENT
+        }
+    assert ("", "pods", "patch") in used and ("", "persistentvolumeclaims", "delete") in used
+    denied = sorted(u for u in used if not allowed(*u))
+    assert denied == []
+
+
+async def _gone(env: Env) -> bool:
+    return await env.get("RoostCluster", "mq") is None
