@@ -91,3 +91,11 @@ def test_roost_chart_rejects_bad_values(helm: Path) -> None:
     assert proc.returncode != 0 and "replicas" in proc.stderr
     proc = run(helm, *args, "--set", "listenersServiceTemplate.type=Ingress", ok=False)
     assert proc.returncode != 0
+
+
+def test_operator_chart_rejects_bad_values(helm: Path) -> None:
+    args = ["template", "rel", str(CHARTS / "roost-operator")]
+    proc = run(helm, *args, "--set", "logLevel=verbose", ok=False)
+    assert proc.returncode != 0 and "logLevel" in proc.stderr
+    proc = run(helm, *args, "--set", "watchNamespaces[0]=Not_A_Namespace", ok=False)
+    assert proc.returncode != 0
