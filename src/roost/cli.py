@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from roost import __version__
+from roost.passwd_cli import add_parser as add_passwd_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="run a broker node")
     start.add_argument("--config", "-c", help="YAML config file (default: ROOST_CONFIG or none)")
+    add_passwd_parser(sub)
     from roost.operator.main import add_arguments as add_operator_arguments
 
     add_operator_arguments(sub.add_parser("operator", help="run the Kubernetes operator"))
@@ -26,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from roost.node_main import run_node
 
         return run_node(args)
+    if args.command == "passwd":
+        from roost.passwd_cli import run_passwd
+
+        return run_passwd(args)
     if args.command == "operator":
         from roost.operator.main import run_operator
 

@@ -107,9 +107,11 @@ def _structural(node: Any, defs: dict[str, Schema], name: str | None = None) -> 
         if len(rest) != 1:
             raise ValueError(f"cannot express anyOf {any_of} structurally")
         node = {**{k: v for k, v in node.items() if k != "anyOf"}, **rest[0]}
-        out["nullable"] = True
         if node.get("default", 0) is None:
             del node["default"]
+        if "$ref" in node:  # Optional[SomeModel]
+            return {**_structural(node, defs, name), "nullable": True}
+        out["nullable"] = True
     additional = node.get("additionalProperties")
     for key, value in node.items():
         if key in _DROP or key == "anyOf":

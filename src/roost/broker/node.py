@@ -1,0 +1,314 @@
+"""The broker node: wires sessions, router, retainer, ACL and timers together (no I/O).
+
+Transports create a :class:`~roost.broker.channel.Channel` per connection; the node keeps the
+sessions, routes every PUBLISH to the matching sessions, and runs the timers (keepalive, will
+delay, session expiry, $SYS) from ``tick``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from roost import __version__
+from roost.broker.acl import Acl
+from roost.broker.authn import Authenticator
+from roost.broker.limits import Limits
+from roost.broker.message import Message
+from roost.broker.retainer import Retainer
+from roost.broker.router import Router, SubOpts
+from roost.broker.session import Session
+from roost.broker.stats import Stats
+from roost.config import Config, ConfigError
+from roost.mqtt import reason_codes as RC
+
+if TYPE_CHECKING:
+    from roost.broker.channel import Channel
+    from roost.broker.durable import Durable
+
+log = logging.getLogger("roost.broker")
+
+
+class Broker:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.started_at = clock()
+        self.stats = Stats()
+        self.router = Router()
+        self.retainer = Retainer()
+        self.acl = Acl(config.authorization)
+        self.authn = Authenticator(self)
+        self.limits = Limits(self)
+        self.sessions: dict[str, Session] = {}
+        self.channels: set[Channel] = set()  # every live channel, connected or not
+        self._wills: dict[str, tuple[float, Message]] = {}  # client id -> (due, will)
+        self._expiring: dict[str, float] = {}  # offline session -> expiry time
+        self._next_sys = 0.0
+        self._id_counter = 0
+        # Set by the node runner when the store is durable (see roost.broker.durable).
+        self.durable: Durable | None = None
+
+    @property
+    def acl_active(self) -> bool:
+        return self.acl.active
+
+    def reload_auth(self) -> str | None:
+        """Re-read the ACL file and drop auth caches (SIGHUP, REST API); the error, if any (the
+        rules in force then stay as they were)."""
+        self.authn.clear_cache()
+        try:
+            n = self.acl.reload()
+        except ConfigError as e:
+            log.error("ACL not reloaded, keeping the current rules: %s", e)
+            return str(e)
+        log.info("ACL reloaded: %d rules", n)
+        return None
+
+    def new_client_id(self) -> str:
+        self._id_counter += 1
+        return f"roost-{os.getpid():x}-{self._id_counter:x}-{os.urandom(3).hex()}"
+
+    # --------------------------------------------------------------------------- sessions
+
+    def open_session(
+        self, channel: Channel, client_id: str, clean_start: bool, expiry: int
+    ) -> tuple[Session, bool]:
+        """Attach a channel to its session, taking over an older connection; (session, present)."""
+        session = self.sessions.get(client_id)
+        if session is not None and session.channel is not None:
+            old = session.channel
+            log.info("client %s taken over by a new connection", client_id)
+            old.taken_over = True
+            old.disconnect(RC.SESSION_TAKEN_OVER)
+            # Closing the old connection ends its session if that had expiry 0.
+            session = self.sessions.get(client_id)
+        self._expiring.pop(client_id, None)
+        if session is not None and clean_start:
+            self._end_session(session)
+            session = None
+        elif session is not None:
+            # Resumed before the will delay ran out: the will is not sent.
+            self._wills.pop(client_id, None)
+        present = session is not None
+        if session is None:
+            cfg = self.config.mqtt
+            session = Session(client_id, self.stats, cfg.max_mqueue_len, cfg.mqueue_store_qos0)
+            self.sessions[client_id] = session
+        session.expiry_interval = expiry
+        session.channel = channel
+        if self.durable is not None and (expiry or session.durable is not None):
+            session.durable = self.durable
+            self.durable.save_session(session, channel.will, channel.will_delay, True)
+        self.stats.connections_total += 1
+        return session, present
+
+    def channel_closed(self, channel: Channel) -> None:
+        """A connected channel is gone: publish or schedule its will, keep or end its session."""
+        session = channel.session
+        if session is None or session.channel is not channel:
+            return
+        session.channel = None
+        now = self.clock()
+        will = channel.will
+        pending_will = None
+        if will is not None:
+            delay = min(channel.will_delay, session.expiry_interval)
+            if delay:
+                self._wills[session.client_id] = (now + delay, will)
+                pending_will = will
+            else:
+                self._publish_will(will, now)
+        self._redistribute_shared(session)
+        if session.expiry_interval == 0:
+            self._end_session(session)
+            return
+        if session.expiry_interval < 0xFFFFFFFF:
+            self._expiring[session.client_id] = now + session.expiry_interval
+        if session.durable is not None:
+            session.durable.save_session(session, pending_will, channel.will_delay, False)
+
+    def schedule_expiry(self, client_id: str, due: float) -> None:
+        self._expiring[client_id] = due
+
+    def schedule_will(self, client_id: str, will: Message, delay: float) -> None:
+        if delay > 0:
+            self._wills[client_id] = (self.clock() + delay, will)
+        else:
+            self._publish_will(will, self.clock())
+
+    def _end_session(self, session: Session) -> None:
+        pending = self._wills.pop(session.client_id, None)
+        if pending is not None:
+            self._publish_will(pending[1], self.clock())
+        for f in list(session.subscriptions):
+            self.unsubscribe(session, f)
+        self._redistribute_shared(session)
+        session.clear()
+        if session.durable is not None:
+            session.durable.delete_session(session.client_id)
+            session.durable = None
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+
+    def _publish_will(self, will: Message, now: float) -> None:
+        # Authorized at CONNECT (channel), with the username and address we no longer have here.
+        will.timestamp = now
+        expiry = will.props.get("message_expiry_interval") if will.props else None
+        will.expires_at = now + expiry if expiry is not None else None
+        self.publish(will)
+
+    def _redistribute_shared(self, session: Session) -> None:
+        """Give unacknowledged shared-subscription messages to another member of the group."""
+        for d in session.take_shared_unacked():
+            opts = d.shared
+            assert opts is not None
+            other = self.router.pick_shared(opts.topic_filter, exclude=session.client_id)
+            if other is None or not other.session.connected:
+                # Nobody else can take it: keep it for this member.
+                if d.qos and session.durable is not None:
+                    session.durable.add_delivery(session, d)
+                session.requeue(d)
+                continue
+            other.session.deliver(d.msg, min(d.msg.qos, other.qos), d.retain, d.sub_ids, other)
+
+    # ------------------------------------------------------------------------ subscriptions
+
+    def subscribe(self, opts: SubOpts) -> bool:
+        """Add or replace a subscription; True if the client already had this filter."""
+        session = opts.session
+        session.subscriptions[opts.topic_filter] = opts
+        existed = self.router.add(opts)
+        if session.durable is not None and session.channel is not None:
+            session.durable.save_session(session, session.channel.will,
+                                         session.channel.will_delay, True)  # fmt: skip
+        return existed
+
+    def unsubscribe(self, session: Session, topic_filter: str) -> bool:
+        if session.subscriptions.pop(topic_filter, None) is None:
+            return False
+        self.router.remove(session.client_id, topic_filter)
+        if session.durable is not None and session.channel is not None:
+            session.durable.save_session(session, session.channel.will,
+                                         session.channel.will_delay, True)  # fmt: skip
+        return True
+
+    # ---------------------------------------------------------------------------- routing
+
+    def publish(self, msg: Message) -> int:
+        """Route one message to every matching session; returns how many got it."""
+        self.stats.messages_received += 1
+        return self.route(msg)
+
+    def route(self, msg: Message) -> int:
+        if msg.retain:
+            self.retainer.store(msg)
+            if self.durable is not None and not msg.topic.startswith("$SYS/"):
+                if msg.payload:
+                    self.durable.retained_set(msg)
+                else:
+                    self.durable.retained_delete(msg.topic)
+        entries = self.router.match(msg.topic)
+        if not entries:
+            self.stats.dropped_no_subscribers += 1
+            return 0
+        sender = msg.sender
+        mqos = msg.qos
+        retain = msg.retain
+        n = 0
+        if len(entries) == 1 and not entries[0].groups:
+            # Fast path: one filter, plain subscribers; no per-client aggregation needed.
+            for opts in entries[0].subs.values():
+                if opts.no_local and opts.session.client_id == sender:
+                    continue
+                opts.session.deliver(
+                    msg,
+                    opts.qos if opts.qos < mqos else mqos,
+                    retain and opts.rap,
+                    (opts.sub_id,) if opts.sub_id else (),
+                )
+                n += 1
+            return n
+        # Overlapping filters: one copy per client at the highest QoS with every sub id.
+        per_client: dict[str, list] = {}
+        for entry in entries:
+            for cid, opts in entry.subs.items():
+                if opts.no_local and cid == sender:
+                    continue
+                agg = per_client.get(cid)
+                if agg is None:
+                    per_client[cid] = [opts.session, opts.qos, opts.rap, [opts.sub_id]]
+                else:
+                    agg[1] = max(agg[1], opts.qos)
+                    agg[2] = agg[2] or opts.rap
+                    agg[3].append(opts.sub_id)
+            for group in entry.groups.values():
+                member = group.pick()
+                if member is not None:
+                    ids = (member.sub_id,) if member.sub_id else ()
+                    member.session.deliver(msg, min(mqos, member.qos), retain and member.rap,
+                                           ids, member)  # fmt: skip
+                    n += 1
+        for session, qos, rap, ids in per_client.values():
+            session.deliver(msg, min(qos, mqos), retain and rap, tuple(i for i in ids if i))
+            n += 1
+        return n
+
+    # ----------------------------------------------------------------------------- timers
+
+    def tick(self) -> None:
+        """Run due timers; the transport layer calls this about once a second."""
+        now = self.clock()
+        for ch in list(self.channels):
+            ch.tick(now)
+        if self._wills:
+            for cid, (due, will) in list(self._wills.items()):
+                if now >= due:
+                    del self._wills[cid]
+                    self._publish_will(will, now)
+        if self._expiring:
+            for cid, due in list(self._expiring.items()):
+                if now >= due:
+                    del self._expiring[cid]
+                    session = self.sessions.get(cid)
+                    if session is not None and session.channel is None:
+                        log.info("session %s expired", cid)
+                        self._end_session(session)
+        for session in self.sessions.values():
+            if session.awaiting_rel:
+                limit = now - self.config.mqtt.await_rel_timeout
+                for pid, t in list(session.awaiting_rel.items()):
+                    if t < limit:
+                        del session.awaiting_rel[pid]
+                        if session.durable is not None:
+                            session.durable.rel_del(session, pid)
+        if self.config.sys_topics.enabled and now >= self._next_sys:
+            self._next_sys = now + self.config.sys_topics.interval
+            self.publish_sys(now)
+
+    def publish_sys(self, now: float) -> None:
+        s = self.stats
+        values = {
+            "version": f"roost {__version__}",
+            "uptime": f"{int(now - self.started_at)} seconds",
+            "clients/connected": sum(1 for x in self.sessions.values() if x.connected),
+            "clients/disconnected": sum(1 for x in self.sessions.values() if not x.connected),
+            "clients/total": len(self.sessions),
+            "messages/received": s.messages_received,
+            "messages/sent": s.messages_sent,
+            "messages/dropped": s.dropped_queue_full + s.dropped_too_large + s.dropped_expired,
+            "bytes/received": s.bytes_received,
+            "bytes/sent": s.bytes_sent,
+            "subscriptions/count": self.router.count,
+            "retained messages/count": len(self.retainer),
+        }
+        for key, value in values.items():
+            self.route(Message(f"$SYS/broker/{key}", str(value).encode(), 0, True, None, "", now))
+
+    def shutdown(self) -> None:
+        """Tell every MQTT 5 client the server is going away, and close all connections."""
+        for ch in list(self.channels):
+            ch.disconnect(RC.SERVER_SHUTTING_DOWN)

@@ -1,0 +1,106 @@
+"""``roost start``: run one broker node until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from roost import __version__
+from roost.broker.durable import Durable
+from roost.broker.node import Broker
+from roost.config import Config, ConfigError, load_config
+from roost.logs import setup_logging
+from roost.store.persister import Persister
+from roost.store.sqlite import SqliteStore
+from roost.transport.listeners import start_listener
+
+log = logging.getLogger("roost")
+
+
+def _open_store(config: Config, broker: Broker) -> Persister | None:
+    pcfg = config.persistence
+    if pcfg.durability == "memory":
+        log.info("persistence: memory only (nothing survives a restart)")
+        return None
+    path = Path(config.node.data_dir) / "roost.db"
+    store = SqliteStore(path, fsync=pcfg.fsync)
+    persister = Persister(store, pcfg.durability, pcfg.batch_max_delay)
+    durable = Durable(persister, broker.clock)
+    durable.restore(broker, store.load())
+    broker.durable = durable
+    log.info("persistence: %s in %s", pcfg.durability, path)
+    return persister
+
+
+async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
+    broker = Broker(config)
+    persister = _open_store(config, broker)
+    servers = []
+    for kind, name, lst in config.listeners.enabled():
+        label = f"{kind}:{name}"
+        server, addrs = await start_listener(broker, kind, label, lst, config.node.data_dir)
+        servers.append(server)
+        for host, port in addrs:
+            log.info("listening for MQTT on %s %s:%d", label, host, port)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        # SIGHUP: re-read the ACL file (the password file is re-read whenever it changes).
+        loop.add_signal_handler(signal.SIGHUP, broker.reload_auth)
+    log.info("roost %s started (node %s)", __version__, config.node.name)
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                broker.tick()
+            except Exception:
+                log.exception("timer tick failed")
+
+    tick_task = asyncio.create_task(ticker())
+    await stop.wait()
+    log.info("shutting down")
+    tick_task.cancel()
+    for server in servers:
+        server.close()
+    broker.shutdown()
+    await asyncio.sleep(0.1)  # let the DISCONNECTs reach the sockets
+    if persister is not None:
+        await persister.drain()
+        persister.close()
+    await broker.authn.close()
+    log.info("stopped")
+
+
+def run_node(args: argparse.Namespace) -> int:
+    path = args.config or os.environ.get("ROOST_CONFIG")
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(f"roost: {e}", file=sys.stderr)
+        return 2
+    setup_logging(config.log)
+    try:
+        import uvloop  # type: ignore[import-not-found]
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        runner(serve(config))
+    except ConfigError as e:  # e.g. an ACL file that cannot be read
+        log.error("cannot start: %s", e)
+        return 2
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    return 0

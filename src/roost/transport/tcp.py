@@ -1,0 +1,126 @@
+"""asyncio adapter: bytes from a stream socket into a broker channel, and back.
+
+Writes are coalesced per event-loop turn: a fan-out that hands one connection many PUBLISHes in
+one turn becomes one ``transport.write`` (one syscall) instead of one per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+from roost.broker.channel import Channel
+from roost.broker.node import Broker
+from roost.transport.tls import peer_cn
+
+log = logging.getLogger("roost.transport")
+
+# Bytes a connection may have waiting in its send buffer before deliveries to it are queued in
+# its session instead (where max_mqueue_len bounds them).
+WRITE_HIGH_WATER = 1 << 20
+
+
+class ListenerState:
+    """Counters shared by the connections of one listener (for limits and metrics)."""
+
+    def __init__(self, name: str, max_connections: int, cert_as_username: bool = False) -> None:
+        self.name = name
+        self.max_connections = max_connections
+        #: Use the verified client certificate's CN as the MQTT username (TLS listeners).
+        self.cert_as_username = cert_as_username
+        self.connections = 0
+        self.refused = 0
+
+
+class MqttStreamProtocol(asyncio.Protocol):
+    def __init__(self, broker: Broker, listener: ListenerState) -> None:
+        self.broker = broker
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.channel: Channel | None = None
+        self._pending: list[bytes] | None = None
+        self._closing = False
+
+    # asyncio side -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        lst = self.listener
+        if lst.connections >= lst.max_connections:
+            lst.refused += 1
+            log.warning("listener %s is full (%d connections); refusing", lst.name, lst.connections)
+            transport.close()
+            return
+        lst.connections += 1
+        peer = transport.get_extra_info("peername")
+        peer_s = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        cn = None
+        if lst.cert_as_username:
+            cn = peer_cn(transport.get_extra_info("peercert"))
+        self.channel = Channel(self.broker, self, peer_s, lst.name, cn)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if self.channel is not None:
+            self.channel.data_received(data)
+
+    def pause_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.channel is not None:
+            self.listener.connections -= 1
+            self.channel.connection_lost()
+            self.channel = None
+
+    # channel side -------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        pending = self._pending
+        if pending is None:
+            self._pending = [data]
+            asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            pending.append(data)
+
+    def _flush(self) -> None:
+        pending = self._pending
+        self._pending = None
+        t = self.transport
+        if pending and t is not None and not t.is_closing():
+            t.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        if self._closing and t is not None:
+            t.close()
+
+    def close(self) -> None:
+        """Close after the bytes written so far (e.g. a DISCONNECT) are on their way."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._pending is None and self.transport is not None:
+            self.transport.close()
+
+
+async def start_tcp_listener(
+    broker: Broker,
+    name: str,
+    host: str,
+    port: int,
+    max_connections: int,
+    ssl_context: ssl.SSLContext | None = None,
+    cert_as_username: bool = False,
+) -> asyncio.Server:
+    state = ListenerState(name, max_connections, cert_as_username)
+    loop = asyncio.get_running_loop()
+    # A client that stalls its TLS handshake holds a socket; give up on it after 10 s.
+    kw = {"ssl_handshake_timeout": 10.0} if ssl_context is not None else {}
+    return await loop.create_server(
+        lambda: MqttStreamProtocol(broker, state), host, port, ssl=ssl_context, reuse_address=True,
+        backlog=1024, **kw,
+    )  # fmt: skip

@@ -1,0 +1,111 @@
+"""Start a real ``roost start`` process on a free loopback port, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class BrokerProcess:
+    """A broker subprocess with its own data dir and config; use as a context manager."""
+
+    def __init__(self, config: dict[str, Any] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.tmp = tempfile.TemporaryDirectory(prefix="roost-test-")
+        cfg: dict[str, Any] = {
+            "node": {"data_dir": self.tmp.name},
+            "listeners": {
+                "tcp": {"default": {"bind": f"127.0.0.1:{self.port}"}},
+                "ssl": {"default": {"enabled": False}},
+                "ws": {"default": {"enabled": False}},
+                "wss": {"default": {"enabled": False}},
+                "quic": {"default": {"enabled": False}},
+            },
+            "log": {"level": "info"},
+        }
+        _merge(cfg, config or {})
+        self.config_path = Path(self.tmp.name) / "roost.yaml"
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        self.log_path = Path(self.tmp.name) / "roost.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> BrokerProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ROOST_")}
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "roost", "start", "--config", str(self.config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited early:\n{self.log()}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"broker did not listen within {timeout}s:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would: nothing gets to flush."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
+
+    def restart(self, timeout: float = 10.0) -> BrokerProcess:
+        """Start again on the same port, config and data directory."""
+        return self.start(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig_timeout: float = 5.0) -> int | None:
+        rc = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                rc = self.proc.wait(sig_timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                rc = self.proc.wait()
+        elif self.proc is not None:
+            rc = self.proc.returncode
+        if getattr(self, "_log", None):
+            self._log.close()
+        return rc
+
+    def __enter__(self) -> BrokerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.tmp.cleanup()
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import settings
+
+from tests.brokerproc import BrokerProcess
+
+settings.register_profile("ci", max_examples=200, deadline=None)
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[BrokerProcess]:
+    """One shared broker on its defaults (plus a refusable test topic), for most tests."""
+    cfg = {
+        "authorization": {
+            "rules": [{"permission": "deny", "action": "subscribe", "topics": ["test/nosubscribe"]}]
+        },
+        "sys_topics": {"interval": 1},
+    }
+    with BrokerProcess(cfg) as b:
+        yield b
+
+
+@pytest.fixture
+def make_broker() -> Iterator[type[BrokerProcess]]:
+    """Start extra brokers with their own config; all are stopped after the test."""
+    started: list[BrokerProcess] = []
+
+    def factory(config: dict | None = None) -> BrokerProcess:
+        b = BrokerProcess(config).start()
+        started.append(b)
+        return b
+
+    yield factory  # type: ignore[misc]
+    for b in started:
+        b.stop()
+        b.tmp.cleanup()
