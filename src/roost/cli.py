@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     from roost.mgmt.ctl import add_parser as add_ctl
 
     add_ctl(sub)
+    from roost.operator.main import add_arguments as add_operator_arguments
+
+    add_operator_arguments(sub.add_parser("operator", help="run the Kubernetes operator"))
     return parser
 
 
@@ -36,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         from roost.mgmt.ctl import run as run_ctl
 
         return run_ctl(args)
+    if args.command == "operator":
+        from roost.operator.main import run_operator
+
+        return run_operator(args)
     return 2
 
 
