@@ -21,7 +21,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=kube-testenv.versions
 source "$here/kube-testenv.versions"
 
-cache_root="${ROOST_KUBE_CACHE:-$HOME/.cache/roost-kube}"
+cache_root="${ROOST_KUBE_CACHE:-${HOME:-/tmp}/.cache/roost-kube}"
 version_dir="$cache_root/$KUBE_VERSION"
 bin_dir="$version_dir/bin"
 stamp="$bin_dir/.built"

@@ -82,8 +82,10 @@ def kube_ns(kube: KubeCluster) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:10]}"
     kube.kubectl("create", "namespace", name)
     kube.wait_for(
-        lambda: kube.kubectl("-n", name, "get", "serviceaccount", "default", check=False).returncode
-        == 0,
+        lambda: (
+            kube.kubectl("-n", name, "get", "serviceaccount", "default", check=False).returncode
+            == 0
+        ),
         30,
         f"the default ServiceAccount in {name}",
     )

@@ -75,8 +75,7 @@ def ensure_binaries(timeout: float = BUILD_TIMEOUT_S) -> Path:
     """Run the build script (seconds when the cache is warm) and return the bin directory."""
     proc = subprocess.run(
         ["bash", str(BUILD_SCRIPT)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
@@ -330,7 +329,9 @@ class ProcessSet:
     log_dir: Path
     procs: list[ManagedProcess] = field(default_factory=list)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> ManagedProcess:
         log = self.log_dir / f"{name}.log"
         with log.open("wb") as out:
             popen = subprocess.Popen(
@@ -545,7 +546,9 @@ def control_plane(
                 "--log-level=warn",
             ],
         )
-        wait_until(lambda: _http_ok(f"{etcd_url}/health"), 30, "etcd health", alive=procs.check_alive)
+        wait_until(
+            lambda: _http_ok(f"{etcd_url}/health"), 30, "etcd health", alive=procs.check_alive
+        )
 
         procs.start(
             "kube-apiserver",
@@ -658,8 +661,9 @@ def control_plane(
         cluster.wait_for(nodes_ready, timeout, "three Ready kwok nodes")
         # Pods cannot be created in a namespace before its "default" ServiceAccount exists.
         cluster.wait_for(
-            lambda: cluster.kubectl("get", "serviceaccount", "default", check=False).returncode
-            == 0,
+            lambda: (
+                cluster.kubectl("get", "serviceaccount", "default", check=False).returncode == 0
+            ),
             timeout,
             "the default ServiceAccount",
         )
