@@ -60,6 +60,13 @@ class ControlPlaneError(RuntimeError):
     """The control plane could not be built, started or reached."""
 
 
+class KubectlError(subprocess.CalledProcessError):
+    """A failed kubectl run; its message carries kubectl's stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\nstderr:\n{self.stderr}"
+
+
 def read_versions() -> dict[str, str]:
     """The KEY=VALUE pairs of hack/kube-testenv.versions (the one place versions live)."""
     out: dict[str, str] = {}
@@ -412,9 +419,7 @@ class KubeCluster:
             check=False,
         )
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(
-                proc.returncode, argv, output=proc.stdout, stderr=proc.stderr
-            )
+            raise KubectlError(proc.returncode, argv, output=proc.stdout, stderr=proc.stderr)
         return proc
 
     def get(self, *args: str) -> Any:
@@ -570,6 +575,12 @@ def control_plane(
                 # No kubelet or real network: keep the "kubernetes" Service without endpoints
                 # rather than publish 127.0.0.1 in them.
                 "--endpoint-reconciler-type=none",
+                # Debian's etcd (3.4.23) cannot answer watch progress requests, so this server
+                # cannot stream lists; with WatchList on (the 1.34 default) it would still turn
+                # every watch from resourceVersion 0 into one and fail it ("RequestWatchProgress
+                # is disabled"), and kwok, which watches that way, would react tens of seconds
+                # late. Plain list+watch works with any etcd.
+                "--feature-gates=WatchList=false",
                 "--profiling=false",
                 "--v=1",
             ],
@@ -589,7 +600,6 @@ def control_plane(
             f"--authorization-kubeconfig={kubeconfig}",
             "--bind-address=127.0.0.1",
             "--leader-elect=false",
-            "--profiling=false",
             "--v=1",
         ]
         procs.start(

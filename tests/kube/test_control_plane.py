@@ -367,7 +367,7 @@ def test_server_side_apply_tracks_owners_and_reports_conflicts(
     assert ssa("alice", config_map(owner="alice", shared="a")).returncode == 0
     # Bob takes a field of his own: merged, not replaced.
     assert ssa("bob", config_map(extra="b")).returncode == 0
-    stored = kube.get("configmap", "ssa", "-n", kube_ns)
+    stored = kube.get("configmap", "ssa", "-n", kube_ns, "--show-managed-fields")
     assert stored["data"] == {"owner": "alice", "shared": "a", "extra": "b"}
     managers = {m["manager"] for m in stored["metadata"]["managedFields"]}
     assert {"alice", "bob"} <= managers
