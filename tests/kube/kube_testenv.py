@@ -339,6 +339,7 @@ class ProcessSet:
     def start(
         self, name: str, argv: list[str], env: dict[str, str] | None = None
     ) -> ManagedProcess:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
         with log.open("wb") as out:
             popen = subprocess.Popen(
@@ -371,7 +372,6 @@ class ProcessSet:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.popen.pid, signal.SIGKILL)
                 proc.popen.wait(timeout=10)
-        self.procs.clear()
 
 
 # --- the cluster ----------------------------------------------------------------------------------
@@ -500,9 +500,16 @@ def _storage_classes() -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def control_plane(
-    workdir: Path, bin_dir: Path, timeout: float = START_TIMEOUT_S
+    workdir: Path,
+    bin_dir: Path,
+    timeout: float = START_TIMEOUT_S,
+    processes: ProcessSet | None = None,
 ) -> Iterator[KubeCluster]:
-    """Start etcd, the control plane and kwok under ``workdir``; stop all of it on exit."""
+    """Start etcd, the control plane and kwok under ``workdir``; stop all of it on exit.
+
+    Every wait is bounded by ``timeout`` and fails early, with the log tail, if a process dies.
+    ``processes`` lets a caller see what was started (and that it was stopped).
+    """
     etcd = shutil.which("etcd")
     if etcd is None:
         raise ControlPlaneError(
@@ -529,7 +536,7 @@ def control_plane(
     if shm.is_dir() and os.access(shm, os.W_OK):
         etcd_data = Path(os.path.realpath(shm)) / f"roost-kube-etcd-{os.getpid()}-{api_port}"
 
-    procs = ProcessSet(log_dir)
+    procs = processes if processes is not None else ProcessSet(log_dir)
     version = read_versions()["KUBE_VERSION"]
     cluster = KubeCluster(kubeconfig, server, bin_dir, workdir, version, processes=procs)
     try:
