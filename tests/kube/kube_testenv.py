@@ -687,5 +687,4 @@ def control_plane(
         yield cluster
     finally:
         procs.stop_all()
-        if etcd_data.parent == Path(os.path.realpath(shm)):
-            shutil.rmtree(etcd_data, ignore_errors=True)
+        shutil.rmtree(etcd_data, ignore_errors=True)
