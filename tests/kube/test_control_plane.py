@@ -429,3 +429,59 @@ def test_kubectl_scale_uses_the_scale_subresource_of_a_custom_resource(
     assert too_many.returncode != 0
     assert MAX_REPLICAS_MESSAGE in too_many.stderr
     assert kube.get(widgets, "scaled", "-n", kube_ns)["spec"]["replicas"] == 5
+
+
+def test_an_image_that_cannot_be_pulled_keeps_pods_unready_until_fixed(
+    kube: KubeCluster, kube_ns: str
+) -> None:
+    """kwok's pull-error stage: image tag ``roost-test-pull-error`` never starts (see stages)."""
+    labels = {"app": "img"}
+    kube.apply(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "img", "namespace": kube_ns},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "containers": [
+                            {"name": "app", "image": "registry.invalid/roost:roost-test-pull-error"}
+                        ]
+                    },
+                },
+            },
+        }
+    )
+
+    def pull_errors() -> list[dict[str, Any]] | None:
+        found = pods(kube, kube_ns, "app=img")
+        waiting = [
+            p
+            for p in found
+            if p.get("status", {}).get("containerStatuses")
+            and p["status"]["containerStatuses"][0]["state"].get("waiting", {}).get("reason")
+            == "ImagePullBackOff"
+        ]
+        return waiting if len(waiting) == 2 else None
+
+    for pod in kube.wait_for(pull_errors, 60, "two pods in ImagePullBackOff"):
+        assert pod["status"]["phase"] == "Pending"
+        assert not is_ready(pod)
+    stuck = kube.kubectl(
+        "rollout", "status", "deployment/img", "-n", kube_ns, "--timeout=3s", check=False
+    )
+    assert stuck.returncode != 0
+
+    kube.kubectl("set", "image", "deployment/img", "-n", kube_ns, "app=registry.invalid/roost:1")
+    kube.kubectl("rollout", "status", "deployment/img", "-n", kube_ns, "--timeout=90s", timeout=100)
+    kube.wait_for(
+        lambda: all(
+            is_ready(p) and p["spec"]["containers"][0]["image"].endswith(":1")
+            for p in pods(kube, kube_ns, "app=img")
+        ),
+        60,
+        "only fixed, ready pods",
+    )
