@@ -256,7 +256,7 @@ class Broker:
         if len(entries) == 1 and not entries[0].groups:
             # Fast path: one filter, plain subscribers; no per-client aggregation needed.
             for opts in entries[0].subs.values():
-                if opts.no_local and opts.session.client_id == sender:
+                if opts.no_local and opts.session.owner == sender:
                     continue
                 opts.session.deliver(
                     msg,
@@ -270,7 +270,7 @@ class Broker:
         per_client: dict[str, list] = {}
         for entry in entries:
             for cid, opts in entry.subs.items():
-                if opts.no_local and cid == sender:
+                if opts.no_local and opts.session.owner == sender:
                     continue
                 agg = per_client.get(cid)
                 if agg is None:
