@@ -22,6 +22,7 @@ from roost.mqtt.packets import (
 )
 from tests.brokerproc import BrokerProcess, free_port
 from tests.clients import PahoClient, RawClient
+from tests.listenerutil import wait_listening
 
 
 def _connect(port: int, cid: str, version: int = MQTT_5, **kw) -> tuple[RawClient, Connack]:
@@ -53,6 +54,7 @@ def test_max_connections_per_listener_and_per_node(make_broker):
         "listeners": {"tcp": {"default": {"max_connections": 10},
                               "second": {"bind": f"127.0.0.1:{second}", "max_connections": 2}}},
     })  # fmt: skip
+    wait_listening(b, "tcp:second")  # the fixture only waits for the default listener
     on_second = [_connect(second, f"s{i}")[0] for i in range(2)]
     assert _is_refused_socket(second)  # listener full
     on_default = [_connect(b.port, f"d{i}")[0] for i in range(2)]
