@@ -664,18 +664,22 @@ def control_plane(
         cluster.apply(_storage_classes())
 
         def nodes_ready() -> bool:
+            # Ready, and untainted: a new Node gets node.kubernetes.io/not-ready at admission and
+            # the node lifecycle controller lifts it a moment after kwok reports Ready. Until
+            # then the scheduler refuses every pod.
             items = cluster.get("nodes")["items"]
             ready = {
                 n["metadata"]["name"]
                 for n in items
-                if any(
+                if not n["spec"].get("taints")
+                and any(
                     c["type"] == "Ready" and c["status"] == "True"
                     for c in n.get("status", {}).get("conditions", [])
                 )
             }
             return ready >= set(NODE_NAMES)
 
-        cluster.wait_for(nodes_ready, timeout, "three Ready kwok nodes")
+        cluster.wait_for(nodes_ready, timeout, "three Ready, untainted kwok nodes")
         # Pods cannot be created in a namespace before its "default" ServiceAccount exists.
         cluster.wait_for(
             lambda: (
