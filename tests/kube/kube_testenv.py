@@ -334,6 +334,7 @@ class ProcessSet:
     """Processes started in order and stopped in reverse order, each in its own process group."""
 
     log_dir: Path
+    grace: float = 10.0  # seconds between SIGTERM and SIGKILL on stop
     procs: list[ManagedProcess] = field(default_factory=list)
 
     def start(
@@ -359,7 +360,8 @@ class ProcessSet:
         for proc in self.procs:
             proc.check_alive()
 
-    def stop_all(self, grace: float = 10.0) -> None:
+    def stop_all(self) -> None:
+        grace = self.grace
         for proc in reversed(self.procs):
             if proc.popen.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

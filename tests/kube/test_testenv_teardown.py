@@ -57,7 +57,7 @@ def test_a_hung_api_server_times_out_and_is_killed_even_if_it_ignores_sigterm(
     tmp_path: Path,
 ) -> None:
     bin_dir = stand_in_binaries(tmp_path / "bin", "trap '' TERM\nwhile :; do sleep 1; done")
-    procs = ProcessSet(tmp_path / "logs")
+    procs = ProcessSet(tmp_path / "logs", grace=2.0)
     with (
         pytest.raises(TimeoutError, match="kube-apiserver /readyz"),
         control_plane(tmp_path / "work", bin_dir, timeout=3, processes=procs),
