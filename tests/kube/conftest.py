@@ -49,7 +49,7 @@ def _build_once(config: pytest.Config) -> None:
     if reporter is not None and not _binaries_built():
         reporter.write_line(
             "building the Kubernetes test control plane from Go modules "
-            "(a cold build takes tens of minutes on 2 cores; cached afterwards)..."
+            "(a cold build takes about 20 minutes on 2 cores; cached afterwards)..."
         )
     try:
         _build_state["bin_dir"] = ensure_binaries()
