@@ -500,6 +500,27 @@ def _storage_classes() -> list[dict[str, Any]]:
     ]
 
 
+ETCD_TMPFS_PREFIX = "roost-kube-etcd-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_etcd_data(shm: Path) -> None:
+    """Remove etcd data left on tmpfs by test runs that were killed before their teardown."""
+    for path in shm.glob(f"{ETCD_TMPFS_PREFIX}*"):
+        pid = path.name.removeprefix(ETCD_TMPFS_PREFIX).split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def control_plane(
     workdir: Path,
@@ -536,7 +557,9 @@ def control_plane(
     shm = Path("/dev/shm")
     etcd_data = workdir / "etcd-data"
     if shm.is_dir() and os.access(shm, os.W_OK):
-        etcd_data = Path(os.path.realpath(shm)) / f"roost-kube-etcd-{os.getpid()}-{api_port}"
+        shm = Path(os.path.realpath(shm))
+        sweep_stale_etcd_data(shm)
+        etcd_data = shm / f"{ETCD_TMPFS_PREFIX}{os.getpid()}-{api_port}"
 
     procs = processes if processes is not None else ProcessSet(log_dir)
     version = read_versions()["KUBE_VERSION"]
