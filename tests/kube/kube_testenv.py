@@ -334,6 +334,7 @@ class ProcessSet:
     """Processes started in order and stopped in reverse order, each in its own process group."""
 
     log_dir: Path
+    grace: float = 10.0  # seconds between SIGTERM and SIGKILL on stop
     procs: list[ManagedProcess] = field(default_factory=list)
 
     def start(
@@ -359,7 +360,8 @@ class ProcessSet:
         for proc in self.procs:
             proc.check_alive()
 
-    def stop_all(self, grace: float = 10.0) -> None:
+    def stop_all(self) -> None:
+        grace = self.grace
         for proc in reversed(self.procs):
             if proc.popen.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -498,6 +500,27 @@ def _storage_classes() -> list[dict[str, Any]]:
     ]
 
 
+ETCD_TMPFS_PREFIX = "roost-kube-etcd-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_etcd_data(shm: Path) -> None:
+    """Remove etcd data left on tmpfs by test runs that were killed before their teardown."""
+    for path in shm.glob(f"{ETCD_TMPFS_PREFIX}*"):
+        pid = path.name.removeprefix(ETCD_TMPFS_PREFIX).split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def control_plane(
     workdir: Path,
@@ -534,7 +557,9 @@ def control_plane(
     shm = Path("/dev/shm")
     etcd_data = workdir / "etcd-data"
     if shm.is_dir() and os.access(shm, os.W_OK):
-        etcd_data = Path(os.path.realpath(shm)) / f"roost-kube-etcd-{os.getpid()}-{api_port}"
+        shm = Path(os.path.realpath(shm))
+        sweep_stale_etcd_data(shm)
+        etcd_data = shm / f"{ETCD_TMPFS_PREFIX}{os.getpid()}-{api_port}"
 
     procs = processes if processes is not None else ProcessSet(log_dir)
     version = read_versions()["KUBE_VERSION"]
@@ -664,18 +689,22 @@ def control_plane(
         cluster.apply(_storage_classes())
 
         def nodes_ready() -> bool:
+            # Ready, and untainted: a new Node gets node.kubernetes.io/not-ready at admission and
+            # the node lifecycle controller lifts it a moment after kwok reports Ready. Until
+            # then the scheduler refuses every pod.
             items = cluster.get("nodes")["items"]
             ready = {
                 n["metadata"]["name"]
                 for n in items
-                if any(
+                if not n["spec"].get("taints")
+                and any(
                     c["type"] == "Ready" and c["status"] == "True"
                     for c in n.get("status", {}).get("conditions", [])
                 )
             }
             return ready >= set(NODE_NAMES)
 
-        cluster.wait_for(nodes_ready, timeout, "three Ready kwok nodes")
+        cluster.wait_for(nodes_ready, timeout, "three Ready, untainted kwok nodes")
         # Pods cannot be created in a namespace before its "default" ServiceAccount exists.
         cluster.wait_for(
             lambda: (

@@ -7,10 +7,14 @@ Go nor the built binaries; they do need Debian's etcd-server, which .ci/run inst
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
-from kube_testenv import ControlPlaneError, ProcessSet, control_plane
+from kube_testenv import ETCD_TMPFS_PREFIX, ControlPlaneError, ProcessSet, control_plane
+
+SHM = Path("/dev/shm")
 
 pytestmark = pytest.mark.kube
 
@@ -44,6 +48,14 @@ def test_an_api_server_that_dies_fails_the_start_with_its_log_and_etcd_is_stoppe
         tmp_path / "bin", "echo 'Error: unknown flag: --made-up' >&2\nexit 3"
     )
     procs = ProcessSet(tmp_path / "logs")
+    # A run killed before its teardown left etcd data on tmpfs: the next start removes it
+    # (its pid is gone), and leaves alone what belongs to a live process (this one).
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = SHM / f"{ETCD_TMPFS_PREFIX}{gone.pid}-1"
+    live = SHM / f"{ETCD_TMPFS_PREFIX}{os.getpid()}-1"
+    for d in (stale, live):
+        (d / "member").mkdir(parents=True)
     with (
         pytest.raises(ControlPlaneError, match="kube-apiserver exited with 3") as failure,
         control_plane(tmp_path / "work", bin_dir, timeout=30, processes=procs),
@@ -51,13 +63,16 @@ def test_an_api_server_that_dies_fails_the_start_with_its_log_and_etcd_is_stoppe
         pytest.fail("the control plane must not come up")
     assert "unknown flag: --made-up" in str(failure.value)
     assert_all_gone(procs)
+    assert not stale.exists()
+    assert live.exists()
+    shutil.rmtree(live)
 
 
 def test_a_hung_api_server_times_out_and_is_killed_even_if_it_ignores_sigterm(
     tmp_path: Path,
 ) -> None:
     bin_dir = stand_in_binaries(tmp_path / "bin", "trap '' TERM\nwhile :; do sleep 1; done")
-    procs = ProcessSet(tmp_path / "logs")
+    procs = ProcessSet(tmp_path / "logs", grace=2.0)
     with (
         pytest.raises(TimeoutError, match="kube-apiserver /readyz"),
         control_plane(tmp_path / "work", bin_dir, timeout=3, processes=procs),
