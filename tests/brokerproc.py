@@ -56,7 +56,7 @@ class BrokerProcess:
 
     def start(self, timeout: float = 10.0) -> BrokerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ROOST_")}
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "roost", "start", "--config", str(self.config_path)],
             stdout=self._log,
@@ -91,6 +91,17 @@ class BrokerProcess:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"management API did not listen within {timeout}s:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would: nothing gets to flush."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
+
+    def restart(self, timeout: float = 10.0) -> BrokerProcess:
+        """Start again on the same port, config and data directory."""
+        return self.start(timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

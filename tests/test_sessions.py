@@ -193,3 +193,25 @@ def test_will_delay_interval_and_cancel_on_reconnect(broker):
     assert w.recv(timeout=5).payload == b"late2"
     assert time.monotonic() - t0 >= 0.9
     w.disconnect()
+
+
+def test_takeover_of_clean_session_starts_fresh(broker):
+    old = RawClient(broker.port, 4)
+    old.connect("takeover-clean", clean_start=True)
+    old.send(Subscribe(1, [Subscription("tkc/t", 1)]))
+    old.recv()
+    new = RawClient(broker.port, 4)
+    ack = new.connect("takeover-clean", clean_start=False)
+    assert ack.reason_code == 0 and not ack.session_present  # the old session ended with it
+    assert old.closed()
+    new.send(Subscribe(2, [Subscription("tkc/t", 1)]))
+    new.recv()
+    pub = PahoClient(broker.port, "tkc-pub")
+    pub.connect()
+    pub.publish("tkc/t", b"fresh", 1)
+    assert new.recv().payload == b"fresh"
+    new.close()
+    pub.disconnect()
+    again = RawClient(broker.port, 4)  # the persistent session the new client made is kept
+    assert again.connect("takeover-clean", clean_start=False).session_present
+    again.close()

@@ -41,3 +41,19 @@ def test_mosquitto_clients(broker):
     finally:
         sub.kill()
     assert out.splitlines() == ["mq/q1 x", "mq/q2 x"]
+
+
+def test_mqtt_3_1_client(broker):
+    import paho.mqtt.client as mqtt
+
+    from tests.clients import PahoClient
+
+    sub = PahoClient(broker.port, "v31-sub", mqtt.MQTTv31)
+    sub.connect()
+    sub.subscribe("v31/t", 1)
+    pub = PahoClient(broker.port, "v31-pub", mqtt.MQTTv31)
+    pub.connect()
+    pub.publish("v31/t", b"old but gold", 1)
+    assert sub.recv().payload == b"old but gold"
+    sub.disconnect()
+    pub.disconnect()

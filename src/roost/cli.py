@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from roost import __version__
+from roost.mgmt.ctl import add_parser as add_ctl_parser
+from roost.passwd_cli import add_parser as add_passwd_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,9 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="run a broker node")
     start.add_argument("--config", "-c", help="YAML config file (default: ROOST_CONFIG or none)")
-    from roost.mgmt.ctl import add_parser as add_ctl
-
-    add_ctl(sub)
+    add_passwd_parser(sub)
+    add_ctl_parser(sub)
     return parser
 
 
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         from roost.node_main import run_node
 
         return run_node(args)
+    if args.command == "passwd":
+        from roost.passwd_cli import run_passwd
+
+        return run_passwd(args)
     if args.command == "ctl":
         from roost.mgmt.ctl import run as run_ctl
 

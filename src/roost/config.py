@@ -8,6 +8,7 @@ scalar (so ``false`` and ``30`` get their types). ``ROOST_DATA_DIR`` is short fo
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from roost.mqtt.topics import valid_topic_filter
 
 
 class ConfigError(ValueError):
@@ -150,27 +153,92 @@ class MqttSettings(_Model):
     #: Seconds a new connection may take to send CONNECT.
     connect_timeout: float = Field(15, gt=0)
     max_subscriptions: int = Field(0, ge=0, description="0 = unlimited")
+    #: PUBLISH packets per second one client may send (0: no limit); over it, the client is
+    #: disconnected with Quota exceeded (0x97) on MQTT 5, closed on 3.1.1.
+    max_publish_rate: float = Field(0, ge=0)
+    #: PUBLISH bytes (topic + payload) per second one client may send (0: no limit).
+    max_publish_bytes_rate: float = Field(0, ge=0)
+    #: Seconds of the publish rates a client may spend at once (its burst allowance).
+    publish_rate_burst: float = Field(1.0, gt=0)
     #: Tell MQTT 5 clients this Response Information when they request it.
     response_information: str = ""
 
 
 class AclRule(_Model):
+    """One allow/deny rule; a client matches when every ``username``/``clientid``/``ipaddress``
+    given matches, and a topic when one of ``topics`` does (``+``, ``#``, ``%u``, ``%c``, or
+    ``eq <filter>`` for the literal filter)."""
+
     permission: Literal["allow", "deny"]
     action: Literal["publish", "subscribe", "all"] = "all"
-    topics: list[str]
+    topics: list[str] = Field(min_length=1)
     username: str | None = None
     clientid: str | None = None
+    #: The client's address is in this network (CIDR, e.g. ``10.0.0.0/8`` or ``::1/128``).
+    ipaddress: str | None = None
+
+    @field_validator("ipaddress")
+    @classmethod
+    def _check_ipaddress(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ipaddress.ip_network(v, strict=False)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an IP address or CIDR network") from None
+        return v
+
+    @field_validator("topics")
+    @classmethod
+    def _check_topics(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if t.startswith("eq "):
+                t = t[3:]
+            if not valid_topic_filter(t):
+                raise ValueError(f"{t!r} is not a valid topic filter")
+        return v
 
 
 class Authorization(_Model):
-    """Inline ordered rules; the first rule that matches decides, else ``no_match``."""
+    """Ordered rules: inline ``rules`` first, then those of ``acl_file``; the first rule that
+    matches decides, else ``no_match``. The file is read again on SIGHUP."""
 
     no_match: Literal["allow", "deny"] = "allow"
     rules: list[AclRule] = Field(default_factory=list)
+    #: YAML file holding a list of rules (same fields as ``rules``); empty: none.
+    acl_file: str = ""
+
+
+class HttpAuth(_Model):
+    """POST {clientid, username, password, peerhost, ...} as JSON to ``url``; a 2xx answer with
+    ``{"result": "allow"|"deny"|"ignore"}`` (or no body: allow) decides, anything else is
+    ``ignore``."""
+
+    url: str
+    #: Seconds to wait for the answer; past it the hook counts as ``ignore``.
+    timeout: float = Field(5.0, gt=0)
+    #: Seconds an allow/deny answer is reused for the same client, user, password and address.
+    cache_ttl: float = Field(60.0, ge=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"{v!r} is not an http:// or https:// URL")
+        return v
 
 
 class Authentication(_Model):
+    """Clients without a username are anonymous. A username is checked by ``password_file``,
+    then ``http``: the first that knows the answer decides; if none does, the client is refused
+    (and when neither is configured, every username is accepted)."""
+
     allow_anonymous: bool = True
+    #: File written by ``roost passwd`` (salted PBKDF2-HMAC-SHA256, usable by SCRAM too).
+    password_file: str = ""
+    http: HttpAuth | None = None
+    #: MQTT 5 enhanced authentication (AUTH packets) with SCRAM-SHA-256 against password_file.
+    scram: bool = True
 
 
 class SysTopics(_Model):
@@ -182,6 +250,22 @@ class NodeSettings(_Model):
     name: str = "roost@127.0.0.1"
     data_dir: str = "./data"
     role: Literal["core", "replicant"] = "core"
+    #: Connections this node holds over all its listeners (0: no limit beyond the listeners').
+    max_connections: int = Field(0, ge=0)
+
+
+class PersistenceSettings(_Model):
+    """Where acknowledged messages must be before the broker acknowledges them.
+
+    ``memory``: nothing is written (sessions and retained messages end with the process).
+    ``sync``: each event-loop turn's changes are committed before their PUBACK/PUBREC go out.
+    ``batch``: changes are group-committed at most ``batch_max_delay`` seconds later, acks after.
+    """
+
+    durability: Literal["memory", "sync", "batch"] = "sync"
+    batch_max_delay: float = Field(0.005, gt=0, le=1)
+    #: fsync each commit (survives power loss); off still survives a killed process.
+    fsync: bool = True
 
 
 class LogSettings(_Model):
@@ -218,6 +302,7 @@ class Config(_Model):
     authentication: Authentication = Field(default_factory=Authentication)
     authorization: Authorization = Field(default_factory=Authorization)
     sys_topics: SysTopics = Field(default_factory=SysTopics)
+    persistence: PersistenceSettings = Field(default_factory=PersistenceSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
 

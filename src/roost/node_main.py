@@ -9,14 +9,18 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from roost import __version__
+from roost.broker.durable import Durable
 from roost.broker.node import Broker
 from roost.config import Config, ConfigError, ListenerBase, load_config
 from roost.logs import setup_logging
 from roost.mgmt.api import Management
 from roost.mgmt.listeners import ListenerSet
+from roost.store.persister import Persister
+from roost.store.sqlite import SqliteStore
 from roost.transport.tcp import start_tcp_listener
 
 log = logging.getLogger("roost")
@@ -35,8 +39,24 @@ async def _open_listener(broker: Broker, kind: str, name: str, lst: ListenerBase
     return server
 
 
+def _open_store(config: Config, broker: Broker) -> Persister | None:
+    pcfg = config.persistence
+    if pcfg.durability == "memory":
+        log.info("persistence: memory only (nothing survives a restart)")
+        return None
+    path = Path(config.node.data_dir) / "roost.db"
+    store = SqliteStore(path, fsync=pcfg.fsync)
+    persister = Persister(store, pcfg.durability, pcfg.batch_max_delay)
+    durable = Durable(persister, broker.clock)
+    durable.restore(broker, store.load())
+    broker.durable = durable
+    log.info("persistence: %s in %s", pcfg.durability, path)
+    return persister
+
+
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     broker = Broker(config)
+    persister = _open_store(config, broker)
     listeners = ListenerSet(broker, _open_listener)
     for kind, name, lst in config.listeners.enabled():
         await listeners.start(kind, name, lst)
@@ -48,6 +68,9 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        # SIGHUP: re-read the ACL file (the password file is re-read whenever it changes).
+        loop.add_signal_handler(signal.SIGHUP, broker.reload_auth)
     log.info("roost %s started (node %s)", __version__, config.node.name)
 
     async def ticker() -> None:
@@ -66,6 +89,10 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     await listeners.close_all()
     broker.shutdown()
     await asyncio.sleep(0.1)  # let the DISCONNECTs reach the sockets
+    if persister is not None:
+        await persister.drain()
+        persister.close()
+    await broker.authn.close()
     log.info("stopped")
 
 
@@ -85,6 +112,9 @@ def run_node(args: argparse.Namespace) -> int:
         runner = asyncio.run
     try:
         runner(serve(config))
+    except ConfigError as e:  # e.g. an ACL file that cannot be read
+        log.error("cannot start: %s", e)
+        return 2
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
+from roost.broker.authn import AuthRequest
 from roost.broker.message import Message
 from roost.broker.router import SubOpts
 from roost.mqtt import reason_codes as RC
@@ -39,6 +40,7 @@ from roost.mqtt.topics import has_wildcard, parse_shared, valid_topic_filter, va
 
 if TYPE_CHECKING:
     from roost.broker.node import Broker
+    from roost.broker.scram import EnhancedAuthMethod, Step
     from roost.broker.session import Session
 
 log = logging.getLogger("roost.channel")
@@ -54,9 +56,16 @@ class Transport(Protocol):
 
 class Channel:
     def __init__(
-        self, broker: Broker, transport: Transport, peer: str = "", listener: str = "tcp:default"
+        self,
+        broker: Broker,
+        transport: Transport,
+        peer: str = "",
+        listener: str = "tcp:default",
+        cert_username: str | None = None,
     ) -> None:
         self.broker = broker
+        # Set by TLS transports with peer_cert_as_username: replaces the CONNECT's username.
+        self.cert_username = cert_username
         self.transport = transport
         self.peer = peer
         self.listener = listener
@@ -82,6 +91,21 @@ class Channel:
         self.out_aliases: dict[str, int] = {}
         self.in_aliases: dict[int, str] = {}
         self.problem_info = True
+        # Set while the socket's send buffer is above its high-water mark: deliveries wait in
+        # the (bounded) session queue instead of piling up in the transport.
+        self.paused = False
+        self.pub_limiter = broker.limits.publish_limiter()
+        # While an asynchronous authentication runs: the packets that came after the CONNECT.
+        self._held: list[Packet] | None = None
+        self._held_bytes = 0
+        # An enhanced authentication (AUTH packets) under way: (method name, exchange, CONNECT).
+        self._enhanced: tuple[str, EnhancedAuthMethod, Connect | None] | None = None
+        self._auth_method: str | None = None  # the method this client authenticated with
+        if not broker.limits.admit_socket():
+            log.warning("node connection limit reached; refusing %s", peer)
+            self.closed = True
+            transport.close()
+            return
         broker.channels.add(self)
 
     # ----------------------------------------------------------------------- transport side
@@ -91,14 +115,28 @@ class Channel:
             return
         self.last_rx = self.now()
         self.broker.stats.bytes_received += len(data)
+        if self._held is not None:
+            self._held_bytes += len(data)
+            if self._held_bytes > 2 * self.decoder.max_packet_size:
+                log.info("%s sent too much while being authenticated; closing", self.peer)
+                self.close()
+                return
+        error = None
         try:
             packets = self.decoder.feed(data)
         except MQTTError as e:
-            self._protocol_error(e)
-            return
+            packets, error = e.packets, e
+        self._process(packets)
+        if error is not None and not self.closed:
+            self._protocol_error(error)
+
+    def _process(self, packets: list[Packet]) -> None:
         for packet in packets:
             if self.closed:
                 return
+            if self._held is not None:
+                self._held.append(packet)
+                continue
             try:
                 self._handle(packet)
             except MQTTError as e:
@@ -114,6 +152,14 @@ class Channel:
         if self.connected:
             self.connected = False
             self.broker.channel_closed(self)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.session is not None and self.connected:
+            self.session.drain()
 
     def tick(self, now: float) -> None:
         if self.closed:
@@ -152,7 +198,11 @@ class Channel:
             return
         if self.v5 and self.connected:
             props = {"reason_string": reason_string} if reason_string else None
-            self.send(Disconnect(reason, props))
+            data = encode(Disconnect(reason, props), MQTT_5)
+            if len(data) > self.client_max_packet:
+                # Leave the reason string out rather than exceed the client's limit.
+                data = encode(Disconnect(reason), MQTT_5)
+            self.write(data)
         self.close()
 
     def send_qos0(self, msg: Message, retain: bool, sub_ids: tuple[int, ...]) -> None:
@@ -230,6 +280,8 @@ class Channel:
         elif t is Puback:
             if self.session is not None:
                 self.session.on_puback(packet.packet_id)  # type: ignore[attr-defined]
+        elif t is Auth:
+            self._on_auth(packet)  # type: ignore[arg-type]
         elif not self.connected and t is not Connect:
             raise MQTTError("the first packet must be CONNECT", RC.PROTOCOL_ERROR)
         elif t is Pubrec:
@@ -248,19 +300,15 @@ class Channel:
         elif t is Disconnect:
             self._on_disconnect(packet)  # type: ignore[arg-type]
         elif t is Connect:
-            if self.connected:
+            if self.connected or self._enhanced is not None:
                 raise MQTTError("second CONNECT", RC.PROTOCOL_ERROR)
             self._on_connect(packet)  # type: ignore[arg-type]
-        elif t is Auth:
-            raise MQTTError("AUTH without an authentication method", RC.PROTOCOL_ERROR)
         else:
             raise MQTTError(f"a client may not send {t.__name__.upper()}", RC.PROTOCOL_ERROR)
 
     # ------------------------------------------------------------------------------ CONNECT
 
     def _refuse(self, reason: int, reason_string: str = "") -> None:
-        if reason in (RC.BAD_USER_NAME_OR_PASSWORD, RC.NOT_AUTHORIZED, RC.BANNED):
-            self.broker.stats.auth_failures += 1
         code = reason if self.v5 else RC.connack_v3(reason)
         props = {"reason_string": reason_string} if (reason_string and self.v5) else None
         self.write(encode(Connack(code, False, props), self.version))
@@ -279,28 +327,128 @@ class Channel:
                 return self._refuse(RC.CLIENT_IDENTIFIER_NOT_VALID)
             client_id = broker.new_client_id()
             assigned = True
-        if len(client_id) > cfg.max_clientid_len:
+        elif len(client_id) > cfg.max_clientid_len:  # ids the broker assigns are not limited
             return self._refuse(RC.CLIENT_IDENTIFIER_NOT_VALID, "client id too long")
-        refusal = broker.admit(client_id, c.username, self.peer)
+        refusal = broker.limits.connect_refusal(self.listener)
         if refusal is not None:
             return self._refuse(*refusal)
-        if "authentication_method" in props:
-            return self._refuse(RC.BAD_AUTHENTICATION_METHOD, "no enhanced authentication here")
-        if c.username is None and not broker.config.authentication.allow_anonymous:
-            return self._refuse(RC.BAD_USER_NAME_OR_PASSWORD, "anonymous access is disabled")
+        username = c.username if self.cert_username is None else self.cert_username
+        refusal = broker.admit(client_id, username, self.peer)  # banned, or evacuating
+        if refusal is not None:
+            return self._refuse(*refusal)
+        self.client_id = client_id
+        method = props.get("authentication_method")
+        if method is not None:
+            exchange = broker.authn.enhanced(method)
+            if exchange is None:
+                return self._refuse(RC.BAD_AUTHENTICATION_METHOD, f"{method} is not offered")
+            self._enhanced = (method, exchange, c)
+            step = exchange.start(props.get("authentication_data", b""), c.username)
+            return self._enhanced_step(step)
+        request = AuthRequest(client_id, username, c.password, self.peer, self.listener,
+                              c.protocol_version, self.cert_username is not None)  # fmt: skip
+        # The answer may come later (password hash, HTTP): hold what the client sends meanwhile.
+        self._held = []
+        broker.authn.authenticate(
+            request, lambda refusal: self._authenticated(refusal, c, username, assigned)
+        )
+
+    def _authenticated(
+        self, refusal: tuple[int, str] | None, c: Connect, username: str | None, assigned: bool
+    ) -> None:
+        held, self._held, self._held_bytes = self._held or [], None, 0
+        if self.closed:
+            return
+        if refusal is not None:
+            self.broker.stats.auth_denied += 1
+            log.info("client %s (user %r) from %s refused: %s", self.client_id, username,
+                     self.peer, refusal[1])  # fmt: skip
+            return self._refuse(*refusal)
+        self._accept(c, username, assigned)
+        if held:
+            self._process(held)
+
+    def _enhanced_step(self, step: Step) -> None:
+        """Carry one step of an enhanced authentication: AUTH, CONNACK, or a refusal."""
+        assert self._enhanced is not None
+        method, exchange, c = self._enhanced
+        if step.status == "continue":
+            props: dict[str, Any] = {"authentication_method": method}
+            if step.data:
+                props["authentication_data"] = step.data
+            self.send(Auth(RC.CONTINUE_AUTHENTICATION, props))
+            return
+        self._enhanced = None
+        if c is None:  # re-authentication of a connected client
+            if step.status == "success" and exchange.username == self.username:
+                props = {"authentication_method": method}
+                if step.data:
+                    props["authentication_data"] = step.data
+                self.send(Auth(RC.SUCCESS, props))
+            else:
+                self.broker.stats.auth_denied += 1
+                self.disconnect(RC.NOT_AUTHORIZED, step.reason or "re-authentication failed")
+            return
+        if step.status == "failure":
+            self.broker.stats.auth_denied += 1
+            log.info("client %s from %s refused (%s): %s", self.client_id, self.peer, method,
+                     step.reason)  # fmt: skip
+            return self._refuse(RC.BAD_USER_NAME_OR_PASSWORD, step.reason)
+        ack: dict[str, Any] = {"authentication_method": method}
+        if step.data:
+            ack["authentication_data"] = step.data
+        self._accept(c, exchange.username, not c.client_id, ack)
+
+    def _on_auth(self, a: Auth) -> None:
+        if not self.v5:
+            raise MQTTError("AUTH is an MQTT 5 packet", RC.PROTOCOL_ERROR)
+        method = a.properties.get("authentication_method")
+        data = a.properties.get("authentication_data", b"")
+        pending = self._enhanced
+        if pending is not None and a.reason_code == RC.CONTINUE_AUTHENTICATION:
+            if method != pending[0]:
+                raise MQTTError("AUTH with another authentication method", RC.PROTOCOL_ERROR)
+            return self._enhanced_step(pending[1].next(data))
+        if pending is None and self.connected and a.reason_code == RC.RE_AUTHENTICATE:
+            if method is None or method != self._auth_method:
+                raise MQTTError("re-authentication with another method", RC.PROTOCOL_ERROR)
+            exchange = self.broker.authn.enhanced(method)
+            if exchange is None:
+                return self.disconnect(RC.BAD_AUTHENTICATION_METHOD)
+            self._enhanced = (method, exchange, None)
+            return self._enhanced_step(exchange.start(data, self.username))
+        raise MQTTError("unexpected AUTH", RC.PROTOCOL_ERROR)
+
+    def _accept(
+        self, c: Connect, username: str | None, assigned: bool,
+        auth_props: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        """Authenticated: check the will, open the session, send CONNACK."""
+        broker = self.broker
+        cfg = broker.config.mqtt
+        props = c.properties
+        client_id = self.client_id
+        self._auth_method = auth_props["authentication_method"] if auth_props else None
         if c.will is not None:
             w = c.will
-            if not valid_topic_name(w.topic, cfg.max_topic_levels):
+            if not valid_topic_name(w.topic, cfg.max_topic_levels) or (
+                len(w.topic) > cfg.max_topic_length
+            ):
                 return self._refuse(RC.TOPIC_NAME_INVALID, "invalid will topic")
             if w.qos > cfg.max_qos_allowed:
                 return self._refuse(RC.QOS_NOT_SUPPORTED)
             if w.retain and not cfg.retain_available:
                 return self._refuse(RC.RETAIN_NOT_SUPPORTED)
+            # The will is authorized now, with the client's identity (when it is published the
+            # client is gone); a will the client may not publish refuses the connection.
+            if broker.acl_active and not broker.acl.check(
+                "publish", w.topic, username, client_id, self.peer
+            ):
+                return self._refuse(RC.NOT_AUTHORIZED, "will topic not authorized")
             wprops = {k: v for k, v in w.properties.items() if k != "will_delay_interval"}
             self.will_delay = w.properties.get("will_delay_interval", 0)
             self.will = Message(w.topic, w.payload, w.qos, w.retain, wprops, client_id)
-        self.client_id = client_id
-        self.username = c.username
+        self.username = username
         self.keepalive = c.keepalive
         if cfg.server_keepalive is not None and self.v5:
             self.keepalive = cfg.server_keepalive
@@ -318,7 +466,7 @@ class Channel:
         self.session = session
         self.connected = True
 
-        ack_props: dict[str, Any] = {}
+        ack_props: dict[str, Any] = auth_props or {}
         if self.v5:
             if props.get("session_expiry_interval", 0) != expiry:
                 ack_props["session_expiry_interval"] = expiry
@@ -368,8 +516,13 @@ class Channel:
             if "subscription_identifier" in props:
                 raise MQTTError("a client may not send subscription identifiers", RC.PROTOCOL_ERROR)
             props = {k: v for k, v in props.items() if k not in _STRIP_PROPS} or None
-        if not valid_topic_name(topic, cfg.max_topic_levels):
-            raise MQTTError(f"invalid topic name {topic!r}", RC.TOPIC_NAME_INVALID)
+        if not topic:
+            raise MQTTError("empty topic name without a topic alias", RC.PROTOCOL_ERROR)
+        if not valid_topic_name(topic, cfg.max_topic_levels) or len(topic) > cfg.max_topic_length:
+            raise MQTTError(f"invalid topic name {topic[:100]!r}", RC.TOPIC_NAME_INVALID)
+        if self.pub_limiter is not None and not self.pub_limiter.allow(len(topic) + len(p.payload)):
+            broker.stats.publish_rate_exceeded += 1
+            raise MQTTError("publish rate exceeded", RC.QUOTA_EXCEEDED)
         qos = p.qos
         if qos > cfg.max_qos_allowed:
             raise MQTTError(f"QoS {qos} not supported", RC.QOS_NOT_SUPPORTED)
@@ -385,7 +538,7 @@ class Channel:
             if len(session.awaiting_rel) >= cfg.receive_maximum:
                 raise MQTTError("receive maximum exceeded", RC.RECEIVE_MAXIMUM_EXCEEDED)
         if broker.acl_active and not broker.acl.check(
-            "publish", topic, self.username, self.client_id
+            "publish", topic, self.username, self.client_id, self.peer
         ):
             broker.stats.publish_denied += 1
             log.info("publish by %s to %r denied", self.client_id, topic)
@@ -397,11 +550,22 @@ class Channel:
             return
         msg = Message(topic, p.payload, qos, p.retain, props, self.client_id, self.now())
         matched = broker.publish(msg)
-        if qos == 1:
-            self.write(_ack(0x40, p.packet_id, 0 if matched or not self.v5 else 0x10))  # type: ignore[arg-type]
-        elif qos == 2:
-            session.awaiting_rel[p.packet_id] = msg.timestamp  # type: ignore[index]
-            self.write(_ack(0x50, p.packet_id, 0 if matched or not self.v5 else 0x10))  # type: ignore[arg-type]
+        if qos:
+            code = 0 if matched or not self.v5 else RC.NO_MATCHING_SUBSCRIBERS
+            ack = _ack(0x40 if qos == 1 else 0x50, p.packet_id, code)  # type: ignore[arg-type]
+            if qos == 2:
+                session.awaiting_rel[p.packet_id] = msg.timestamp  # type: ignore[index]
+                if session.durable is not None:
+                    session.durable.rel_add(session, p.packet_id)  # type: ignore[arg-type]
+            self._ack_when_durable(ack)
+
+    def _ack_when_durable(self, ack: bytes) -> None:
+        """Acknowledge only once what this packet changed is stored (acks stay in order)."""
+        durable = self.broker.durable
+        if durable is None:
+            self.write(ack)
+        else:
+            durable.after(lambda: self.closed or self.write(ack))
 
     def _on_pubrec(self, p: Pubrec) -> None:
         assert self.session is not None
@@ -415,9 +579,13 @@ class Channel:
 
     def _on_pubrel(self, p: Pubrel) -> None:
         assert self.session is not None
-        found = self.session.awaiting_rel.pop(p.packet_id, None) is not None
+        session = self.session
+        found = session.awaiting_rel.pop(p.packet_id, None) is not None
+        if found and session.durable is not None:
+            session.durable.rel_del(session, p.packet_id)
         code = 0 if found or not self.v5 else RC.PACKET_IDENTIFIER_NOT_FOUND
-        self.write(_ack(0x70, p.packet_id, code))
+        # After a restart a stale id would make the client's next message look like a resend.
+        self._ack_when_durable(_ack(0x70, p.packet_id, code))
 
     # ---------------------------------------------------------------------------- SUBSCRIBE
 
@@ -479,8 +647,9 @@ class Channel:
             return RC.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED
         broker = self.broker
         if broker.acl_active and not broker.acl.check(
-            "subscribe", f, self.username, self.client_id
+            "subscribe", f, self.username, self.client_id, self.peer
         ):
+            broker.stats.subscribe_denied += 1
             log.info("subscription of %s to %r denied", self.client_id, f)
             return RC.NOT_AUTHORIZED
         return None

@@ -22,6 +22,7 @@ class Message:
         "_topic_wire",
         "_wire",
         "expires_at",
+        "mid",
         "payload",
         "props",
         "qos",
@@ -53,6 +54,7 @@ class Message:
         self._topic_wire: bytes | None = None
         self._props_wire: bytes | None = None
         self._wire: dict[int, bytes] | None = None
+        self.mid = 0  # id in the store, once a persistent session holds it
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at

@@ -15,17 +15,20 @@ from typing import TYPE_CHECKING, Any
 
 from roost import __version__
 from roost.broker.acl import Acl
+from roost.broker.authn import Authenticator
 from roost.broker.bans import Bans, peer_host
+from roost.broker.limits import Limits
 from roost.broker.message import Message
 from roost.broker.retainer import Retainer
 from roost.broker.router import Router, SubOpts
 from roost.broker.session import Session
 from roost.broker.stats import Stats
-from roost.config import Config
+from roost.config import Config, ConfigError
 from roost.mqtt import reason_codes as RC
 
 if TYPE_CHECKING:
     from roost.broker.channel import Channel
+    from roost.broker.durable import Durable
 
 log = logging.getLogger("roost.broker")
 
@@ -39,6 +42,8 @@ class Broker:
         self.router = Router()
         self.retainer = Retainer()
         self.acl = Acl(config.authorization)
+        self.authn = Authenticator(self)
+        self.limits = Limits(self)
         self.sessions: dict[str, Session] = {}
         self.channels: set[Channel] = set()  # every live channel, connected or not
         self._wills: dict[str, tuple[float, Message]] = {}  # client id -> (due, will)
@@ -50,11 +55,24 @@ class Broker:
         self.evacuating = False
         #: Per-listener counters (``ListenerState``) registered by the transports, for metrics.
         self.listener_states: dict[str, Any] = {}
+        # Set by the node runner when the store is durable (see roost.broker.durable).
+        self.durable: Durable | None = None
 
     @property
     def acl_active(self) -> bool:
-        a = self.config.authorization
-        return bool(a.rules) or a.no_match == "deny"
+        return self.acl.active
+
+    def reload_auth(self) -> str | None:
+        """Re-read the ACL file and drop auth caches (SIGHUP, REST API); the error, if any (the
+        rules in force then stay as they were)."""
+        self.authn.clear_cache()
+        try:
+            n = self.acl.reload()
+        except ConfigError as e:
+            log.error("ACL not reloaded, keeping the current rules: %s", e)
+            return str(e)
+        log.info("ACL reloaded: %d rules", n)
+        return None
 
     def new_client_id(self) -> str:
         self._id_counter += 1
@@ -65,6 +83,7 @@ class Broker:
     def admit(self, client_id: str, username: str | None, peer: str) -> tuple[int, str] | None:
         """(reason code, reason string) when a CONNECT must be refused before it opens a session."""
         if self.bans and self.bans.match(client_id, username, peer_host(peer)) is not None:
+            self.stats.auth_denied += 1
             return RC.BANNED, "banned"
         if self.evacuating:
             return RC.USE_ANOTHER_SERVER, "this node is being evacuated"
@@ -89,6 +108,8 @@ class Broker:
             log.info("client %s taken over by a new connection", client_id)
             old.taken_over = True
             old.disconnect(RC.SESSION_TAKEN_OVER)
+            # Closing the old connection ends its session if that had expiry 0.
+            session = self.sessions.get(client_id)
         self._expiring.pop(client_id, None)
         if session is not None and clean_start:
             self._end_session(session)
@@ -103,6 +124,9 @@ class Broker:
             self.sessions[client_id] = session
         session.expiry_interval = expiry
         session.channel = channel
+        if self.durable is not None and (expiry or session.durable is not None):
+            session.durable = self.durable
+            self.durable.save_session(session, channel.will, channel.will_delay, True)
         self.stats.connections_total += 1
         return session, present
 
@@ -114,17 +138,31 @@ class Broker:
         session.channel = None
         now = self.clock()
         will = channel.will
+        pending_will = None
         if will is not None:
             delay = min(channel.will_delay, session.expiry_interval)
             if delay:
                 self._wills[session.client_id] = (now + delay, will)
+                pending_will = will
             else:
                 self._publish_will(will, now)
         self._redistribute_shared(session)
         if session.expiry_interval == 0:
             self._end_session(session)
-        elif session.expiry_interval < 0xFFFFFFFF:
+            return
+        if session.expiry_interval < 0xFFFFFFFF:
             self._expiring[session.client_id] = now + session.expiry_interval
+        if session.durable is not None:
+            session.durable.save_session(session, pending_will, channel.will_delay, False)
+
+    def schedule_expiry(self, client_id: str, due: float) -> None:
+        self._expiring[client_id] = due
+
+    def schedule_will(self, client_id: str, will: Message, delay: float) -> None:
+        if delay > 0:
+            self._wills[client_id] = (self.clock() + delay, will)
+        else:
+            self._publish_will(will, self.clock())
 
     def _end_session(self, session: Session) -> None:
         pending = self._wills.pop(session.client_id, None)
@@ -134,15 +172,17 @@ class Broker:
             self.unsubscribe(session, f)
         self._redistribute_shared(session)
         session.clear()
+        if session.durable is not None:
+            session.durable.delete_session(session.client_id)
+            session.durable = None
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
 
     def _publish_will(self, will: Message, now: float) -> None:
-        if self.acl_active and not self.acl.check("publish", will.topic, None, will.sender):
-            return
+        # Authorized at CONNECT (channel), with the username and address we no longer have here.
         will.timestamp = now
-        if will.expires_at is not None and will.props:
-            will.expires_at = now + will.props["message_expiry_interval"]
+        expiry = will.props.get("message_expiry_interval") if will.props else None
+        will.expires_at = now + expiry if expiry is not None else None
         self.publish(will)
 
     def _redistribute_shared(self, session: Session) -> None:
@@ -152,7 +192,10 @@ class Broker:
             assert opts is not None
             other = self.router.pick_shared(opts.topic_filter, exclude=session.client_id)
             if other is None or not other.session.connected:
-                session.queue.append(d)  # nobody else can take it: keep it for this member
+                # Nobody else can take it: keep it for this member.
+                if d.qos and session.durable is not None:
+                    session.durable.add_delivery(session, d)
+                session.requeue(d)
                 continue
             other.session.deliver(d.msg, min(d.msg.qos, other.qos), d.retain, d.sub_ids, other)
 
@@ -160,13 +203,21 @@ class Broker:
 
     def subscribe(self, opts: SubOpts) -> bool:
         """Add or replace a subscription; True if the client already had this filter."""
-        opts.session.subscriptions[opts.topic_filter] = opts
-        return self.router.add(opts)
+        session = opts.session
+        session.subscriptions[opts.topic_filter] = opts
+        existed = self.router.add(opts)
+        if session.durable is not None and session.channel is not None:
+            session.durable.save_session(session, session.channel.will,
+                                         session.channel.will_delay, True)  # fmt: skip
+        return existed
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
         self.router.remove(session.client_id, topic_filter)
+        if session.durable is not None and session.channel is not None:
+            session.durable.save_session(session, session.channel.will,
+                                         session.channel.will_delay, True)  # fmt: skip
         return True
 
     # ---------------------------------------------------------------------------- routing
@@ -181,6 +232,11 @@ class Broker:
     def route(self, msg: Message) -> int:
         if msg.retain:
             self.retainer.store(msg)
+            if self.durable is not None and not msg.topic.startswith("$SYS/"):
+                if msg.payload:
+                    self.durable.retained_set(msg)
+                else:
+                    self.durable.retained_delete(msg.topic)
         entries = self.router.match(msg.topic)
         if not entries:
             self.stats.dropped_no_subscribers += 1
@@ -253,6 +309,8 @@ class Broker:
                 for pid, t in list(session.awaiting_rel.items()):
                     if t < limit:
                         del session.awaiting_rel[pid]
+                        if session.durable is not None:
+                            session.durable.rel_del(session, pid)
         if self.config.sys_topics.enabled and now >= self._next_sys:
             self._next_sys = now + self.config.sys_topics.interval
             self.publish_sys(now)

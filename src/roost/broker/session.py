@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from roost.broker.channel import Channel
+    from roost.broker.durable import Durable
     from roost.broker.message import Message
     from roost.broker.router import SubOpts
     from roost.broker.stats import Stats
@@ -24,7 +25,7 @@ AWAIT_COMP = 1  # PUBREL sent, waiting for PUBCOMP
 class Delivery:
     """One message on its way to this session, queued or inflight."""
 
-    __slots__ = ("msg", "qos", "retain", "shared", "state", "sub_ids")
+    __slots__ = ("msg", "qos", "retain", "seq", "shared", "state", "sub_ids")
 
     def __init__(
         self,
@@ -40,6 +41,7 @@ class Delivery:
         self.sub_ids = sub_ids
         self.shared = shared  # the shared-subscription membership it came through
         self.state = AWAIT_ACK
+        self.seq = 0  # position in the store; 0 when not stored
 
 
 class Session:
@@ -48,10 +50,13 @@ class Session:
         "awaiting_rel",
         "channel",
         "client_id",
+        "durable",
         "expiry_interval",
         "inflight",
         "max_queue",
         "queue",
+        "queued_qos0",
+        "seq",
         "stats",
         "store_qos0",
         "subscriptions",
@@ -69,8 +74,12 @@ class Session:
         self.channel: Channel | None = None
         self.inflight: dict[int, Delivery] = {}
         self.queue: deque[Delivery] = deque()
+        self.queued_qos0 = 0  # QoS 0 deliveries in the queue: a full queue drops these first
         self.awaiting_rel: dict[int, float] = {}
         self._next_pid = 1
+        # Set while the session is persistent (expiry > 0 on a node with a durable store).
+        self.durable: Durable | None = None
+        self.seq = 0
 
     @property
     def connected(self) -> bool:
@@ -88,33 +97,52 @@ class Session:
     ) -> None:
         """Send now if the window allows, else queue (bounded)."""
         ch = self.channel
-        if ch is not None and not self.queue:
+        if ch is not None and not self.queue and not ch.paused:
             if qos == 0:
                 ch.send_qos0(msg, retain, sub_ids)
                 return
             if len(self.inflight) < ch.window:
-                self._send_new(ch, Delivery(msg, qos, retain, sub_ids, shared))
+                d = Delivery(msg, qos, retain, sub_ids, shared)
+                if self.durable is not None:
+                    self.durable.add_delivery(self, d)
+                self._send_new(ch, d)
                 return
         elif qos == 0 and ch is None and not self.store_qos0:
             self.stats.dropped_qos0_offline += 1
             return
-        self._enqueue(Delivery(msg, qos, retain, sub_ids, shared))
+        d = Delivery(msg, qos, retain, sub_ids, shared)
+        if qos and self.durable is not None:
+            self.durable.add_delivery(self, d)
+        self._enqueue(d)
+
+    def _done(self, d: Delivery) -> None:
+        """A delivery left the session (acknowledged, dropped or handed elsewhere)."""
+        if d.seq and self.durable is not None:
+            self.durable.delivery_done(self, d)
 
     def _enqueue(self, d: Delivery) -> None:
         queue = self.queue
         if len(queue) >= self.max_queue:
-            # Full: drop the oldest QoS 0 message if there is one, else the oldest message.
-            for i, old in enumerate(queue):
-                if old.qos == 0:
-                    del queue[i]
-                    break
-            else:
-                if not queue:
-                    self.stats.dropped_queue_full += 1
-                    return
-                queue.popleft()
             self.stats.dropped_queue_full += 1
-        queue.append(d)
+            if not queue:
+                self._done(d)
+                return
+            # Full: drop the oldest QoS 0 message if there is one, else the oldest message.
+            if self.queued_qos0:
+                for i, old in enumerate(queue):
+                    if old.qos == 0:
+                        del queue[i]
+                        self.queued_qos0 -= 1
+                        break
+            else:
+                self._done(queue.popleft())
+        self.requeue(d)
+
+    def requeue(self, d: Delivery) -> None:
+        """Append to the queue with no limit check (restored or handed-back deliveries)."""
+        self.queue.append(d)
+        if d.qos == 0:
+            self.queued_qos0 += 1
 
     def _alloc_pid(self) -> int:
         pid = self._next_pid
@@ -130,6 +158,9 @@ class Session:
         if not ch.send_publish(d.msg, d.qos, d.retain, d.sub_ids, pid, False):
             # Too large for this client: discarded as if acknowledged (spec 3.1.2.25).
             del self.inflight[pid]
+            self._done(d)
+        elif d.seq and self.durable is not None:
+            self.durable.delivery_sent(self, d, pid)
 
     def drain(self) -> None:
         """Move queued messages into the window while there is room."""
@@ -138,13 +169,16 @@ class Session:
         if ch is None:
             return
         now = ch.now()
-        while queue:
+        while queue and not ch.paused:
             d = queue[0]
             if d.qos and len(self.inflight) >= ch.window:
                 return
             queue.popleft()
+            if d.qos == 0:
+                self.queued_qos0 -= 1
             if d.msg.expired(now):
                 self.stats.dropped_expired += 1
+                self._done(d)
                 continue
             if d.qos == 0:
                 ch.send_qos0(d.msg, d.retain, d.sub_ids)
@@ -156,6 +190,7 @@ class Session:
         if d is None or d.qos != 1:
             return False
         del self.inflight[pid]
+        self._done(d)
         self.drain()
         return True
 
@@ -166,9 +201,12 @@ class Session:
             return False
         if reason >= 0x80:
             del self.inflight[pid]  # the receiver refused it: the exchange ends here
+            self._done(d)
             self.drain()
         else:
             d.state = AWAIT_COMP
+            if d.seq and self.durable is not None:
+                self.durable.delivery_sent(self, d, pid)
         return True
 
     def on_pubcomp(self, pid: int) -> bool:
@@ -176,6 +214,7 @@ class Session:
         if d is None or d.state != AWAIT_COMP:
             return False
         del self.inflight[pid]
+        self._done(d)
         self.drain()
         return True
 
@@ -189,6 +228,7 @@ class Session:
                 ch.send_pubrel(pid)
             elif not ch.send_publish(d.msg, d.qos, d.retain, d.sub_ids, pid, True):
                 del self.inflight[pid]
+                self._done(d)
         self.drain()
 
     def take_shared_unacked(self) -> list[Delivery]:
@@ -198,15 +238,22 @@ class Session:
         for pid, d in list(self.inflight.items()):
             if d.shared is not None and d.state == AWAIT_ACK:
                 del self.inflight[pid]
+                self._done(d)
                 taken.append(d)
         if any(d.shared is not None for d in self.queue):
             keep = deque()
             for d in self.queue:
-                (taken if d.shared is not None else keep).append(d)
+                if d.shared is not None:
+                    self._done(d)
+                    taken.append(d)
+                else:
+                    keep.append(d)
             self.queue = keep
+            self.queued_qos0 = sum(1 for d in keep if d.qos == 0)
         return taken
 
     def clear(self) -> None:
         self.inflight.clear()
         self.queue.clear()
+        self.queued_qos0 = 0
         self.awaiting_rel.clear()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 class Stats:
     __slots__ = (
-        "auth_failures",
+        "auth_denied",
         "bytes_received",
         "bytes_sent",
+        "connect_rate_refused",
+        "connections_refused",
         "connections_total",
         "dropped_expired",
         "dropped_no_subscribers",
@@ -17,8 +19,10 @@ class Stats:
         "messages_received",
         "messages_sent",
         "publish_denied",
+        "publish_rate_exceeded",
         "received_qos",
         "sent_qos",
+        "subscribe_denied",
     )
 
     def __init__(self) -> None:

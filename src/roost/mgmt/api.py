@@ -630,15 +630,13 @@ class Management:
         for lbl in sorted(ls.unavailable):
             listeners[lbl] = "unavailable"
         listeners_ok = bool(ls.servers) and all(ls.serving(lbl) for lbl in ls.servers)
-        store = getattr(self.broker, "store", None)
+        # The store is usable while its writes succeed (a failed write withholds acks).
+        durable = getattr(self.broker, "durable", None)
         store_ok, store_detail = True, "memory"
-        if store is not None:
-            try:
-                check = getattr(store, "healthy", None)
-                store_ok = bool(check()) if check is not None else True
-                store_detail = "ok" if store_ok else "unusable"
-            except Exception as e:  # a store that cannot answer is not usable
-                store_ok, store_detail = False, f"unusable: {e}"
+        if durable is not None:
+            persister = durable.persister
+            store_ok = not persister.failed
+            store_detail = f"{persister.mode}" if store_ok else "writes failing"
         checks = {
             "listeners": {"ok": listeners_ok, "detail": listeners},
             "store": {"ok": store_ok, "detail": store_detail},

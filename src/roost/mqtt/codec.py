@@ -114,11 +114,17 @@ class Decoder:
                     break
                 packets.append(self._decode(first, view, body, end))
                 pos = end
-        finally:
-            if buf:
-                del buf[:pos]
-            elif pos < n:
-                self._buf = bytearray(view[pos:])
+        except MQTTError as e:
+            # The stream cannot be re-framed after an error: keep none of it (the rest of
+            # the chunk may be a refused oversize frame, which must not stay buffered).
+            # The good packets before the bad one travel with the error, to be handled first.
+            self._buf = bytearray()
+            e.packets = packets
+            raise
+        if buf:
+            del buf[:pos]
+        elif pos < n:
+            self._buf = bytearray(view[pos:])
         return packets
 
     def _decode(self, first: int, buf: bytes | bytearray, pos: int, end: int) -> Packet:
@@ -134,8 +140,9 @@ class Decoder:
         if _REQUIRED_FLAGS[ptype] != flags:
             raise MQTTError(f"invalid fixed header flags 0x{flags:x} for packet type {ptype}")
         if ptype == 1:
-            if version is not None and not self.server_side:
-                raise MQTTError("CONNECT sent by a server", RC.PROTOCOL_ERROR)
+            if version is not None:
+                what = "second CONNECT" if self.server_side else "CONNECT sent by a server"
+                raise MQTTError(what, RC.PROTOCOL_ERROR)
             return _decode_connect(self, buf, pos, end)
         if version is None:
             if self.server_side:
@@ -195,7 +202,7 @@ def _decode_publish(
         if pos < end and buf[pos] == 0:
             pos += 1
         else:
-            props, pos = decode_properties(buf[:end], pos, P.PUBLISH)
+            props, pos = decode_properties(buf, pos, P.PUBLISH, end)
     pkt = Publish.__new__(Publish)
     pkt.topic = topic
     pkt.payload = bytes(buf[pos:end])
@@ -216,15 +223,11 @@ def _decode_connect(dec: Decoder, buf: bytes | bytearray, pos: int, end: int) ->
     if name not in ("MQTT", "MQIsdp"):
         raise MQTTError(f"unknown protocol name {name!r}", RC.PROTOCOL_ERROR)
     if (name, level) not in (("MQTT", MQTT_3_1_1), ("MQTT", MQTT_5), ("MQIsdp", MQTT_3_1)):
-        if dec.version is None:
-            dec.version = MQTT_3_1_1 if level < MQTT_5 else MQTT_5
+        dec.version = MQTT_3_1_1 if level < MQTT_5 else MQTT_5
         raise MQTTError(
             f"unsupported protocol {name!r} level {level}", RC.UNSUPPORTED_PROTOCOL_VERSION
         )
-    if dec.version is None:
-        dec.version = level
-    elif dec.version != level:
-        raise MQTTError("second CONNECT", RC.PROTOCOL_ERROR)
+    dec.version = level
     if pos + 3 > end:
         raise MQTTError("truncated CONNECT")
     flags = buf[pos]
@@ -245,13 +248,13 @@ def _decode_connect(dec: Decoder, buf: bytes | bytearray, pos: int, end: int) ->
         raise MQTTError("password without user name", RC.PROTOCOL_ERROR)
     props = _EMPTY
     if level == MQTT_5:
-        props, pos = decode_properties(buf[:end], pos, P.CONNECT)
+        props, pos = decode_properties(buf, pos, P.CONNECT, end)
     client_id, pos = decode_string(buf, pos, end)
     will = None
     if will_flag:
         will_props = _EMPTY
         if level == MQTT_5:
-            will_props, pos = decode_properties(buf[:end], pos, P.WILL)
+            will_props, pos = decode_properties(buf, pos, P.WILL, end)
         will_topic, pos = decode_string(buf, pos, end)
         will_payload, pos = decode_binary(buf, pos, end)
         will = Will(will_topic, will_payload, will_qos, will_retain, dict(will_props))
@@ -289,7 +292,7 @@ def _reason_and_props(
     pos += 1
     props = _EMPTY
     if pos < end:
-        props, pos = decode_properties(buf[:end], pos, ptype)
+        props, pos = decode_properties(buf, pos, ptype, end)
     if pos != end:
         raise MQTTError("trailing bytes")
     return code, props
@@ -313,7 +316,7 @@ def _decode_connack(buf: bytes | bytearray, pos: int, end: int, version: int) ->
         raise MQTTError("CONNACK reserved flags set")
     props = _EMPTY
     if version == MQTT_5:
-        props, after = decode_properties(buf[:end], pos + 2, P.CONNACK)
+        props, after = decode_properties(buf, pos + 2, P.CONNACK, end)
     else:
         after = pos + 2
     if after != end:
@@ -328,7 +331,7 @@ def _decode_subscribe(buf: bytes | bytearray, pos: int, end: int, version: int) 
     pos += 2
     props = _EMPTY
     if version == MQTT_5:
-        props, pos = decode_properties(buf[:end], pos, P.SUBSCRIBE)
+        props, pos = decode_properties(buf, pos, P.SUBSCRIBE, end)
         if len(props.get("subscription_identifier", ())) > 1:
             raise MQTTError("more than one subscription identifier", RC.PROTOCOL_ERROR)
     subs = []
@@ -363,7 +366,7 @@ def _decode_suback(buf: bytes | bytearray, pos: int, end: int, version: int) -> 
     pos += 2
     props = _EMPTY
     if version == MQTT_5:
-        props, pos = decode_properties(buf[:end], pos, P.SUBACK)
+        props, pos = decode_properties(buf, pos, P.SUBACK, end)
     return Suback(packet_id, list(buf[pos:end]), props)
 
 
@@ -374,7 +377,7 @@ def _decode_unsubscribe(buf: bytes | bytearray, pos: int, end: int, version: int
     pos += 2
     props = _EMPTY
     if version == MQTT_5:
-        props, pos = decode_properties(buf[:end], pos, P.UNSUBSCRIBE)
+        props, pos = decode_properties(buf, pos, P.UNSUBSCRIBE, end)
     filters = []
     while pos < end:
         topic_filter, pos = decode_string(buf, pos, end)
@@ -390,7 +393,7 @@ def _decode_unsuback(buf: bytes | bytearray, pos: int, end: int, version: int) -
     props = _EMPTY
     codes: list[int] = []
     if version == MQTT_5:
-        props, pos = decode_properties(buf[:end], pos, P.UNSUBACK)
+        props, pos = decode_properties(buf, pos, P.UNSUBACK, end)
         codes = list(buf[pos:end])
     elif pos != end:
         raise MQTTError("trailing bytes after UNSUBACK")

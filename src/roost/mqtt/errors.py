@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from roost.mqtt.reason_codes import MALFORMED_PACKET
 
 
@@ -11,6 +13,8 @@ class MQTTError(Exception):
     def __init__(self, message: str, reason_code: int = MALFORMED_PACKET) -> None:
         super().__init__(message)
         self.reason_code = reason_code
+        #: Packets ``Decoder.feed`` decoded from the same chunk before the bad one.
+        self.packets: list[Any] = []
 
     @property
     def message(self) -> str:

@@ -79,21 +79,26 @@ _BOOLEAN = frozenset(
 _NONZERO = frozenset({"receive_maximum", "maximum_packet_size", "subscription_identifier"})
 
 
-def decode_properties(buf: bytes | memoryview, pos: int, packet_type: int) -> tuple[dict, int]:
-    """Decode a property block at ``pos``; return (properties, position after it)."""
-    length, pos = decode_varint(buf, pos)
+def decode_properties(
+    buf: bytes | bytearray | memoryview, pos: int, packet_type: int, limit: int | None = None
+) -> tuple[dict, int]:
+    """Decode a property block at ``pos`` of a packet ending at ``limit`` (default: the end of
+    ``buf``); return (properties, position after it)."""
+    if limit is None:
+        limit = len(buf)
+    length, pos = decode_varint(buf, pos, limit)
     end = pos + length
-    if end > len(buf):
+    if end > limit:
         raise MQTTError("property length exceeds the packet", MALFORMED_PACKET)
     props: dict[str, Any] = {}
     while pos < end:
-        pid, pos = decode_varint(buf, pos)
+        pid, pos = decode_varint(buf, pos, end)
         entry = PROPERTIES.get(pid)
         if entry is None:
             raise MQTTError(f"unknown property id 0x{pid:02x}", MALFORMED_PACKET)
         name, ptype, allowed = entry
         if packet_type not in allowed:
-            raise MQTTError(f"property {name} is not allowed in this packet", PROTOCOL_ERROR)
+            raise MQTTError(f"property {name} is not allowed in this packet", MALFORMED_PACKET)
         if ptype == BYTE:
             if pos + 1 > end:
                 raise MQTTError(f"truncated property {name}")

@@ -15,6 +15,10 @@ from roost.broker.node import Broker
 
 log = logging.getLogger("roost.transport")
 
+# Bytes a connection may have waiting in its send buffer before deliveries to it are queued in
+# its session instead (where max_mqueue_len bounds them).
+WRITE_HIGH_WATER = 1 << 20
+
 
 class ListenerState:
     """Counters shared by the connections of one listener (for limits and metrics)."""
@@ -49,10 +53,19 @@ class MqttStreamProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         peer_s = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.channel = Channel(self.broker, self, peer_s, lst.name)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         if self.channel is not None:
             self.channel.data_received(data)
+
+    def pause_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.channel is not None:

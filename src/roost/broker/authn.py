@@ -1,0 +1,255 @@
+"""Who may connect: anonymous, password file, HTTP hook, and enhanced (AUTH) methods.
+
+The channel is sans-IO, but a password check (PBKDF2, ~0.1 s) or an HTTP call must not block
+the event loop. So ``authenticate(request, done)`` answers through a callback: at once when the
+answer is known without I/O (anonymous, no backend, a cached verdict), else later from a task
+on the running loop. Until ``done`` is called the channel holds the client's further packets.
+
+Each backend answers ``allow``, ``deny`` or ``ignore`` (it does not know the user, or failed);
+the first non-ignore answer decides, and when all ignore the client is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from roost.broker import scram
+from roost.broker.passwords import PasswordFile, ScramCredentials, check_password
+from roost.broker.passwords import load as load_passwords
+from roost.config import Authentication, ConfigError, HttpAuth
+from roost.mqtt import reason_codes as RC
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from roost.broker.node import Broker
+
+log = logging.getLogger("roost.auth")
+
+Verdict = Literal["allow", "deny", "ignore"]
+#: None: accepted; else (reason code, reason string) for the CONNACK.
+Refusal = tuple[int, str] | None
+Done = Callable[[Refusal], None]
+
+_BAD_CREDENTIALS: Refusal = (RC.BAD_USER_NAME_OR_PASSWORD, "bad user name or password")
+_CACHE_MAX = 10_000
+
+
+@dataclass(frozen=True)
+class AuthRequest:
+    client_id: str
+    username: str | None
+    password: bytes | None
+    peer: str  # "host:port"
+    listener: str
+    protocol_version: int = 4
+    #: The username comes from a verified client certificate (it is the credential).
+    from_certificate: bool = False
+
+
+def peer_host(peer: str) -> str:
+    host = peer.rpartition(":")[0] if ":" in peer else peer
+    return host.strip("[]")
+
+
+class Authenticator:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.passwords = PasswordFile()
+        # Dedicated threads for PBKDF2 so a flood of logins cannot starve other executor work.
+        self._pool: ThreadPoolExecutor | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._http_cache: dict[tuple[Any, ...], tuple[float, Verdict]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        path = broker.config.authentication.password_file
+        if path:
+            try:
+                load_passwords(path)  # refuse to start on a missing or broken file
+            except OSError as e:
+                raise ConfigError(
+                    f"authentication.password_file: cannot read {path}: {e.strerror}"
+                ) from None
+            except ValueError as e:
+                raise ConfigError(f"authentication.password_file: {e}") from None
+            self.passwords.refresh(path)
+
+    @property
+    def config(self) -> Authentication:
+        return self.broker.config.authentication  # read each time: hot config may replace it
+
+    # ----------------------------------------------------------------------- CONNECT password
+
+    def authenticate(self, req: AuthRequest, done: Done) -> None:
+        cfg = self.config
+        if req.from_certificate:
+            return done(None)
+        if req.username is None:
+            if cfg.allow_anonymous:
+                return done(None)
+            return done((RC.BAD_USER_NAME_OR_PASSWORD, "anonymous access is disabled"))
+        if not cfg.password_file and cfg.http is None:
+            return done(None)
+        # Fast path: a verdict known without I/O.
+        verdict: Verdict | None = "ignore"
+        if cfg.password_file:
+            verdict = self._file_verdict_cached(req)
+            if verdict is None:
+                return self._spawn(self._run(req, done))
+        if verdict == "ignore" and cfg.http is not None:
+            hit = self._http_cache_get(cfg.http, req)
+            if hit is None:
+                return self._spawn(self._run(req, done, skip_file=True))
+            verdict = hit
+        done(None if verdict == "allow" else _BAD_CREDENTIALS)
+
+    def _file_verdict_cached(self, req: AuthRequest) -> Verdict | None:
+        """The password file's answer when it needs no PBKDF2, else None."""
+        pf = self.passwords
+        pf.refresh(self.config.password_file)
+        assert req.username is not None
+        creds = pf.lookup(req.username)
+        if creds is None:
+            return "ignore"
+        if req.password is None:
+            return "deny"
+        if pf.cached_ok(req.username, req.password):
+            return "allow"
+        return None
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, req: AuthRequest, done: Done, skip_file: bool = False) -> None:
+        try:
+            verdict: Verdict = "ignore"
+            if not skip_file and self.config.password_file:
+                verdict = await self._file_verdict(req)
+            http = self.config.http
+            if verdict == "ignore" and http is not None:
+                verdict = await self._http_verdict(http, req)
+            refusal = None if verdict == "allow" else _BAD_CREDENTIALS
+        except Exception:
+            log.exception("authentication of %s failed", req.client_id)
+            refusal = (RC.UNSPECIFIED_ERROR, "authentication failed")
+        try:
+            done(refusal)
+        except Exception:
+            log.exception("finishing the CONNECT of %s failed", req.client_id)
+
+    async def _file_verdict(self, req: AuthRequest) -> Verdict:
+        assert req.username is not None and req.password is not None
+        creds = self.passwords.lookup(req.username)
+        if creds is None:
+            return "ignore"
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(2, thread_name_prefix="roost-pbkdf2")
+        loop = asyncio.get_running_loop()
+        try:
+            password = req.password.decode()
+        except UnicodeDecodeError:
+            return "deny"
+        ok = await loop.run_in_executor(self._pool, check_password, creds, password)
+        if ok:
+            self.passwords.remember(req.username, req.password)
+            return "allow"
+        return "deny"
+
+    # ------------------------------------------------------------------------- HTTP hook
+
+    def _cache_key(self, req: AuthRequest) -> tuple[Any, ...]:
+        pw = hashlib.sha256(req.password).digest() if req.password is not None else None
+        return (req.client_id, req.username, pw, peer_host(req.peer))
+
+    def _http_cache_get(self, http: HttpAuth, req: AuthRequest) -> Verdict | None:
+        if not http.cache_ttl:
+            return None
+        hit = self._http_cache.get(self._cache_key(req))
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    async def _http_verdict(self, http: HttpAuth, req: AuthRequest) -> Verdict:
+        import aiohttp
+
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        host, _, port = req.peer.rpartition(":")
+        body = {
+            "clientid": req.client_id,
+            "username": req.username,
+            "password": req.password.decode(errors="replace") if req.password else None,
+            "peerhost": host.strip("[]"),
+            "peerport": int(port) if port.isdigit() else None,
+            "listener": req.listener,
+            "protocol_version": req.protocol_version,
+        }
+        verdict: Verdict = "ignore"
+        try:
+            async with self._http.post(
+                http.url, json=body, headers=http.headers,
+                timeout=aiohttp.ClientTimeout(total=http.timeout),
+            ) as resp:  # fmt: skip
+                if 200 <= resp.status < 300:
+                    text = await resp.text()
+                    if not text.strip():
+                        verdict = "allow"
+                    else:
+                        result = (await resp.json(content_type=None)).get("result")
+                        if result in ("allow", "deny", "ignore"):
+                            verdict = result
+                        else:
+                            log.warning("auth hook answered %r for %s: ignored", result,
+                                        req.client_id)  # fmt: skip
+                else:
+                    log.warning("auth hook answered HTTP %d for %s", resp.status, req.client_id)
+                    return "ignore"
+        except TimeoutError:
+            log.warning("auth hook did not answer within %ss for %s", http.timeout, req.client_id)
+            return "ignore"
+        except (aiohttp.ClientError, ValueError, AttributeError) as e:
+            log.warning("auth hook failed for %s: %s", req.client_id, e)
+            return "ignore"
+        if http.cache_ttl and verdict != "ignore":
+            cache = self._http_cache
+            if len(cache) >= _CACHE_MAX:
+                now = time.monotonic()
+                for k in [k for k, (exp, _) in cache.items() if exp < now] or list(cache)[:1000]:
+                    del cache[k]
+            cache[self._cache_key(req)] = (time.monotonic() + http.cache_ttl, verdict)
+        return verdict
+
+    # ---------------------------------------------------------------------- AUTH packets
+
+    def enhanced(self, method: str) -> scram.EnhancedAuthMethod | None:
+        """A new exchange of the named method, or None if it is not offered here."""
+        factory = scram.METHODS.get(method)
+        if factory is None:
+            return None
+        if method == "SCRAM-SHA-256" and not self.config.scram:
+            return None
+        return factory(self._lookup)
+
+    def _lookup(self, username: str) -> ScramCredentials | None:
+        path = self.config.password_file
+        if not path:
+            return None
+        self.passwords.refresh(path)
+        return self.passwords.lookup(username)
+
+    def clear_cache(self) -> None:
+        self._http_cache.clear()
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,215 @@
+"""What the broker persists, as store operations; and how it comes back after a restart.
+
+Persistent sessions (expiry > 0) write their subscriptions, will, undelivered QoS 1/2 messages
+and QoS 2 receive state; retained messages are always written. Times go to the store as
+wall-clock seconds and come back as the broker's monotonic clock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from roost.broker.message import Message
+from roost.broker.router import SubOpts
+from roost.broker.session import AWAIT_COMP, Delivery, Session
+from roost.store.sqlite import StoredState, dump_props, load_props
+
+if TYPE_CHECKING:
+    from roost.broker.node import Broker
+    from roost.store.persister import Persister
+
+log = logging.getLogger("roost.store")
+
+
+class Durable:
+    def __init__(
+        self,
+        persister: Persister,
+        clock: Callable[[], float],
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.persister = persister
+        self.clock = clock
+        self.wall = wall
+        self._next_mid = 1
+
+    def after(self, callback: Callable[[], None]) -> None:
+        self.persister.after(callback)
+
+    def _wall(self, mono: float | None) -> float | None:
+        return None if mono is None else self.wall() + (mono - self.clock())
+
+    def _mono(self, wall: float | None) -> float | None:
+        return None if wall is None else self.clock() + (wall - self.wall())
+
+    # --------------------------------------------------------------------------- sessions
+
+    def save_session(
+        self, session: Session, will: Message | None, will_delay: int, connected: bool
+    ) -> None:
+        subs = [
+            [o.topic_filter, o.qos, o.no_local, o.rap, o.retain_handling, o.sub_id]
+            for o in session.subscriptions.values()
+        ]
+        will_json = None
+        if will is not None:
+            will_json = json.dumps(
+                [
+                    will.topic,
+                    will.payload.hex(),
+                    will.qos,
+                    will.retain,
+                    dump_props(will.props),
+                    will_delay,
+                ]
+            )
+        self.persister.op(
+            (
+                "sess",
+                session.client_id,
+                session.expiry_interval,
+                json.dumps(subs),
+                will_json,
+                None if connected else self.wall(),
+            )
+        )
+
+    def delete_session(self, client_id: str) -> None:
+        self.persister.op(("sess_del", client_id))
+
+    # ------------------------------------------------------------------------- deliveries
+
+    def add_delivery(self, session: Session, d: Delivery) -> None:
+        msg = d.msg
+        if not msg.mid:
+            msg.mid = self._next_mid
+            self._next_mid += 1
+            self.persister.op(
+                (
+                    "msg",
+                    msg.mid,
+                    msg.topic,
+                    msg.payload,
+                    msg.qos,
+                    msg.retain,
+                    dump_props(msg.props),
+                    msg.sender,
+                    self._wall(msg.expires_at),
+                )
+            )
+        session.seq += 1
+        d.seq = session.seq
+        self.persister.op(
+            ("dlv", session.client_id, d.seq, msg.mid, d.qos, d.retain, json.dumps(d.sub_ids))
+        )
+
+    def delivery_sent(self, session: Session, d: Delivery, pid: int) -> None:
+        self.persister.op(("dlv_pid", session.client_id, d.seq, pid, d.state))
+
+    def delivery_done(self, session: Session, d: Delivery) -> None:
+        self.persister.op(("dlv_del", session.client_id, d.seq))
+
+    def rel_add(self, session: Session, pid: int) -> None:
+        self.persister.op(("rel_add", session.client_id, pid))
+
+    def rel_del(self, session: Session, pid: int) -> None:
+        self.persister.op(("rel_del", session.client_id, pid))
+
+    # --------------------------------------------------------------------------- retained
+
+    def retained_set(self, msg: Message) -> None:
+        self.persister.op(
+            (
+                "ret_set",
+                msg.topic,
+                msg.payload,
+                msg.qos,
+                dump_props(msg.props),
+                msg.sender,
+                self._wall(msg.expires_at),
+            )
+        )
+
+    def retained_delete(self, topic: str) -> None:
+        self.persister.op(("ret_del", topic))
+
+    # ---------------------------------------------------------------------------- restore
+
+    def _message(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        props: dict[str, Any] | None,
+        sender: str,
+        expires_wall: float | None,
+    ) -> Message:
+        msg = Message(topic, payload, qos, retain, props, sender, self.clock())
+        msg.expires_at = self._mono(expires_wall)
+        return msg
+
+    def restore(self, broker: Broker, state: StoredState) -> None:
+        """Rebuild offline sessions, their queues and the retained messages."""
+        now_wall = self.wall()
+        self._next_mid = state.max_message_id + 1
+        for r in state.retained:
+            if r.expires_at is not None and r.expires_at <= now_wall:
+                self.retained_delete(r.topic)
+                continue
+            broker.retainer.store(
+                self._message(r.topic, r.payload, r.qos, True, r.props, r.sender, r.expires_at)
+            )
+        restored = 0
+        for s in state.sessions:
+            # A session connected when the node stopped counts as disconnected from now.
+            since = s.disconnected_at if s.disconnected_at is not None else now_wall
+            left = since + s.expiry_interval - now_wall
+            if left <= 0:
+                self.delete_session(s.client_id)
+                continue
+            cfg = broker.config.mqtt
+            session = Session(s.client_id, broker.stats, cfg.max_mqueue_len, cfg.mqueue_store_qos0)
+            session.expiry_interval = s.expiry_interval
+            session.durable = self
+            for f, qos, nl, rap, rh, sub_id in s.subscriptions:
+                broker.subscribe(SubOpts(session, f, qos, nl, rap, rh, sub_id))
+            messages: dict[int, Message] = {}
+            for sd in s.deliveries:
+                msg = messages.get(sd.message_id)
+                if msg is None:
+                    msg = messages[sd.message_id] = self._message(
+                        sd.topic, sd.payload, sd.msg_qos, False, sd.props, sd.sender, sd.expires_at
+                    )
+                    msg.mid = sd.message_id
+                d = Delivery(msg, sd.qos, sd.retain, sd.sub_ids, None)
+                d.seq = sd.seq
+                if sd.packet_id is not None and sd.packet_id not in session.inflight:
+                    d.state = AWAIT_COMP if sd.state else 0
+                    session.inflight[sd.packet_id] = d
+                else:
+                    session.requeue(d)
+                session.seq = max(session.seq, sd.seq)
+            for pid in s.awaiting_rel:
+                session.awaiting_rel[pid] = self.clock()
+            broker.sessions[s.client_id] = session
+            broker.schedule_expiry(s.client_id, self.clock() + left)
+            if s.will is not None:
+                topic, payload_hex, qos, retain, props_json, delay = s.will
+                will = self._message(
+                    topic,
+                    bytes.fromhex(payload_hex),
+                    qos,
+                    retain,
+                    load_props(props_json),
+                    s.client_id,
+                    None,
+                )
+                # The connection was lost with the node: the will is due as after any drop.
+                broker.schedule_will(s.client_id, will, min(delay, left))
+            restored += 1
+        log.info("restored %d sessions and %d retained messages", restored, len(broker.retainer))

@@ -1,0 +1,113 @@
+"""Group commit between the event loop and a store.
+
+The broker calls ``op`` for each change and ``after`` for each acknowledgement that must wait
+until that change is durable. Operations gathered during one event-loop turn (``sync``) or for
+at most ``max_delay`` seconds (``batch``) are written in one transaction on a writer thread;
+then the waiting callbacks run on the loop, in the order they were registered. With nothing
+pending, ``after`` runs its callback at once, so connections with no durable state pay nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+log = logging.getLogger("roost.store")
+
+
+class BatchStore(Protocol):
+    def write(self, ops: list[tuple[Any, ...]]) -> None: ...
+    def close(self) -> None: ...
+
+
+class Persister:
+    def __init__(self, store: BatchStore, mode: str = "sync", max_delay: float = 0.005) -> None:
+        self.store = store
+        self.mode = mode
+        self.max_delay = max_delay
+        self._ops: list[tuple[Any, ...]] = []
+        self._callbacks: list[Callable[[], None]] = []
+        self._scheduled = False
+        self._writing = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roost-store")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.commits = 0
+        self.ops_written = 0
+        self.failed = False
+
+    def op(self, op: tuple[Any, ...]) -> None:
+        self._ops.append(op)
+        self._schedule()
+
+    def after(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once everything submitted so far is durable."""
+        if not self._ops and not self._callbacks and not self._writing:
+            callback()
+            return
+        self._callbacks.append(callback)
+        self._schedule()
+
+    @property
+    def pending(self) -> int:
+        return len(self._ops)
+
+    def _schedule(self) -> None:
+        if self._scheduled or self._writing:
+            return
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._scheduled = True
+        if self.mode == "batch":
+            loop.call_later(self.max_delay, self._flush)
+        else:
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._writing or (not self._ops and not self._callbacks):
+            return
+        ops, self._ops = self._ops, []
+        callbacks, self._callbacks = self._callbacks, []
+        self._writing = True
+        loop = self._loop
+        assert loop is not None
+        fut = loop.run_in_executor(self._executor, self._write, ops)
+        fut.add_done_callback(lambda f: self._done(f, callbacks, len(ops)))
+
+    def _write(self, ops: list[tuple[Any, ...]]) -> None:
+        if ops:
+            self.store.write(ops)
+
+    def _done(self, fut: asyncio.Future[None], callbacks: list[Callable[[], None]], n: int) -> None:
+        self._writing = False
+        exc = fut.exception()
+        if exc is not None:
+            # Acknowledging now would promise durability we do not have: hold the acks back
+            # (clients will resend) and say so loudly.
+            self.failed = True
+            log.error("store write failed; %d acknowledgements withheld: %s", len(callbacks), exc)
+        else:
+            self.commits += 1
+            self.ops_written += n
+            for cb in callbacks:
+                try:
+                    cb()
+                except Exception:
+                    log.exception("callback after commit failed")
+        if self._ops or self._callbacks:
+            self._schedule()
+
+    async def drain(self) -> None:
+        """Wait until everything submitted is written (for shutdown)."""
+        while self._ops or self._callbacks or self._writing or self._scheduled:
+            if not self._writing and not self._scheduled:
+                self._schedule()
+            await asyncio.sleep(0.001)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.store.close()

@@ -1,0 +1,235 @@
+"""Embedded SQLite store: persistent sessions, their undelivered messages, retained messages.
+
+The broker describes every change as a small operation tuple (see ``apply``); the persister
+hands a batch of them to ``write``, which applies the whole batch in one transaction. Times are
+wall-clock seconds so that expiry survives a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    client_id TEXT PRIMARY KEY,
+    expiry_interval INTEGER NOT NULL,
+    subscriptions TEXT NOT NULL,          -- JSON list of [filter, qos, no_local, rap, rh, sub_id]
+    will TEXT,                            -- JSON [topic, payload hex, qos, retain, props, delay]
+    disconnected_at REAL                  -- NULL while connected
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    props TEXT,
+    sender TEXT NOT NULL,
+    expires_at REAL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    client_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    message_id INTEGER NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    sub_ids TEXT NOT NULL,
+    packet_id INTEGER,                    -- set once sent
+    state INTEGER NOT NULL DEFAULT 0,     -- 1: PUBREL sent, waiting for PUBCOMP
+    PRIMARY KEY (client_id, seq)
+);
+CREATE TABLE IF NOT EXISTS awaiting_rel (
+    client_id TEXT NOT NULL,
+    packet_id INTEGER NOT NULL,
+    PRIMARY KEY (client_id, packet_id)
+);
+CREATE TABLE IF NOT EXISTS retained (
+    topic TEXT PRIMARY KEY,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    props TEXT,
+    sender TEXT NOT NULL,
+    expires_at REAL
+);
+"""
+
+
+@dataclass
+class StoredDelivery:
+    seq: int
+    topic: str
+    payload: bytes
+    msg_qos: int
+    props: dict[str, Any] | None
+    sender: str
+    expires_at: float | None
+    qos: int
+    retain: bool
+    sub_ids: tuple[int, ...]
+    packet_id: int | None
+    state: int
+    message_id: int
+
+
+@dataclass
+class StoredSession:
+    client_id: str
+    expiry_interval: int
+    subscriptions: list[list[Any]]
+    will: list[Any] | None
+    disconnected_at: float | None
+    deliveries: list[StoredDelivery] = field(default_factory=list)
+    awaiting_rel: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StoredRetained:
+    topic: str
+    payload: bytes
+    qos: int
+    props: dict[str, Any] | None
+    sender: str
+    expires_at: float | None
+
+
+@dataclass
+class StoredState:
+    sessions: list[StoredSession]
+    retained: list[StoredRetained]
+    max_message_id: int
+
+
+def load_props(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    props = json.loads(text)
+    if "user_property" in props:
+        props["user_property"] = [tuple(p) for p in props["user_property"]]
+    if "correlation_data" in props:
+        props["correlation_data"] = bytes.fromhex(props["correlation_data"])
+    return props
+
+
+def dump_props(props: dict[str, Any] | None) -> str | None:
+    if not props:
+        return None
+    out = dict(props)
+    if "correlation_data" in out:
+        out["correlation_data"] = out["correlation_data"].hex()
+    return json.dumps(out)
+
+
+class SqliteStore:
+    def __init__(self, path: str | Path, fsync: bool = True) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # One connection, used by one writer thread at a time (the persister serializes).
+        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        self.db.executescript(SCHEMA)
+
+    def load(self) -> StoredState:
+        db = self.db
+        # Messages no delivery refers to any more are garbage from before the restart.
+        db.execute("DELETE FROM messages WHERE id NOT IN (SELECT message_id FROM deliveries)")
+        sessions: dict[str, StoredSession] = {}
+        for cid, expiry, subs, will, disc in db.execute(
+            "SELECT client_id, expiry_interval, subscriptions, will, disconnected_at FROM sessions"
+        ):
+            sessions[cid] = StoredSession(
+                cid, expiry, json.loads(subs), json.loads(will) if will else None, disc
+            )
+        rows = db.execute(
+            "SELECT d.client_id, d.seq, m.topic, m.payload, m.qos, m.props, m.sender,"
+            " m.expires_at, d.qos, d.retain, d.sub_ids, d.packet_id, d.state, m.id"
+            " FROM deliveries d JOIN messages m ON m.id = d.message_id"
+            " ORDER BY d.client_id, d.seq"
+        )
+        for r in rows:
+            s = sessions.get(r[0])
+            if s is None:
+                continue
+            s.deliveries.append(
+                StoredDelivery(
+                    r[1],
+                    r[2],
+                    bytes(r[3]),
+                    r[4],
+                    load_props(r[5]),
+                    r[6],
+                    r[7],
+                    r[8],
+                    bool(r[9]),
+                    tuple(json.loads(r[10])),
+                    r[11],
+                    r[12],
+                    r[13],
+                )
+            )
+        for cid, pid in db.execute("SELECT client_id, packet_id FROM awaiting_rel"):
+            if cid in sessions:
+                sessions[cid].awaiting_rel.append(pid)
+        retained = [
+            StoredRetained(t, bytes(p), q, load_props(pr), snd, exp)
+            for t, p, q, pr, snd, exp in db.execute(
+                "SELECT topic, payload, qos, props, sender, expires_at FROM retained"
+            )
+        ]
+        max_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
+        return StoredState(list(sessions.values()), retained, max_id)
+
+    def write(self, ops: list[tuple[Any, ...]]) -> None:
+        """Apply a batch of operations in one transaction."""
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            for op in ops:
+                self.apply(op)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def apply(self, op: tuple[Any, ...]) -> None:
+        kind = op[0]
+        x = self.db.execute
+        if kind == "dlv":  # client_id, seq, message_id, qos, retain, sub_ids
+            x(
+                "INSERT OR REPLACE INTO deliveries"
+                " (client_id, seq, message_id, qos, retain, sub_ids) VALUES (?, ?, ?, ?, ?, ?)",
+                op[1:],
+            )
+        elif kind == "msg":  # id, topic, payload, qos, retain, props, sender, expires_at
+            x("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)", op[1:])
+        elif kind == "dlv_pid":  # client_id, seq, packet_id, state
+            x(
+                "UPDATE deliveries SET packet_id = ?, state = ? WHERE client_id = ? AND seq = ?",
+                (op[3], op[4], op[1], op[2]),
+            )
+        elif kind == "dlv_del":  # client_id, seq
+            x("DELETE FROM deliveries WHERE client_id = ? AND seq = ?", op[1:])
+        elif kind == "sess":  # client_id, expiry, subscriptions, will, disconnected_at
+            x("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?)", op[1:])
+        elif kind == "sess_del":  # client_id
+            x("DELETE FROM sessions WHERE client_id = ?", op[1:])
+            x("DELETE FROM deliveries WHERE client_id = ?", op[1:])
+            x("DELETE FROM awaiting_rel WHERE client_id = ?", op[1:])
+        elif kind == "rel_add":  # client_id, packet_id
+            x("INSERT OR IGNORE INTO awaiting_rel VALUES (?, ?)", op[1:])
+        elif kind == "rel_del":
+            x("DELETE FROM awaiting_rel WHERE client_id = ? AND packet_id = ?", op[1:])
+        elif kind == "ret_set":  # topic, payload, qos, props, sender, expires_at
+            x("INSERT OR REPLACE INTO retained VALUES (?, ?, ?, ?, ?, ?)", op[1:])
+        elif kind == "ret_del":  # topic
+            x("DELETE FROM retained WHERE topic = ?", op[1:])
+        elif kind == "gc":
+            x("DELETE FROM messages WHERE id NOT IN (SELECT message_id FROM deliveries)")
+        else:
+            raise ValueError(f"unknown store operation {kind!r}")
+
+    def close(self) -> None:
+        self.db.close()

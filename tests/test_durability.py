@@ -1,0 +1,143 @@
+"""kill -9 and restart on the same data directory: nothing acknowledged is lost."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from roost.mqtt import Puback, Pubcomp, Publish, Pubrec, Pubrel, Subscribe, Subscription
+from tests.clients import PahoClient, RawClient, props
+
+PERSIST = {"session_expiry_interval": 3600}
+
+
+@pytest.mark.parametrize("durability", ["sync", "batch"])
+def test_acknowledged_messages_and_retained_survive_kill_9(make_broker, durability):
+    b = make_broker({"persistence": {"durability": durability}})
+    sub = PahoClient(b.port, "dur-sub")
+    sub.connect(clean_start=True, properties=props(SessionExpiryInterval=3600))
+    sub.subscribe("dur/q1", 1)
+    sub.subscribe("dur/q2", 2)
+    sub.disconnect()
+    pub = PahoClient(b.port, "dur-pub")
+    pub.connect()
+    for i in range(200):
+        pub.publish("dur/q1", f"a{i}", 1)  # waits for PUBACK: acknowledged
+    for i in range(30):
+        pub.publish("dur/q2", f"b{i}", 2)  # waits for PUBCOMP
+    for i in range(20):
+        pub.publish(f"dur/ret/{i}", f"r{i}", 1, retain=True)
+    pub.publish("dur/ret/0", b"", 1, retain=True)  # cleared before the crash: stays cleared
+    pub.c.loop_stop()
+    b.kill()
+    b.restart()
+    sub2 = PahoClient(b.port, "dur-sub")
+    flags, _, _ = sub2.connect(clean_start=False, properties=props(SessionExpiryInterval=3600))
+    assert flags.session_present
+    got = sub2.recv_all(230, timeout=20)
+    q1 = [m.payload.decode() for m in got if m.topic == "dur/q1"]
+    q2 = [m.payload.decode() for m in got if m.topic == "dur/q2"]
+    assert q1 == [f"a{i}" for i in range(200)]  # every one, in order
+    assert q2 == [f"b{i}" for i in range(30)]
+    sub2.assert_nothing()  # and exactly once for QoS 2
+    r = PahoClient(b.port, "dur-ret")
+    r.connect()
+    r.subscribe("dur/ret/#", 1)
+    retained = sorted(m.payload.decode() for m in r.recv_all(19))
+    assert retained == sorted(f"r{i}" for i in range(1, 20))
+    r.assert_nothing()
+    for c in (sub2, r):
+        c.disconnect()
+
+
+def test_unacknowledged_inflight_redelivered_after_kill_9(make_broker):
+    b = make_broker({"persistence": {"durability": "sync"}})
+    raw = RawClient(b.port)
+    raw.connect("dur-inflight", clean_start=True, properties={**PERSIST, "receive_maximum": 5})
+    raw.send(Subscribe(1, [Subscription("dur/inf", 1)]))
+    raw.recv()
+    pub = PahoClient(b.port, "dur-inf-pub")
+    pub.connect()
+    for i in range(12):
+        pub.publish("dur/inf", f"{i}", 1)
+    first = [raw.recv() for _ in range(5)]  # the window; none acknowledged
+    raw.send(Puback(first[0].packet_id))
+    assert raw.recv().payload == b"5"  # the window moved by one
+    time.sleep(0.3)  # let the ack reach the store
+    b.kill()
+    raw.close()
+    b.restart()
+    raw2 = RawClient(b.port)
+    assert raw2.connect("dur-inflight", clean_start=False,
+                        properties={**PERSIST, "receive_maximum": 20}).session_present  # fmt: skip
+    again = []
+    while len(again) < 11:
+        p = raw2.recv()
+        again.append(p)
+        raw2.send(Puback(p.packet_id))
+    assert [p.payload.decode() for p in again] == [str(i) for i in range(1, 12)]
+    assert all(p.dup for p in again[:5])  # the ones that were in flight come back as resends
+    assert {p.packet_id for p in again[:4]} == {p.packet_id for p in first[1:]}
+    assert not raw2.closed(0.5) and not raw2.pending
+    raw2.close()
+
+
+def test_qos2_receive_state_survives_kill_9(make_broker):
+    b = make_broker({"persistence": {"durability": "sync"}})
+    sub = PahoClient(b.port, "dur-q2-sub")
+    sub.connect(properties=props(SessionExpiryInterval=3600))
+    sub.subscribe("dur/x2", 2)
+    sub.disconnect()
+    raw = RawClient(b.port)
+    raw.connect("dur-q2-pub", clean_start=True, properties=PERSIST)
+    raw.send(Publish("dur/x2", b"exactly once", 2, packet_id=9))
+    assert isinstance(raw.recv(), Pubrec)
+    b.kill()  # between PUBREC and PUBREL
+    raw.close()
+    b.restart()
+    raw2 = RawClient(b.port)
+    assert raw2.connect("dur-q2-pub", clean_start=False, properties=PERSIST).session_present
+    raw2.send(Publish("dur/x2", b"exactly once", 2, dup=True, packet_id=9))  # client resends
+    assert isinstance(raw2.recv(), Pubrec)
+    raw2.send(Pubrel(9))
+    assert isinstance(raw2.recv(), Pubcomp)
+    sub2 = PahoClient(b.port, "dur-q2-sub")
+    sub2.connect(clean_start=False, properties=props(SessionExpiryInterval=3600))
+    assert sub2.recv().payload == b"exactly once"
+    sub2.assert_nothing(1.0)
+    raw2.close()
+    sub2.disconnect()
+
+
+def test_memory_durability_forgets_and_expired_sessions_are_purged(make_broker):
+    mem = make_broker({"persistence": {"durability": "memory"}})
+    c = PahoClient(mem.port, "mem-sess")
+    c.connect(properties=props(SessionExpiryInterval=3600))
+    c.disconnect()
+    mem.kill()
+    mem.restart()
+    c2 = PahoClient(mem.port, "mem-sess")
+    flags, _, _ = c2.connect(clean_start=False)
+    assert not flags.session_present
+    c2.disconnect()
+
+    b = make_broker({"persistence": {"durability": "sync"}})
+    short = PahoClient(b.port, "short-sess")
+    short.connect(properties=props(SessionExpiryInterval=1))
+    short.subscribe("dur/short", 1)
+    short.disconnect()
+    keep = PahoClient(b.port, "long-sess")
+    keep.connect(properties=props(SessionExpiryInterval=3600))
+    keep.disconnect()
+    b.kill()
+    time.sleep(1.5)  # the short session expires while the node is down
+    b.restart()
+    s2 = PahoClient(b.port, "short-sess")
+    assert not s2.connect(clean_start=False)[0].session_present
+    k2 = PahoClient(b.port, "long-sess")
+    assert k2.connect(clean_start=False, properties=props(SessionExpiryInterval=3600))[
+        0
+    ].session_present
+    s2.disconnect()
+    k2.disconnect()
