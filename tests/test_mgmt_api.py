@@ -317,3 +317,22 @@ def test_evacuation_moves_clients_at_a_bounded_rate(make_broker):
     again = RawClient(b.port)
     assert again.connect("again").reason_code == 0
     again.close()
+
+
+def test_acl_file_reload(make_broker, tmp_path):
+    acl = tmp_path / "acl.yaml"
+    acl.write_text("- {permission: deny, action: subscribe, topics: ['locked/#']}\n")
+    b = make_broker({"authorization": {"acl_file": str(acl)}, "sys_topics": {"enabled": False}})
+    b.wait_api()
+    api = Api(b.api_url, key=b.api_key)
+    c = PahoClient(b.port, "acl-reload")
+    c.connect()
+    assert c.subscribe("locked/a", 0)[0].value == 0x87
+    acl.write_text("- {permission: allow, topics: ['#']}\n")
+    assert api.ok("POST", "/api/v1/authorization/reload")["rules"] == 1
+    assert c.subscribe("locked/a", 0)[0].value == 0
+    acl.write_text("- {permission: maybe}\n")
+    code, err = api.call("POST", "/api/v1/authorization/reload")
+    assert code == 400 and err["code"] == "BAD_CONFIG" and "current rules stay" in err["message"]
+    assert c.subscribe("locked/b", 0)[0].value == 0  # the previous rules are still in force
+    c.disconnect()

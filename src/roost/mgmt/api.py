@@ -354,6 +354,7 @@ RESPONSES: dict[tuple[str, str], dict[int, Any]] = {
             }
         )
     },
+    ("POST", "/api/v1/authorization/reload"): {200: _obj({"rules": _I})},
     ("GET", "/api/v1/banned"): {200: _page_schema(BAN)},
     ("POST", "/api/v1/banned"): {200: BAN},
     ("DELETE", "/api/v1/banned/{as}/{who}"): {204: None},
@@ -1367,6 +1368,20 @@ async def config_put(request: web.Request) -> web.Response:
     body = {"changed": changed, "restart_required": restart}
     body["config"] = hotconfig.public_config(m.broker.config)
     return web.json_response(body)
+
+
+@route(
+    "POST",
+    "/api/v1/authorization/reload",
+    "Re-read the ACL file and drop authentication caches (as SIGHUP does)",
+    "config",
+)
+async def authorization_reload(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    error = m.broker.reload_auth()
+    if error is not None:
+        raise ApiError(400, "BAD_CONFIG", f"ACL not reloaded, the current rules stay: {error}")
+    return web.json_response({"rules": len(m.broker.acl.rules)})
 
 
 # -- bans --------------------------------------------------------------------------------
