@@ -34,6 +34,7 @@ class PahoClient:
         self.port = port
         self.protocol = protocol
         kwargs: dict[str, Any] = {"client_id": client_id, "protocol": protocol}
+        kwargs["transport"] = kw.pop("transport", "tcp")  # "websockets" for ws/wss listeners
         if protocol != V5:
             kwargs["clean_session"] = kw.pop("clean_session", True)
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kwargs)

@@ -141,3 +141,24 @@ def test_memory_durability_forgets_and_expired_sessions_are_purged(make_broker):
     ].session_present
     s2.disconnect()
     k2.disconnect()
+
+
+def test_connack_and_suback_of_a_persistent_session_mean_it_is_stored(make_broker):
+    """Once CONNACK/SUBACK are in the client's hands, a kill -9 loses neither."""
+    b = make_broker({"persistence": {"durability": "sync"}})
+    for i in range(5):
+        raw = RawClient(b.port)
+        raw.connect(f"dur-ack-{i}", clean_start=True, properties=PERSIST)
+        raw.send(Subscribe(1, [Subscription(f"dur/ack/{i}", 1)]))
+        assert raw.recv().reason_codes == [1]
+        b.kill()  # right after the SUBACK
+        raw.close()
+        b.restart()
+        raw2 = RawClient(b.port)
+        assert raw2.connect(f"dur-ack-{i}", clean_start=False, properties=PERSIST).session_present
+        pub = PahoClient(b.port, f"dur-ack-pub-{i}")
+        pub.connect()
+        pub.publish(f"dur/ack/{i}", b"kept", 1)
+        assert raw2.recv().payload == b"kept"
+        raw2.close()
+        pub.disconnect()

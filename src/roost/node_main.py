@@ -21,21 +21,17 @@ from roost.mgmt.api import Management
 from roost.mgmt.listeners import ListenerSet
 from roost.store.persister import Persister
 from roost.store.sqlite import SqliteStore
-from roost.transport.tcp import start_tcp_listener
+from roost.transport.listeners import start_listener
 
 log = logging.getLogger("roost")
 
 
 async def _open_listener(broker: Broker, kind: str, name: str, lst: ListenerBase) -> Any:
-    """Open one MQTT listener; None when this build has no transport for its type."""
+    """Open one MQTT listener (any type); the server has ``close()``."""
     label = f"{kind}:{name}"
-    if kind != "tcp":
-        log.warning("listener %s (%s) is not available in this build; skipped", label, lst.bind)
-        return None
-    server = await start_tcp_listener(broker, label, lst.host, lst.port, lst.max_connections)
-    for sock in server.sockets:
-        addr = sock.getsockname()
-        log.info("listening for MQTT on %s %s:%d", label, addr[0], addr[1])
+    server, addrs = await start_listener(broker, kind, label, lst, broker.config.node.data_dir)
+    for host, port in addrs:
+        log.info("listening for MQTT on %s %s:%d", label, host, port)
     return server
 
 

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("roost.channel")
 
 _PINGRESP = b"\xd0\x00"
+_BARRIER: Any = object()  # a gate entry standing for one commit still to come
 _STRIP_PROPS = ("topic_alias", "subscription_identifier")
 
 
@@ -94,6 +95,7 @@ class Channel:
         # Set while the socket's send buffer is above its high-water mark: deliveries wait in
         # the (bounded) session queue instead of piling up in the transport.
         self.paused = False
+        self._gate: list[Any] | None = None
         self.pub_limiter = broker.limits.publish_limiter()
         # While an asynchronous authentication runs: the packets that came after the CONNECT.
         self._held: list[Packet] | None = None
@@ -178,7 +180,42 @@ class Channel:
 
     def write(self, data: bytes) -> None:
         self.broker.stats.bytes_sent += len(data)
+        gate = self._gate
+        if gate is not None:
+            gate.append(data)
+            return
         self.transport.write(data)
+
+    # Output gate: a reply that promises something is stored (PUBACK, PUBREC, PUBCOMP, CONNACK
+    # of a persistent session, SUBACK...) and everything written after it wait for the commit.
+
+    def _store_mark(self) -> int:
+        durable = self.broker.durable
+        return -1 if durable is None else durable.persister.submitted
+
+    def _hold_until_stored(self, mark: int) -> None:
+        """Gate further output if this packet's handling submitted store operations."""
+        durable = self.broker.durable
+        if durable is None or mark < 0 or durable.persister.submitted == mark:
+            return
+        if self._gate is None:
+            self._gate = []
+        self._gate.append(_BARRIER)
+        durable.after(self._release_gate)
+
+    def _release_gate(self) -> None:
+        gate = self._gate
+        if gate is None:
+            return
+        del gate[0]  # our oldest barrier: commits complete in the order they were asked for
+        try:
+            n = gate.index(_BARRIER)
+        except ValueError:
+            n = len(gate)
+        out, rest = gate[:n], gate[n:]
+        self._gate = rest or None
+        if out and not self.closed:
+            self.transport.write(b"".join(out))
 
     def send(self, packet: Packet) -> None:
         self.write(encode(packet, self.version))
@@ -202,6 +239,7 @@ class Channel:
             if len(data) > self.client_max_packet:
                 # Leave the reason string out rather than exceed the client's limit.
                 data = encode(Disconnect(reason), MQTT_5)
+            self._gate = None  # replies still waiting for a commit are not promised any more
             self.write(data)
         self.close()
 
@@ -462,6 +500,7 @@ class Channel:
             expiry = 0 if c.clean_start else 0xFFFFFFFF
         expiry = min(expiry, cfg.max_session_expiry_interval)
 
+        mark = self._store_mark()
         session, present = broker.open_session(self, client_id, c.clean_start, expiry)
         self.session = session
         self.connected = True
@@ -488,6 +527,7 @@ class Channel:
             if props.get("request_response_information") == 1 and cfg.response_information:
                 ack_props["response_information"] = cfg.response_information
         present = present and c.protocol_version != MQTT_3_1
+        self._hold_until_stored(mark)
         self.write(encode(Connack(0, present, ack_props), self.version))
         log.debug("client %s connected from %s (v%d)", client_id, self.peer, self.version)
         if present:
@@ -498,6 +538,7 @@ class Channel:
     def _on_publish(self, p: Publish) -> None:
         if not self.connected:
             raise MQTTError("the first packet must be CONNECT", RC.PROTOCOL_ERROR)
+        mark = self._store_mark()
         broker = self.broker
         cfg = broker.config.mqtt
         topic = p.topic
@@ -557,15 +598,8 @@ class Channel:
                 session.awaiting_rel[p.packet_id] = msg.timestamp  # type: ignore[index]
                 if session.durable is not None:
                     session.durable.rel_add(session, p.packet_id)  # type: ignore[arg-type]
-            self._ack_when_durable(ack)
-
-    def _ack_when_durable(self, ack: bytes) -> None:
-        """Acknowledge only once what this packet changed is stored (acks stay in order)."""
-        durable = self.broker.durable
-        if durable is None:
+            self._hold_until_stored(mark)
             self.write(ack)
-        else:
-            durable.after(lambda: self.closed or self.write(ack))
 
     def _on_pubrec(self, p: Pubrec) -> None:
         assert self.session is not None
@@ -580,12 +614,14 @@ class Channel:
     def _on_pubrel(self, p: Pubrel) -> None:
         assert self.session is not None
         session = self.session
+        mark = self._store_mark()
         found = session.awaiting_rel.pop(p.packet_id, None) is not None
         if found and session.durable is not None:
             session.durable.rel_del(session, p.packet_id)
         code = 0 if found or not self.v5 else RC.PACKET_IDENTIFIER_NOT_FOUND
         # After a restart a stale id would make the client's next message look like a resend.
-        self._ack_when_durable(_ack(0x70, p.packet_id, code))
+        self._hold_until_stored(mark)
+        self.write(_ack(0x70, p.packet_id, code))
 
     # ---------------------------------------------------------------------------- SUBSCRIBE
 
@@ -599,6 +635,7 @@ class Channel:
             sub_id = s.properties["subscription_identifier"][0]
         codes: list[int] = []
         granted: list[tuple[SubOpts, bool]] = []
+        mark = self._store_mark()
         for sub in s.subscriptions:
             f = sub.topic_filter
             try:
@@ -623,6 +660,7 @@ class Channel:
             existed = broker.subscribe(opts)
             granted.append((opts, existed))
             codes.append(qos)
+        self._hold_until_stored(mark)
         self.send(Suback(s.packet_id, codes))
         # Retained messages go after the SUBACK (retain handling 0: always, 1: if new, 2: never).
         now = self.now()
@@ -656,9 +694,11 @@ class Channel:
 
     def _on_unsubscribe(self, u: Unsubscribe) -> None:
         codes = []
+        mark = self._store_mark()
         for f in u.topic_filters:
             found = self.broker.unsubscribe(self.session, f)  # type: ignore[arg-type]
             codes.append(0 if found else RC.NO_SUBSCRIPTION_EXISTED)
+        self._hold_until_stored(mark)
         self.send(Unsuback(u.packet_id, codes if self.v5 else []))
 
     # --------------------------------------------------------------------------- DISCONNECT

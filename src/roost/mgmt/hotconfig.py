@@ -112,7 +112,7 @@ async def _apply_listeners(
     started: list[str] = []
     for label, (kind, name, lst) in want.items():
         state = broker.listener_states.get(label)
-        if state is not None:
+        if state is not None and hasattr(state, "max_connections"):
             state.max_connections = lst.max_connections
         if label in listeners.servers or label in listeners.unavailable:
             continue

@@ -34,12 +34,14 @@ class Persister:
         self._writing = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roost-store")
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.submitted = 0  # operations ever submitted: a channel compares it across a packet
         self.commits = 0
         self.ops_written = 0
         self.failed = False
 
     def op(self, op: tuple[Any, ...]) -> None:
         self._ops.append(op)
+        self.submitted += 1
         self._schedule()
 
     def after(self, callback: Callable[[], None]) -> None:

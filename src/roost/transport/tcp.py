@@ -12,6 +12,7 @@ import ssl
 
 from roost.broker.channel import Channel
 from roost.broker.node import Broker
+from roost.transport.tls import peer_cn
 
 log = logging.getLogger("roost.transport")
 
@@ -23,9 +24,11 @@ WRITE_HIGH_WATER = 1 << 20
 class ListenerState:
     """Counters shared by the connections of one listener (for limits and metrics)."""
 
-    def __init__(self, name: str, max_connections: int) -> None:
+    def __init__(self, name: str, max_connections: int, cert_as_username: bool = False) -> None:
         self.name = name
         self.max_connections = max_connections
+        #: Use the verified client certificate's CN as the MQTT username (TLS listeners).
+        self.cert_as_username = cert_as_username
         self.connections = 0
         self.refused = 0
 
@@ -52,7 +55,10 @@ class MqttStreamProtocol(asyncio.Protocol):
         lst.connections += 1
         peer = transport.get_extra_info("peername")
         peer_s = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.channel = Channel(self.broker, self, peer_s, lst.name)
+        cn = None
+        if lst.cert_as_username:
+            cn = peer_cn(transport.get_extra_info("peercert"))
+        self.channel = Channel(self.broker, self, peer_s, lst.name, cn)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
@@ -108,11 +114,14 @@ async def start_tcp_listener(
     port: int,
     max_connections: int,
     ssl_context: ssl.SSLContext | None = None,
+    cert_as_username: bool = False,
 ) -> asyncio.Server:
-    state = ListenerState(name, max_connections)
+    state = ListenerState(name, max_connections, cert_as_username)
     broker.listener_states[name] = state
     loop = asyncio.get_running_loop()
+    # A client that stalls its TLS handshake holds a socket; give up on it after 10 s.
+    kw = {"ssl_handshake_timeout": 10.0} if ssl_context is not None else {}
     return await loop.create_server(
         lambda: MqttStreamProtocol(broker, state), host, port, ssl=ssl_context, reuse_address=True,
-        backlog=1024,
+        backlog=1024, **kw,
     )  # fmt: skip

@@ -1,0 +1,1 @@
+"""Client libraries (QUIC) used by the tests, the benchmarks and ``roost bench``."""
