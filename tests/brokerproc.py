@@ -76,6 +76,17 @@ class BrokerProcess:
         self.stop()
         raise RuntimeError(f"broker did not listen within {timeout}s:\n{self.log()}")
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would: nothing gets to flush."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
+
+    def restart(self, timeout: float = 10.0) -> BrokerProcess:
+        """Start again on the same port, config and data directory."""
+        return self.start(timeout)
+
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
@@ -91,17 +102,6 @@ class BrokerProcess:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"management API did not listen within {timeout}s:\n{self.log()}")
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash or an OOM kill would: nothing gets to flush."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-        self._log.close()
-
-    def restart(self, timeout: float = 10.0) -> BrokerProcess:
-        """Start again on the same port, config and data directory."""
-        return self.start(timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -6,7 +6,16 @@ import time
 
 import pytest
 
-from roost.mqtt import Puback, Pubcomp, Publish, Pubrec, Pubrel, Subscribe, Subscription
+from roost.mqtt import (
+    Disconnect,
+    Puback,
+    Pubcomp,
+    Publish,
+    Pubrec,
+    Pubrel,
+    Subscribe,
+    Subscription,
+)
 from tests.clients import PahoClient, RawClient, props
 
 PERSIST = {"session_expiry_interval": 3600}
@@ -123,14 +132,18 @@ def test_memory_durability_forgets_and_expired_sessions_are_purged(make_broker):
     c2.disconnect()
 
     b = make_broker({"persistence": {"durability": "sync"}})
-    short = PahoClient(b.port, "short-sess")
-    short.connect(properties=props(SessionExpiryInterval=1))
-    short.subscribe("dur/short", 1)
-    short.disconnect()
-    keep = PahoClient(b.port, "long-sess")
-    keep.connect(properties=props(SessionExpiryInterval=3600))
-    keep.disconnect()
+    for client_id, expiry in (("short-sess", 1), ("long-sess", 3600)):
+        raw = RawClient(b.port)
+        raw.connect(client_id, properties={"session_expiry_interval": expiry})
+        raw.send(Disconnect())
+        assert raw.closed()  # the broker has handled the DISCONNECT
+        raw.close()
+    # Commits complete in order, and a persistent session's CONNACK waits for its own: once it
+    # is here, the two sessions are stored as disconnected, with the time they left.
+    barrier = RawClient(b.port)
+    barrier.connect("store-barrier", properties=PERSIST)
     b.kill()
+    barrier.close()
     time.sleep(1.5)  # the short session expires while the node is down
     b.restart()
     s2 = PahoClient(b.port, "short-sess")

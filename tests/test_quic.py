@@ -21,7 +21,7 @@ from aioquic.quic.connection import QuicConnection
 from roost.client.quic import QuicClient, QuicMqttError
 from roost.mqtt.packets import MQTT_3_1_1, Pingreq, Subscribe, Subscription, Will
 from tests.brokerproc import BrokerProcess, free_port
-from tests.clients import V5, PahoClient
+from tests.clients import V5, PahoClient, props
 from tests.listenerutil import wait_listening
 
 
@@ -469,5 +469,51 @@ def test_control_stream_end_ends_the_connection(qb, how):
         m = await asyncio.to_thread(watcher.recv)
         assert (m.topic, m.payload) == (f"will/{how}", b"gone")
         watcher.disconnect()
+
+    run(main())
+
+
+def test_keepalive_counts_traffic_on_any_stream(qb):
+    """Keepalive 1 s, and the control stream silent for 3 s: PUBLISHes on a data stream keep
+    the connection alive."""
+
+    async def main() -> None:
+        q = QuicClient("127.0.0.1", qb.quic, "ka-streams", keepalive=1)
+        await q.connect()
+        data = q.open_stream()
+        for i in range(10):
+            await data.publish("ka/data", str(i).encode(), 1)
+            await asyncio.sleep(0.3)
+        assert q.terminated is None and q.disconnect_packet is None
+        await q.disconnect()
+
+    run(main())
+
+
+def test_session_hops_between_listeners(qb):
+    """One persistent session taken over from TCP by QUIC, then resumed over WebSocket."""
+
+    async def main() -> None:
+        tcp = PahoClient(qb.port, "hopper")
+        tcp.connect(clean_start=False, properties=props(SessionExpiryInterval=300))
+        tcp.subscribe("hop/t", 1)
+        q = QuicClient("127.0.0.1", qb.quic, "hopper", clean_start=False,
+                       properties={"session_expiry_interval": 300})  # fmt: skip
+        connack = await q.connect()
+        assert connack.session_present
+        rc = await asyncio.to_thread(tcp.disconnects.get, True, 5)
+        assert rc.value == 0x8E  # the TCP connection was taken over
+        pub = PahoClient(qb.port, "hop-pub")
+        pub.connect()
+        pub.publish("hop/t", b"to quic", 1)
+        assert (await q.recv()).payload == b"to quic"  # the subscription came along
+        await q.disconnect()
+        pub.publish("hop/t", b"queued", 1)  # the session is offline: kept for it
+        ws = PahoClient(qb.ws, "hopper", V5, transport="websockets")
+        flags, _, _ = ws.connect(clean_start=False, properties=props(SessionExpiryInterval=0))
+        assert flags.session_present
+        assert (await asyncio.to_thread(ws.recv)).payload == b"queued"
+        ws.disconnect()
+        pub.disconnect()
 
     run(main())

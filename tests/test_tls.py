@@ -139,3 +139,17 @@ def test_self_signed_default_certificate(make_broker):
     c = tls_client(sport, "selfsigned", client_context(str(cert)))
     c.connect()
     c.disconnect()
+
+
+def test_versions_option_refuses_older_tls(make_broker, pki):
+    cert, key = pki.issue("localhost", server=True)
+    sport = free_port()
+    opts = {"certfile": cert, "keyfile": key, "versions": ["tlsv1.3"]}
+    b = make_broker({"listeners": {"ssl": {"default": {"enabled": True,
+                                                       "bind": f"127.0.0.1:{sport}",
+                                                       "ssl_options": opts}}}})  # fmt: skip
+    wait_listening(b, "ssl:default")
+    assert _handshake_fails(sport, client_context(str(pki.ca), version=ssl.TLSVersion.TLSv1_2))
+    c = tls_client(sport, "tls13-only", client_context(str(pki.ca), version=ssl.TLSVersion.TLSv1_3))
+    c.connect()
+    c.disconnect()

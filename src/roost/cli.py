@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from roost import __version__
-from roost.mgmt.ctl import add_parser as add_ctl_parser
 from roost.passwd_cli import add_parser as add_passwd_parser
 
 
@@ -17,7 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="run a broker node")
     start.add_argument("--config", "-c", help="YAML config file (default: ROOST_CONFIG or none)")
     add_passwd_parser(sub)
-    add_ctl_parser(sub)
+    from roost.mgmt.ctl import add_parser as add_ctl
+
+    add_ctl(sub)
+    from roost.operator.main import add_arguments as add_operator_arguments
+
+    add_operator_arguments(sub.add_parser("operator", help="run the Kubernetes operator"))
     return parser
 
 
@@ -35,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         from roost.mgmt.ctl import run as run_ctl
 
         return run_ctl(args)
+    if args.command == "operator":
+        from roost.operator.main import run_operator
+
+        return run_operator(args)
     return 2
 
 

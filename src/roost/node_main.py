@@ -26,15 +26,6 @@ from roost.transport.listeners import start_listener
 log = logging.getLogger("roost")
 
 
-async def _open_listener(broker: Broker, kind: str, name: str, lst: ListenerBase) -> Any:
-    """Open one MQTT listener (any type); the server has ``close()``."""
-    label = f"{kind}:{name}"
-    server, addrs = await start_listener(broker, kind, label, lst, broker.config.node.data_dir)
-    for host, port in addrs:
-        log.info("listening for MQTT on %s %s:%d", label, host, port)
-    return server
-
-
 def _open_store(config: Config, broker: Broker) -> Persister | None:
     pcfg = config.persistence
     if pcfg.durability == "memory":
@@ -48,6 +39,15 @@ def _open_store(config: Config, broker: Broker) -> Persister | None:
     broker.durable = durable
     log.info("persistence: %s in %s", pcfg.durability, path)
     return persister
+
+
+async def _open_listener(broker: Broker, kind: str, name: str, lst: ListenerBase) -> Any:
+    """Open one MQTT listener of any type (the REST API reopens them through this too)."""
+    label = f"{kind}:{name}"
+    server, addrs = await start_listener(broker, kind, label, lst, broker.config.node.data_dir)
+    for host, port in addrs:
+        log.info("listening for MQTT on %s %s:%d", label, host, port)
+    return server
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:

@@ -367,11 +367,12 @@ class Channel:
             assigned = True
         elif len(client_id) > cfg.max_clientid_len:  # ids the broker assigns are not limited
             return self._refuse(RC.CLIENT_IDENTIFIER_NOT_VALID, "client id too long")
-        refusal = broker.limits.connect_refusal(self.listener)
+        refusal = broker.admit(client_id, c.username, self.peer)  # bans, evacuation
         if refusal is not None:
+            if refusal[0] == RC.BANNED:
+                broker.stats.auth_denied += 1
             return self._refuse(*refusal)
-        username = c.username if self.cert_username is None else self.cert_username
-        refusal = broker.admit(client_id, username, self.peer)  # banned, or evacuating
+        refusal = broker.limits.connect_refusal(self.listener)
         if refusal is not None:
             return self._refuse(*refusal)
         self.client_id = client_id
@@ -383,6 +384,7 @@ class Channel:
             self._enhanced = (method, exchange, c)
             step = exchange.start(props.get("authentication_data", b""), c.username)
             return self._enhanced_step(step)
+        username = c.username if self.cert_username is None else self.cert_username
         request = AuthRequest(client_id, username, c.password, self.peer, self.listener,
                               c.protocol_version, self.cert_username is not None)  # fmt: skip
         # The answer may come later (password hash, HTTP): hold what the client sends meanwhile.

@@ -50,13 +50,13 @@ class Broker:
         self._expiring: dict[str, float] = {}  # offline session -> expiry time
         self._next_sys = 0.0
         self._id_counter = 0
+        # Set by the node runner when the store is durable (see roost.broker.durable).
+        self.durable: Durable | None = None
         self.bans = Bans()
         #: Set while this node is evacuated: new connections are sent elsewhere.
         self.evacuating = False
         #: Per-listener counters (``ListenerState``) registered by the transports, for metrics.
         self.listener_states: dict[str, Any] = {}
-        # Set by the node runner when the store is durable (see roost.broker.durable).
-        self.durable: Durable | None = None
 
     @property
     def acl_active(self) -> bool:
@@ -83,7 +83,6 @@ class Broker:
     def admit(self, client_id: str, username: str | None, peer: str) -> tuple[int, str] | None:
         """(reason code, reason string) when a CONNECT must be refused before it opens a session."""
         if self.bans and self.bans.match(client_id, username, peer_host(peer)) is not None:
-            self.stats.auth_denied += 1
             return RC.BANNED, "banned"
         if self.evacuating:
             return RC.USE_ANOTHER_SERVER, "this node is being evacuated"

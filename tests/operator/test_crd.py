@@ -1,0 +1,163 @@
+"""The generated CRD: valid for the API server, in sync with the files in the repo, rules work."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import cel
+import jsonschema
+import pytest
+import yaml
+
+from roost.operator.artifacts import files
+from roost.operator.schema import CEL_RULES, crd
+from tests.operator.k8s_schemas import validate
+from tests.operator.structural import structural_errors
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _schema() -> dict[str, Any]:
+    return crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def test_crd_validates_against_kubernetes_schemas() -> None:
+    validate(crd())
+
+
+def test_crd_is_structural() -> None:
+    assert structural_errors(_schema()) == []
+
+
+def test_structural_checker_catches_a_ref() -> None:
+    bad = {"type": "object", "properties": {"x": {"$ref": "#/defs/X"}}}
+    assert structural_errors(bad) == ["/x: $ref is not allowed", "/x: no type"]
+
+
+@pytest.mark.parametrize("path", list(files(ROOT)), ids=lambda p: str(p.relative_to(ROOT)))
+def test_generated_files_are_up_to_date(path: Path) -> None:
+    assert path.read_text() == files(ROOT)[path], "regenerate: python -m roost.operator.artifacts"
+
+
+def test_short_name_subresources_and_scale_paths() -> None:
+    c = crd()["spec"]
+    assert c["names"]["shortNames"] == ["roost"]
+    version = c["versions"][0]
+    assert version["name"] == "v1beta1"
+    scale = version["subresources"]["scale"]
+    assert scale["specReplicasPath"] == ".spec.replicantTemplate.replicas"
+    props = _schema()["properties"]
+    assert props["status"]["properties"]["replicantReplicas"]["type"] == "integer"
+    assert props["status"]["properties"]["replicantSelector"]["type"] == "string"
+    assert "status" in version["subresources"]
+
+
+def test_config_is_structured_from_the_broker_model() -> None:
+    config = _schema()["properties"]["spec"]["properties"]["config"]
+    quic = config["properties"]["listeners"]["properties"]["quic"]["additionalProperties"]
+    assert quic["properties"]["bind"]["default"] == "0.0.0.0:14567"
+    keepalive = config["properties"]["mqtt"]["properties"]["server_keepalive"]
+    assert keepalive == {**keepalive, "type": "integer", "nullable": True}
+    assert "node" not in config["properties"]
+
+
+# -- the schema and its CEL rules applied to example specs -------------------------------------
+
+
+def _openapi_validator() -> jsonschema.Draft4Validator:
+    # OpenAPI v3.0 numeric keywords follow JSON Schema draft 4; nullable is OpenAPI's own.
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: strip(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
+            if out.pop("nullable", False) and "type" in out:
+                out["type"] = [out["type"], "null"]
+            return out
+        return node
+
+    return jsonschema.Draft4Validator(strip(_schema()["properties"]["spec"]))
+
+
+def _cel_context(obj: Any) -> cel.Context:
+    ctx = cel.Context()
+    # Kubernetes' CEL has the ext strings library; this CEL implementation needs them defined.
+    ctx.add_function("lastIndexOf", lambda s, sub: s.rfind(sub))
+    ctx.add_function("substring", lambda s, i: s[i:])
+    ctx.add_variable("self", obj)
+    return ctx
+
+
+def _rules_at(schema: dict[str, Any], obj: Any) -> list[str]:
+    """Evaluate every CEL rule in the schema on the matching part of obj; failed messages."""
+    failed = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        if not cel.evaluate(rule["rule"], _cel_context(obj)):
+            failed.append(rule["message"])
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key in schema.get("properties", {}):
+                failed += _rules_at(schema["properties"][key], value)
+            elif isinstance(schema.get("additionalProperties"), dict):
+                failed += _rules_at(schema["additionalProperties"], value)
+    return failed
+
+
+def api_server_errors(spec: dict[str, Any]) -> list[str]:
+    errors = [e.message for e in _openapi_validator().iter_errors(spec)]
+    # Rules only see values that passed the schema (a bind that is not host:port never
+    # reaches int()).
+    return errors or _rules_at(_schema()["properties"]["spec"], spec)
+
+
+GOOD = {
+    "image": "roost:0.1.0",
+    "coreTemplate": {"replicas": 3},
+    "replicantTemplate": {"replicas": 2},
+    "config": {
+        "listeners": {
+            "tcp": {"default": {"bind": "0.0.0.0:1883"}},
+            "quic": {"default": {"bind": "0.0.0.0:1883"}},  # UDP may share a TCP port number
+            "ws": {"default": {"bind": "0.0.0.0:8083"}, "off": {"bind": "1883", "enabled": False}},
+        }
+    },
+    "listenersServiceTemplate": {"type": "NodePort", "nodePorts": {"quic-default": 30567}},
+}
+
+
+def _with(path: str, value: Any) -> dict[str, Any]:
+    spec = copy.deepcopy(GOOD)
+    node = spec
+    *parents, last = path.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return spec
+
+
+def test_good_spec_passes_schema_and_rules() -> None:
+    assert api_server_errors(GOOD) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("coreTemplate.replicas", 4, "must be odd"),
+        ("coreTemplate.replicas", 9, "is greater than the maximum"),
+        ("config.listeners.ssl", {"x": {"bind": "0.0.0.0:1883"}}, "same port"),
+        ("config.listeners.quic", {"a": {"bind": "1.2.3.4:14567"}, "b": {"bind": ":14567"}}, "UDP"),
+        ("listenersServiceTemplate.type", "ClusterIP", "nodePorts need"),
+        ("dashboardServiceTemplate", {"externalTrafficPolicy": "Local"}, "externalTrafficPolicy"),
+        ("config.listeners.tcp", {"default": {"bind": "nope"}}, "does not match"),
+        ("config.mqtt", {"max_qos_allowed": 3}, "greater than the maximum"),
+    ],
+)
+def test_bad_spec_is_rejected(path: str, value: Any, message: str) -> None:
+    errors = api_server_errors(_with(path, value))
+    assert any(message in e for e in errors), errors
+
+
+def test_every_cel_rule_is_in_the_crd() -> None:
+    text = yaml.safe_dump(crd())
+    for _, rule, _, _ in CEL_RULES:
+        assert yaml.safe_dump(rule).strip()[:40] in text or rule[:40] in text

@@ -1,0 +1,151 @@
+"""The rollout planner: every decision it makes, without a cluster."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from roost.operator.planner import Action, DeploymentState, Observed, PodState, plan
+
+
+def cores(n: int, rev: str = "c1", ready: bool = True, age: float = 100) -> list[PodState]:
+    return [PodState(f"r-core-{i}", rev, ready, age if ready else 0) for i in range(n)]
+
+
+def reps(n: int, rev: str = "r1", ready: bool = True) -> list[PodState]:
+    return [PodState(f"r-replicant-{rev}-{i}", rev, ready, 100 if ready else 0) for i in range(n)]
+
+
+BASE = Observed(
+    core_revision="c1",
+    replicant_revision="r1",
+    core_desired=3,
+    replicant_desired=2,
+    min_ready_seconds=10,
+    core_replicas=3,
+    core_pods=cores(3),
+    deployments=[DeploymentState("r1", 2, 2)],
+    replicant_pods=reps(2),
+)
+
+
+def test_steady_state_is_ready_and_does_nothing() -> None:
+    p = plan(BASE)
+    assert p.ready and p.phase == "Running"
+    assert p.action is None and p.replicants == {} and p.delete_deployments == []
+
+
+def test_new_cluster_creates_cores_and_no_replicants() -> None:
+    p = plan(replace(BASE, core_replicas=None, core_pods=[], deployments=[], replicant_pods=[]))
+    assert p.core_replicas == 3 and p.replicants == {} and p.phase == "Creating"
+
+
+def test_replicants_wait_for_ready_cores() -> None:
+    o = replace(BASE, core_pods=[*cores(2), PodState("r-core-2", "c1", False)], deployments=[])
+    assert plan(o).replicants == {}
+    assert plan(replace(o, core_pods=cores(3))).replicants == {"r1": 2}
+
+
+def test_core_scale_up_raises_replicas() -> None:
+    assert plan(replace(BASE, core_desired=5)).core_replicas == 5
+
+
+def test_core_scale_down_evacuates_highest_ordinal() -> None:
+    p = plan(replace(BASE, core_desired=1))
+    assert p.action == Action("remove-core", "r-core-2", evacuate=True)
+    assert p.core_replicas == 3  # the handler lowers it after the member is gone
+
+
+def test_core_scale_down_waits_for_min_ready() -> None:
+    p = plan(replace(BASE, core_desired=1, core_pods=cores(3, age=1)))
+    assert p.action is None and p.waiting
+
+
+def test_upgrade_rolls_cores_first_highest_ordinal_with_evacuation() -> None:
+    o = replace(BASE, core_revision="c2", replicant_revision="r2")
+    p = plan(o)
+    assert p.action == Action("roll-core", "r-core-2", evacuate=True)
+    assert p.replicants == {} and p.phase == "Upgrading"
+
+
+def test_upgrade_waits_while_a_rolled_pod_is_not_ready() -> None:
+    pods = [*cores(2, "c1"), PodState("r-core-2", "c2", False)]
+    p = plan(replace(BASE, core_revision="c2", core_pods=pods))
+    assert p.action is None and "ready" in p.waiting
+
+
+def test_upgrade_waits_min_ready_seconds_before_next_pod() -> None:
+    pods = [*cores(2, "c1"), PodState("r-core-2", "c2", True, ready_for=2)]
+    assert plan(replace(BASE, core_revision="c2", core_pods=pods)).action is None
+    pods[-1] = PodState("r-core-2", "c2", True, ready_for=20)
+    p = plan(replace(BASE, core_revision="c2", core_pods=pods))
+    assert p.action == Action("roll-core", "r-core-1", evacuate=True)
+
+
+def test_replicants_roll_after_cores_new_deployment_then_old_pods_evacuated() -> None:
+    o = replace(BASE, core_revision="c2", core_pods=cores(3, "c2"), replicant_revision="r2")
+    p = plan(o)
+    assert p.replicants == {"r2": 2} and p.action is None
+    o = replace(o, deployments=[DeploymentState("r1", 2, 2), DeploymentState("r2", 2, 2)])
+    o = replace(o, replicant_pods=reps(2, "r1") + reps(2, "r2"))
+    p = plan(o)
+    assert p.action == Action("remove-replicant", "r-replicant-r1-0", True, "r1")
+    o = replace(o, deployments=[DeploymentState("r1", 0, 0), DeploymentState("r2", 2, 2)])
+    o = replace(o, replicant_pods=reps(2, "r2"))
+    assert plan(o).delete_deployments == ["r1"]
+
+
+def test_bad_core_image_then_fixed_replaces_broken_pod_without_waiting() -> None:
+    bad = PodState("r-core-2", "c2", False, waiting_reason="ImagePullBackOff")
+    stuck = replace(BASE, core_revision="c2", core_pods=[*cores(2, "c1"), bad])
+    p = plan(stuck)
+    assert p.action is None and p.degraded == "r-core-2: ImagePullBackOff"
+    fixed = replace(stuck, core_revision="c3")
+    assert plan(fixed).action == Action("roll-core", "r-core-2", evacuate=False)
+
+
+def test_bad_replicant_deployment_is_dropped_once_fixed() -> None:
+    o = replace(
+        BASE,
+        replicant_revision="r3",
+        deployments=[DeploymentState("r1", 2, 2), DeploymentState("r2", 2, 0)],
+        replicant_pods=reps(2, "r1") + reps(2, "r2", ready=False),
+    )
+    p = plan(o)
+    assert p.delete_deployments == ["r2"] and p.replicants == {"r3": 2}
+
+
+def test_replicant_scale_down_evacuates_one() -> None:
+    o = replace(BASE, replicant_desired=1)
+    assert plan(o).action == Action("remove-replicant", "r-replicant-r1-1", True, "r1")
+
+
+def test_replicants_to_zero_is_ready() -> None:
+    o = replace(BASE, replicant_desired=0, deployments=[DeploymentState("r1", 0, 0)])
+    o = replace(o, replicant_pods=[])
+    assert plan(o).ready
+
+
+def test_deleting_pods_are_not_acted_on() -> None:
+    pods = [*cores(2, "c1"), PodState("r-core-2", "c1", False, deleting=True)]
+    p = plan(replace(BASE, core_revision="c2", core_pods=pods))
+    assert p.action is None
+
+
+def test_one_replicant_removal_at_a_time() -> None:
+    # The Deployment was lowered to 1 but its removed pod is still there: wait for it.
+    o = replace(BASE, replicant_desired=0, deployments=[DeploymentState("r1", 1, 1)])
+    p = plan(o)
+    assert p.action is None and "removed" in p.waiting
+    o = replace(o, replicant_pods=reps(2)[1:])
+    assert plan(o).action == Action("remove-replicant", "r-replicant-r1-1", True, "r1")
+
+
+def test_old_deployment_scaled_to_zero_waits_for_its_last_pod() -> None:
+    o = replace(
+        BASE,
+        replicant_revision="r2",
+        deployments=[DeploymentState("r1", 0, 0), DeploymentState("r2", 2, 2)],
+        replicant_pods=reps(1, "r1") + reps(2, "r2"),
+    )
+    p = plan(o)
+    assert p.delete_deployments == [] and "removed" in p.waiting
