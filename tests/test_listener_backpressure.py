@@ -11,18 +11,10 @@ import pytest
 from roost.client.quic import QuicClient
 from roost.mqtt import Subscribe, Subscription, encode
 from roost.mqtt.packets import MQTT_5
-from tests.brokerproc import free_port
+from tests.brokerproc import free_port, rss_kb
 from tests.clients import PahoClient
 from tests.listenerutil import wait_listening
 from tests.test_websocket import RawWs
-
-
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def _stall_ws(port: int) -> RawWs:
@@ -63,14 +55,14 @@ def test_stalled_subscriber_is_bounded(make_broker, kind):
     pub = PahoClient(b.port, "flooder")
     pub.connect()
     payload = b"z" * 1000
-    before = _rss_kb(b.proc.pid)
+    before = rss_kb(b.proc.pid)
     # 20 MB aimed at a reader that reads nothing, in chunks the healthy subscriber keeps up with.
     for chunk in range(40):
         for _ in range(500):
             pub.publish("flood/t", payload, 0, wait=False)
         got = healthy.recv_all(500, timeout=20)
         assert len(got) == 500, f"healthy subscriber stalled in chunk {chunk}"
-    grown_mb = (_rss_kb(b.proc.pid) - before) / 1024
+    grown_mb = (rss_kb(b.proc.pid) - before) / 1024
     # Write high-water (1 MB) + 1000 queued messages (about 3 MB), not the 20 MB sent.
     print(f"broker grew by {grown_mb:.1f} MB")
     assert grown_mb < 8, f"broker grew by {grown_mb:.1f} MB"

@@ -133,6 +133,22 @@ def test_multi_stream(qb):
     run(main())
 
 
+def test_no_local_on_a_data_stream(qb):
+    async def main() -> None:
+        q = QuicClient("127.0.0.1", qb.quic, "nolocal-quic")
+        await q.connect()
+        s = q.open_stream()
+        assert await s.subscribe("nlq/t", 1, no_local=True) == [1]
+        assert await s.subscribe("nlq/other", 1) == [1]
+        await q.control.publish("nlq/t", b"mine", 1)  # the same client, another stream
+        await q.control.publish("nlq/other", b"echo", 1)
+        sid, p = await asyncio.wait_for(q.messages.get(), 10)
+        assert (sid, p.topic) == (s.stream_id, "nlq/other")  # "mine" was not echoed
+        await q.disconnect()
+
+    run(main())
+
+
 def test_unsubscribe_on_other_stream_v5(qb):
     async def main() -> None:
         q = QuicClient("127.0.0.1", qb.quic, "multi5")

@@ -254,6 +254,15 @@ class NodeSettings(_Model):
     max_connections: int = Field(0, ge=0)
 
 
+class FlappingSettings(_Model):
+    """Ban a client id that connects more than ``max_count`` times in ``window_time`` seconds."""
+
+    enabled: bool = False
+    max_count: int = Field(15, ge=1)
+    window_time: float = Field(60, gt=0)
+    ban_time: float = Field(300, gt=0)
+
+
 class PersistenceSettings(_Model):
     """Where acknowledged messages must be before the broker acknowledges them.
 
@@ -303,6 +312,7 @@ class Config(_Model):
     authorization: Authorization = Field(default_factory=Authorization)
     sys_topics: SysTopics = Field(default_factory=SysTopics)
     persistence: PersistenceSettings = Field(default_factory=PersistenceSettings)
+    flapping_detect: FlappingSettings = Field(default_factory=FlappingSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from roost import __version__
 from roost.broker.acl import Acl
 from roost.broker.authn import Authenticator
-from roost.broker.bans import Bans, peer_host
+from roost.broker.bans import Ban, Bans, peer_host
+from roost.broker.flapping import FlappingDetector
 from roost.broker.limits import Limits
 from roost.broker.message import Message
 from roost.broker.retainer import Retainer
@@ -53,6 +54,7 @@ class Broker:
         # Set by the node runner when the store is durable (see roost.broker.durable).
         self.durable: Durable | None = None
         self.bans = Bans()
+        self.flapping = FlappingDetector(lambda: self.config.flapping_detect, clock)
         #: Set while this node is evacuated: new connections are sent elsewhere.
         self.evacuating = False
         #: Per-listener counters (``ListenerState``) registered by the transports, for metrics.
@@ -84,6 +86,13 @@ class Broker:
         """(reason code, reason string) when a CONNECT must be refused before it opens a session."""
         if self.bans and self.bans.match(client_id, username, peer_host(peer)) is not None:
             return RC.BANNED, "banned"
+        if self.flapping.flapping(client_id):
+            ban_time = self.config.flapping_detect.ban_time
+            self.bans.add(Ban("clientid", client_id, "flapping", "flapping detection",
+                              until=self.bans.clock() + ban_time))  # fmt: skip
+            self.stats.flapping_banned += 1
+            log.warning("client %s connects too often: banned for %g s", client_id, ban_time)
+            return RC.BANNED, "banned for flapping"
         if self.evacuating:
             return RC.USE_ANOTHER_SERVER, "this node is being evacuated"
         return None
@@ -247,7 +256,7 @@ class Broker:
         if len(entries) == 1 and not entries[0].groups:
             # Fast path: one filter, plain subscribers; no per-client aggregation needed.
             for opts in entries[0].subs.values():
-                if opts.no_local and opts.session.client_id == sender:
+                if opts.no_local and opts.session.owner == sender:
                     continue
                 opts.session.deliver(
                     msg,
@@ -261,7 +270,7 @@ class Broker:
         per_client: dict[str, list] = {}
         for entry in entries:
             for cid, opts in entry.subs.items():
-                if opts.no_local and cid == sender:
+                if opts.no_local and opts.session.owner == sender:
                     continue
                 agg = per_client.get(cid)
                 if agg is None:
@@ -289,6 +298,8 @@ class Broker:
         now = self.clock()
         for ch in list(self.channels):
             ch.tick(now)
+        if self.flapping:
+            self.flapping.purge()
         if self._wills:
             for cid, (due, will) in list(self._wills.items()):
                 if now >= due:

@@ -54,6 +54,7 @@ class Session:
         "expiry_interval",
         "inflight",
         "max_queue",
+        "owner",
         "queue",
         "queued_qos0",
         "seq",
@@ -66,6 +67,9 @@ class Session:
         self, client_id: str, stats: Stats, max_queue: int = 1000, store_qos0: bool = True
     ) -> None:
         self.client_id = client_id
+        # The MQTT client this session belongs to, for no-local; a QUIC data stream's session
+        # has a key of its own but the owner of its connection.
+        self.owner = client_id
         self.stats = stats
         self.max_queue = max_queue
         self.store_qos0 = store_qos0

@@ -16,6 +16,7 @@ class Stats:
         "dropped_qos0_offline",
         "dropped_queue_full",
         "dropped_too_large",
+        "flapping_banned",
         "messages_received",
         "messages_sent",
         "publish_denied",

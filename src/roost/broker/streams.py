@@ -76,6 +76,7 @@ class StreamChannel(Channel):
             cfg.max_mqueue_len,
             cfg.mqueue_store_qos0,
         )
+        session.owner = parent.client_id
         session.channel = self
         self.session = session
         self.connected = True  # keepalive stays 0: the control stream's channel watches it

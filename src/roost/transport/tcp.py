@@ -33,7 +33,24 @@ class ListenerState:
         self.refused = 0
 
 
-class MqttStreamProtocol(asyncio.Protocol):
+class CoalescedWrites:
+    """Collects what a channel writes in one event-loop turn; ``_flush`` sends it as one write."""
+
+    _pending: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        pending = self._pending
+        if pending is None:
+            self._pending = [data]
+            asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            pending.append(data)
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+
+class MqttStreamProtocol(CoalescedWrites, asyncio.Protocol):
     def __init__(self, broker: Broker, listener: ListenerState) -> None:
         self.broker = broker
         self.listener = listener
@@ -80,14 +97,6 @@ class MqttStreamProtocol(asyncio.Protocol):
             self.channel = None
 
     # channel side -------------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        pending = self._pending
-        if pending is None:
-            self._pending = [data]
-            asyncio.get_running_loop().call_soon(self._flush)
-        else:
-            pending.append(data)
 
     def _flush(self) -> None:
         pending = self._pending

@@ -19,7 +19,7 @@ import struct
 
 from roost.broker.channel import Channel
 from roost.broker.node import Broker
-from roost.transport.tcp import WRITE_HIGH_WATER, ListenerState
+from roost.transport.tcp import WRITE_HIGH_WATER, CoalescedWrites, ListenerState
 from roost.transport.tls import peer_cn
 
 log = logging.getLogger("roost.transport")
@@ -64,7 +64,7 @@ def unmask(data: bytes, mask: bytes) -> bytes:
     return (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
 
 
-class WsProtocol(asyncio.Protocol):
+class WsProtocol(CoalescedWrites, asyncio.Protocol):
     def __init__(self, broker: Broker, listener: ListenerState, path: str) -> None:
         self.broker = broker
         self.listener = listener
@@ -277,14 +277,6 @@ class WsProtocol(asyncio.Protocol):
             t.write(data)
 
     # channel side -------------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        pending = self._pending
-        if pending is None:
-            self._pending = [data]
-            asyncio.get_running_loop().call_soon(self._flush)
-        else:
-            pending.append(data)
 
     def _flush(self) -> None:
         pending = self._pending
