@@ -4,14 +4,10 @@ page to publish and subscribe through the broker."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import shutil
-import threading
 from collections.abc import Iterator
 
 import pytest
-from aiohttp import WSMsgType, web
 
 from tests.brokerproc import BrokerProcess, free_port
 from tests.clients import PahoClient
@@ -37,58 +33,6 @@ def browser() -> Iterator[object]:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         yield b
         b.close()
-
-
-class WsBridge:
-    """MQTT over WebSocket -> the broker's TCP listener, for when this build has no WS listener."""
-
-    def __init__(self, mqtt_port: int) -> None:
-        self.mqtt_port = mqtt_port
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    async def _handler(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(protocols=("mqtt",))
-        await ws.prepare(request)
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.mqtt_port)
-
-        async def down() -> None:
-            while data := await reader.read(65536):
-                await ws.send_bytes(data)
-            await ws.close()
-
-        task = asyncio.create_task(down())
-        async for msg in ws:
-            if msg.type == WSMsgType.BINARY:
-                writer.write(msg.data)
-        writer.close()
-        task.cancel()
-        return ws
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        app.router.add_get("/mqtt", self._handler)
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", self.port)
-        self.loop.run_until_complete(site.start())
-        self.ready.set()
-        self.loop.run_forever()
-
-    def __enter__(self) -> WsBridge:
-        self.thread.start()
-        assert self.ready.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        fut = asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop)
-        with contextlib.suppress(Exception):
-            fut.result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 def test_dashboard_login_overview_kick_and_websocket_client(browser):
@@ -139,28 +83,26 @@ def test_dashboard_login_overview_kick_and_websocket_client(browser):
         page.wait_for_function("document.querySelector('#ws-url').value !== ''")
         assert page.input_value("#ws-url") == f"ws://127.0.0.1:{ws_port}/mqtt"
         listeners = api.ok("GET", "/api/v1/listeners")["data"]
-        ws_running = next(x for x in listeners if x["id"] == "ws:default")["running"]
-        with contextlib.ExitStack() as stack:
-            if not ws_running:  # no WS transport in this build yet: bridge to the TCP listener
-                bridge = stack.enter_context(WsBridge(b.port))
-                page.fill("#ws-url", f"ws://127.0.0.1:{bridge.port}/mqtt")
-            page.fill("#ws-clientid", "browser-ws")
-            page.click("#ws-connect-btn")
-            page.wait_for_selector("#ws-state:text-is('connected')")
-            assert api.ok("GET", "/api/v1/clients/browser-ws")["connected"]
-            page.fill("#ws-sub-topic", "dash/#")
-            page.click("#ws-sub button")
-            page.wait_for_selector("#ws-messages td:has-text('granted QoS 0')")
-            bystander.publish("dash/in", b"from paho", 1)
-            page.wait_for_selector("#ws-messages td:has-text('from paho')")
-            bystander.subscribe("dash/out", 0)
-            page.fill("#ws-pub-topic", "dash/out")
-            page.fill("#ws-pub-payload", "from the browser")
-            page.click("#ws-pub button")
-            m = bystander.recv()
-            assert m.topic == "dash/out" and m.payload == b"from the browser"
-            page.click("#ws-disconnect-btn")
-            page.wait_for_selector("#ws-state:text-is('disconnected')")
+        assert next(x for x in listeners if x["id"] == "ws:default")["running"]
+        # The broker's own WebSocket listener (listeners.ws), from the page's MQTT client.
+        page.fill("#ws-clientid", "browser-ws")
+        page.click("#ws-connect-btn")
+        page.wait_for_selector("#ws-state:text-is('connected')")
+        ws_client = api.ok("GET", "/api/v1/clients/browser-ws")
+        assert ws_client["connected"] and ws_client["listener"] == "ws:default"
+        page.fill("#ws-sub-topic", "dash/#")
+        page.click("#ws-sub button")
+        page.wait_for_selector("#ws-messages td:has-text('granted QoS 0')")
+        bystander.publish("dash/in", b"from paho", 1)
+        page.wait_for_selector("#ws-messages td:has-text('from paho')")
+        bystander.subscribe("dash/out", 0)
+        page.fill("#ws-pub-topic", "dash/out")
+        page.fill("#ws-pub-payload", "from the browser")
+        page.click("#ws-pub button")
+        m = bystander.recv()
+        assert m.topic == "dash/out" and m.payload == b"from the browser"
+        page.click("#ws-disconnect-btn")
+        page.wait_for_selector("#ws-state:text-is('disconnected')")
         # The other pages show what the broker holds.
         api.ok(
             "POST", "/api/v1/publish", {"topic": "dash/kept", "payload": "kept!", "retain": True}

@@ -32,7 +32,7 @@ def test_operator_node_client_against_a_real_node(tmp_path):
             async with aiohttp.ClientSession() as http:
                 api = NodeClient(http, node.api_url, key)
                 status = await api.status()
-                assert status["status"] == "ok" and status["ready"] is True
+                assert status["status"] == "running" and status["ready"] is True  # rest-api.md
                 info = await api.node()
                 assert info["connections"] >= 3
                 names = [n["name"] for n in await api.cluster_nodes()]

@@ -367,9 +367,10 @@ class Channel:
             assigned = True
         elif len(client_id) > cfg.max_clientid_len:  # ids the broker assigns are not limited
             return self._refuse(RC.CLIENT_IDENTIFIER_NOT_VALID, "client id too long")
-        refusal = broker.admit(client_id, c.username, self.peer)  # bans
+        refusal = broker.admit(client_id, c.username, self.peer)  # bans, evacuation
         if refusal is not None:
-            broker.stats.auth_denied += 1
+            if refusal[0] == RC.BANNED:
+                broker.stats.auth_denied += 1
             return self._refuse(*refusal)
         refusal = broker.limits.connect_refusal(self.listener)
         if refusal is not None:

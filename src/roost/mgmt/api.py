@@ -288,12 +288,14 @@ NODE = _obj(
     },
 )
 STATUS = _obj(
-    {"status": {"type": "string", "enum": ["ok", "unavailable"]}, "ready": _B, "live": _B},
-    {"node": _S, "version": _S, "evacuating": _B, "checks": {"type": "object"}},
-)
+    {"status": {"type": "string", "enum": ["running", "evacuating", "stopping", "not_ready"]},
+     "ready": _B, "live": _B},
+    {"node": _S, "role": _S, "version": _S, "evacuating": _B, "checks": {"type": "object"},
+     "code": _S},
+)  # fmt: skip
 EVACUATION = _obj(
     {
-        "status": {"type": "string", "enum": ["idle", "evacuating", "done", "failed", "stopped"]},
+        "status": {"type": "string", "enum": ["idle", "evacuating", "done", "failed"]},
         "message": _S,
         "connections": _I,
         "sessions": _I,
@@ -354,12 +356,13 @@ RESPONSES: dict[tuple[str, str], dict[int, Any]] = {
             }
         )
     },
+    ("POST", "/api/v1/authorization/reload"): {200: _obj({"rules": _I})},
     ("GET", "/api/v1/banned"): {200: _page_schema(BAN)},
     ("POST", "/api/v1/banned"): {200: BAN},
     ("DELETE", "/api/v1/banned/{as}/{who}"): {204: None},
     ("GET", "/api/v1/node/evacuation"): {200: EVACUATION},
     ("POST", "/api/v1/node/evacuation"): {202: EVACUATION},
-    ("DELETE", "/api/v1/node/evacuation"): {200: EVACUATION},
+    ("DELETE", "/api/v1/node/evacuation"): {204: None},
 }
 
 
@@ -505,6 +508,8 @@ class EvacuationBody(_Body):
     wait_takeover: float = Field(60, ge=0, le=86400)
     #: Sent to MQTT 5 clients as Server Reference (e.g. another node's address).
     server_reference: str = ""
+    #: Node names that should receive the sessions; empty: any other node (cluster layer).
+    redirect_to: list[str] = Field(default_factory=list)
 
 
 def _config_schema() -> dict[str, Any]:
@@ -542,8 +547,11 @@ class Management:
         self._keys: dict[str, str] = {}  # key -> name
         self._keys_src: tuple[str, float] | None = None
         self.started = time.time()
-        #: Replaced by the cluster layer: every node of the cluster as node_info() dicts.
+        self.stopping = False
+        #: Set by the cluster layer: every node of the cluster as node_info() dicts, and the
+        #: removal of a departed node (raise ApiError(409, "CONFLICT", ...) to refuse it).
         self.cluster_nodes: Callable[[], list[dict[str, Any]]] | None = None
+        self.remove_node: Callable[[str], Awaitable[None]] | None = None
 
     # -- auth ---------------------------------------------------------------------------
 
@@ -571,10 +579,12 @@ class Management:
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue
+                # "name:key", or one bare key (the operator's Secret): the whole line is a key
+                # either way, so a bare key that holds ":" works too.
                 name, sep, key = line.partition(":")
-                if not sep:
-                    name, key = f"key{n + 1}", line
-                keys[key.strip()] = name.strip()
+                keys[line] = f"key{n + 1}"
+                if sep and key.strip():
+                    keys[key.strip()] = name.strip()
             self._keys, self._keys_src = keys, (path, mtime)
         return self._keys
 
@@ -630,15 +640,13 @@ class Management:
         for lbl in sorted(ls.unavailable):
             listeners[lbl] = "unavailable"
         listeners_ok = bool(ls.servers) and all(ls.serving(lbl) for lbl in ls.servers)
-        store = getattr(self.broker, "store", None)
+        # The store is usable while its writes succeed (a failed write withholds acks).
+        durable = getattr(self.broker, "durable", None)
         store_ok, store_detail = True, "memory"
-        if store is not None:
-            try:
-                check = getattr(store, "healthy", None)
-                store_ok = bool(check()) if check is not None else True
-                store_detail = "ok" if store_ok else "unusable"
-            except Exception as e:  # a store that cannot answer is not usable
-                store_ok, store_detail = False, f"unusable: {e}"
+        if durable is not None:
+            persister = durable.persister
+            store_ok = not persister.failed
+            store_detail = f"{persister.mode}" if store_ok else "writes failing"
         checks = {
             "listeners": {"ok": listeners_ok, "detail": listeners},
             "store": {"ok": store_ok, "detail": store_detail},
@@ -666,6 +674,7 @@ class Management:
         return runner
 
     async def close(self) -> None:
+        self.stopping = True
         self.lag.stop()
         await self.evacuation.stop()
         if self.runner is not None:
@@ -762,7 +771,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         code = _HTTP_CODES.get(e.status, "ERROR")
         return error_response(e.status, code, e.reason or code)
     except ConfigError as e:
-        return error_response(400, "BAD_CONFIG", str(e))
+        return error_response(400, "INVALID_CONFIG", str(e))
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error_response(500, "INTERNAL_ERROR", "internal error; see the node's log")
@@ -800,16 +809,29 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def status(request: web.Request) -> web.Response:
     m = _mgmt(request)
     ready, checks = m.readiness()
+    evacuating = m.broker.evacuating
+    # An evacuating node answers 503 so that it leaves the Service's endpoints; a liveness
+    # probe that must not restart it mid-evacuation uses /status/live.
+    if m.stopping:
+        state = "stopping"
+    elif evacuating:
+        state = "evacuating"
+    else:
+        state = "running" if ready else "not_ready"
+    ok = state == "running"
     body = {
-        "status": "ok" if ready else "unavailable",
-        "ready": ready,
-        "live": True,
+        "status": state,
         "node": m.broker.config.node.name,
+        "role": m.broker.config.node.role,
         "version": __version__,
-        "evacuating": m.broker.evacuating,
+        "ready": ok,
+        "live": True,
+        "evacuating": evacuating,
         "checks": checks,
     }
-    return web.json_response(body, status=200 if ready else 503)
+    if not ok:
+        body["code"] = "NOT_READY"
+    return web.json_response(body, status=200 if ok else 503)
 
 
 @route(
@@ -820,7 +842,9 @@ async def status(request: web.Request) -> web.Response:
     public=True,
 )
 async def live(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "ready": _mgmt(request).readiness()[0], "live": True})
+    m = _mgmt(request)
+    body = {"status": "running", "node": m.broker.config.node.name, "ready": m.readiness()[0]}
+    return web.json_response({**body, "live": True, "version": __version__})
 
 
 @route("GET", "/metrics", "Prometheus metrics", "health")
@@ -882,8 +906,11 @@ async def cluster_remove(request: web.Request) -> web.Response:
     m = _mgmt(request)
     name = request.match_info["name"]
     if name == m.broker.config.node.name:
-        raise ApiError(409, "CONFLICT", "a node cannot remove itself; ask another node")
-    raise ApiError(404, "NODE_NOT_FOUND", f"no node {name!r} in this cluster")
+        raise ApiError(400, "BAD_REQUEST", "a node cannot remove itself; ask a surviving node")
+    if m.remove_node is not None:
+        await m.remove_node(name)
+    # On a single node (no cluster layer) every other node is already absent.
+    return web.Response(status=204)
 
 
 # -- listeners ---------------------------------------------------------------------------
@@ -1371,6 +1398,20 @@ async def config_put(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+@route(
+    "POST",
+    "/api/v1/authorization/reload",
+    "Re-read the ACL file and drop authentication caches (as SIGHUP does)",
+    "config",
+)
+async def authorization_reload(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    error = m.broker.reload_auth()
+    if error is not None:
+        raise ApiError(400, "INVALID_CONFIG", f"ACL not reloaded, the current rules stay: {error}")
+    return web.json_response({"rules": len(m.broker.acl.rules)})
+
+
 # -- bans --------------------------------------------------------------------------------
 
 
@@ -1436,7 +1477,7 @@ async def evacuation_status(request: web.Request) -> web.Response:
 @route(
     "POST",
     "/api/v1/node/evacuation",
-    "Start moving this node's clients away (MQTT 5 reason 0x9C); new CONNECTs are refused",
+    "Start moving this node's clients away (0x9C); a repeated call changes the rates",
     "node",
     body=EvacuationBody,
 )
@@ -1444,7 +1485,11 @@ async def evacuation_start(request: web.Request) -> web.Response:
     m = _mgmt(request)
     body: EvacuationBody = await _json_body(request, EvacuationBody)
     m.evacuation.start(
-        body.conn_evict_rate, body.sess_evict_rate, body.wait_takeover, body.server_reference
+        body.conn_evict_rate,
+        body.sess_evict_rate,
+        body.wait_takeover,
+        body.server_reference,
+        body.redirect_to,
     )
     return web.json_response(m.evacuation.as_dict(), status=202)
 
@@ -1456,9 +1501,8 @@ async def evacuation_start(request: web.Request) -> web.Response:
     "node",
 )
 async def evacuation_stop(request: web.Request) -> web.Response:
-    m = _mgmt(request)
-    await m.evacuation.stop()
-    return web.json_response(m.evacuation.as_dict())
+    await _mgmt(request).evacuation.stop()
+    return web.Response(status=204)
 
 
 # ------------------------------------------------------------------------------ the app

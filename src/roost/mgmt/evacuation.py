@@ -28,14 +28,15 @@ _STEP = 0.1  # seconds between eviction batches
 class Evacuation:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-        self.status = "idle"  # idle | evacuating | done | failed | stopped
+        self.status = "idle"  # idle | evacuating | done | failed
         self.message = ""
         self.params: dict[str, Any] = {}
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.evicted_connections = 0
         self.moved_sessions = 0
-        #: Set by the cluster layer: move up to n offline sessions to other nodes, return how many.
+        #: Set by the cluster layer: move up to n offline sessions to other nodes (those named in
+        #: params["redirect_to"], else any), return how many.
         self.session_mover: Callable[[int], Awaitable[int]] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -45,15 +46,19 @@ class Evacuation:
         sess_evict_rate: int,
         wait_takeover: float,
         server_reference: str = "",
+        redirect_to: list[str] | None = None,
     ) -> None:
-        if self._task is not None and not self._task.done():
-            return  # already running: a repeated request is not an error (idempotent for retries)
-        self.params = {
+        params = {
             "conn_evict_rate": conn_evict_rate,
             "sess_evict_rate": sess_evict_rate,
             "wait_takeover": wait_takeover,
             "server_reference": server_reference,
+            "redirect_to": list(redirect_to or []),
         }
+        if self._task is not None and not self._task.done():
+            self.params.update(params)  # already evacuating: new rates apply from the next step
+            return
+        self.params = params
         self.status = "evacuating"
         self.message = ""
         self.started_at = time.time()
@@ -64,16 +69,16 @@ class Evacuation:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        """Cancel, and accept connections again."""
+        """Cancel, and accept connections again (the status goes back to idle)."""
         task = self._task
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            self.status = "stopped"
+        if self.status != "idle":
+            self.status = "idle"
+            self.message = "stopped"
             self.finished_at = time.time()
-        elif self.status != "idle":
-            self.status = "stopped"
         self.broker.evacuating = False
 
     def connections(self) -> int:
@@ -113,10 +118,10 @@ class Evacuation:
         log.info("evacuation %s: %d connections evicted", self.status, self.evicted_connections)
 
     async def _evict_connections(self) -> None:
-        rate = max(1, int(self.params["conn_evict_rate"]))
-        ref = self.params.get("server_reference") or ""
         budget = 0.0
         while True:
+            rate = max(1, int(self.params["conn_evict_rate"]))  # may change while running
+            ref = self.params.get("server_reference") or ""
             victims = [ch for ch in self.broker.channels if ch.connected and not ch.closed]
             if not victims:
                 return
@@ -137,9 +142,8 @@ class Evacuation:
         mover = self.session_mover
         if mover is None:
             return
-        rate = max(1, int(self.params["sess_evict_rate"]))
         while self.broker.sessions:
-            moved = await mover(rate)
+            moved = await mover(max(1, int(self.params["sess_evict_rate"])))
             self.moved_sessions += moved
             if moved == 0:
                 return

@@ -78,10 +78,14 @@ async def apply_config(broker: Broker, listeners: ListenerSet, new: Config) -> l
     """
     old = broker.config
     changed = [k for k in Config.model_fields if getattr(old, k) != getattr(new, k)]
+    # Built first: an ACL file that cannot be read refuses the whole change (ConfigError).
+    acl = Acl(new.authorization) if "authorization" in changed else broker.acl
     if "listeners" in changed:
         await _apply_listeners(broker, listeners, old, new)
     broker.config = new
-    broker.acl = Acl(new.authorization)
+    broker.acl = acl
+    if "authentication" in changed or "authorization" in changed:
+        broker.authn.clear_cache()
     if "mqtt" in changed:
         for session in broker.sessions.values():
             session.max_queue = new.mqtt.max_mqueue_len
@@ -108,7 +112,7 @@ async def _apply_listeners(
     started: list[str] = []
     for label, (kind, name, lst) in want.items():
         state = broker.listener_states.get(label)
-        if state is not None:
+        if state is not None and hasattr(state, "max_connections"):
             state.max_connections = lst.max_connections
         if label in listeners.servers or label in listeners.unavailable:
             continue

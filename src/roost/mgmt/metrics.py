@@ -156,6 +156,17 @@ def render(broker: Broker, listeners: ListenerSet | None, lag: LoopLag | None) -
         "CONNECTs refused for credentials or bans.",
         s.auth_denied,
     )
+    w.metric(
+        "roost_connections_refused",
+        "counter",
+        "Connections refused by node limits, by reason.",
+        [({"reason": "max_connections"}, s.connections_refused),
+         ({"reason": "connect_rate"}, s.connect_rate_refused)],
+    )  # fmt: skip
+    w.one("roost_subscriptions_denied", "counter", "Subscriptions refused by authorization.",
+          s.subscribe_denied)  # fmt: skip
+    w.one("roost_publish_rate_exceeded", "counter", "PUBLISHes over a client's rate limit.",
+          s.publish_rate_exceeded)  # fmt: skip
 
     sessions = len(broker.sessions)
     online = sum(1 for x in broker.sessions.values() if x.connected)
@@ -220,6 +231,15 @@ def render(broker: Broker, listeners: ListenerSet | None, lag: LoopLag | None) -
         [({"reason": r}, n) for r, n in dropped.items()],
     )
 
+    durable = getattr(broker, "durable", None)
+    if durable is not None:
+        pst = durable.persister
+        w.one("roost_store_commits", "counter", "Store transactions committed.", pst.commits)
+        w.one("roost_store_ops_written", "counter", "Changes written to the store.",
+              pst.ops_written)  # fmt: skip
+        w.one("roost_store_pending_ops", "gauge", "Changes waiting for the next commit.",
+              pst.pending)  # fmt: skip
+        w.one("roost_store_up", "gauge", "0 after a failed store write.", int(not pst.failed))
     p = _process()
     w.one("process_cpu_seconds", "counter", "User and system CPU time.", round(p["cpu"], 3))
     w.one("process_resident_memory_bytes", "gauge", "Resident memory.", int(p["rss"]))

@@ -411,6 +411,7 @@ async def start_quic_listener(
     )
     conf.load_cert_chain(certfile, keyfile)
     state = QuicListenerState(name, cfg)
+    broker.listener_states[name] = state
 
     def create_protocol(quic: QuicConnection, **kw: Any) -> MqttQuicProtocol:
         return MqttQuicProtocol(quic, broker=broker, state=state, **kw)

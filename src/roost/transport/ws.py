@@ -307,6 +307,7 @@ async def start_ws_listener(
     cert_as_username: bool = False,
 ) -> asyncio.Server:
     state = ListenerState(name, max_connections, cert_as_username)
+    broker.listener_states[name] = state
     loop = asyncio.get_running_loop()
     kw = {"ssl_handshake_timeout": 10.0} if ssl_context is not None else {}
     return await loop.create_server(
