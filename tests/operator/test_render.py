@@ -112,6 +112,10 @@ def test_core_statefulset_is_replaced_by_the_operator_and_keeps_pvcs() -> None:
     assert pod["securityContext"]["runAsUser"] == 1000
     labels = sts["spec"]["template"]["metadata"]["labels"]
     assert labels[render.LABEL_REVISION] == render.core_revision(spec)
+    broker = pod["containers"][0]
+    # /status is 503 while evacuating: as liveness it would restart a pod mid-evacuation.
+    assert broker["livenessProbe"]["httpGet"]["path"] == "/status/live"
+    assert broker["readinessProbe"]["httpGet"]["path"] == "/status"
 
 
 def test_revision_ignores_replicas_and_config_but_not_image() -> None:

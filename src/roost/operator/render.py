@@ -325,7 +325,8 @@ def _broker_container(
         "ports": ports,
         "volumeMounts": mounts,
         "readinessProbe": tmpl.readinessProbe or _probe("/status", 5, 3),
-        "livenessProbe": tmpl.livenessProbe or _probe("/status", 10, 6),
+        # Liveness must not fail while the node is busy evacuating (/status is 503 then).
+        "livenessProbe": tmpl.livenessProbe or _probe("/status/live", 10, 6),
         "startupProbe": tmpl.startupProbe or _probe("/status", 2, 150),
         "securityContext": {
             "allowPrivilegeEscalation": False,
