@@ -1,0 +1,513 @@
+"""The operator end-to-end on the real control plane (issue 7, point 3).
+
+The CRD and the operator's RBAC come from ``helm template deploy/charts/roost-operator | kubectl
+apply``; ``roost operator`` runs as a subprocess with the chart's ServiceAccount token. The real
+StatefulSet, Deployment, garbage-collector and PV controllers do their work; kwok plays the
+kubelets on three loopback nodes, so every pod gets a 127.8.x.y IP on which the node REST fake
+answers the operator's calls (see operator_e2e_env.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import yaml
+from kube_testenv import KubeCluster
+from operator_e2e_env import (
+    E2E_NODES,
+    NodeFake,
+    OperatorProcess,
+    install_operator_chart,
+    loopback_nodes,
+    placement,
+    service_account_kubeconfig,
+    wait,
+)
+
+from roost.config import Config
+from roost.operator import render
+
+pytestmark = [pytest.mark.kube, pytest.mark.timeout(240)]
+
+CRD_MESSAGES = {
+    "even": "coreTemplate.replicas must be odd (1, 3, 5 or 7): etcd needs a majority of core nodes",
+    "ports": "two enabled TCP listeners (tcp, ssl, ws, wss) use the same port",
+    "nodeports": "nodePorts need type NodePort or LoadBalancer",
+}
+
+
+@dataclass
+class E2E:
+    kube: KubeCluster
+    fake: NodeFake
+    operator: OperatorProcess
+
+    def alive(self) -> None:
+        self.operator.check_alive()
+        self.kube.processes.check_alive() if self.kube.processes else None
+        assert not self.fake.errors, self.fake.errors
+
+    def wait(self, check: Any, what: str, timeout: float = 90.0) -> Any:
+        try:
+            return wait(check, timeout, what, self.alive)
+        except AssertionError as e:
+            raise AssertionError(
+                f"{e}\njournal: {self.fake.journal[-40:]}\noperator log:\n{self.operator.tail()}"
+            ) from None
+
+
+@pytest.fixture(scope="module")
+def e2e(kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
+    work = tmp_path_factory.mktemp("operator-e2e")
+    sa = install_operator_chart(kube)
+    kubeconfig = service_account_kubeconfig(kube, sa, work / "operator.kubeconfig")
+    with loopback_nodes(kube):
+        fake = NodeFake(kube)
+        fake.start()
+        operator = OperatorProcess(kubeconfig, work / "operator.log", fake.nodes.port)
+        try:
+            yield E2E(kube, fake, operator)
+        finally:
+            operator.stop()
+            fake.stop()
+
+
+@pytest.fixture
+def ns(e2e: E2E, kube_ns: str) -> Iterator[str]:
+    """A fresh namespace whose RoostClusters are deleted (by the running operator) afterwards."""
+    e2e.fake.journal.clear()
+    yield kube_ns
+    kube = e2e.kube
+    kube.kubectl("-n", kube_ns, "delete", "roostclusters", "--all", "--wait=false", check=False)
+    try:
+        wait(
+            lambda: (
+                not kube.get("roostclusters", "-n", kube_ns)["items"]
+                and not kube.get("pods", "-n", kube_ns)["items"]
+            ),
+            60,
+            f"the RoostClusters and pods of {kube_ns} to go",
+            e2e.alive,
+        )
+    except AssertionError:
+        pass  # the namespace is deleted anyway; a test that cares has checked already
+
+
+def cluster(ns: str, name: str, **spec: Any) -> dict[str, Any]:
+    core = {"replicas": 3, **placement(), **spec.pop("coreTemplate", {})}
+    replicants = {"replicas": 2, **placement(), **spec.pop("replicantTemplate", {})}
+    body: dict[str, Any] = {
+        "image": "roost:1",
+        "coreTemplate": core,
+        "replicantTemplate": replicants,
+        "updateStrategy": {"minReadySeconds": 0, "evacuation": {"waitTakeover": 0}},
+        **spec,
+    }
+    return {
+        "apiVersion": "roost.io/v1beta1",
+        "kind": "RoostCluster",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": body,
+    }
+
+
+def status(e2e: E2E, ns: str, name: str) -> dict[str, Any]:
+    return dict(e2e.kube.get("roostcluster", name, "-n", ns).get("status") or {})
+
+
+def conditions(st: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in st.get("conditions", [])}
+
+
+def ready(e2e: E2E, ns: str, name: str, when: Any = lambda st: True, timeout: float = 90) -> Any:
+    def check() -> dict[str, Any] | None:
+        st = status(e2e, ns, name)
+        ok = conditions(st).get("Ready", {}).get("status") == "True"
+        return st if ok and when(st) else None
+
+    return e2e.wait(check, f"{ns}/{name} Ready", timeout)
+
+
+def pods(e2e: E2E, ns: str, name: str, role: str) -> list[dict[str, Any]]:
+    sel = render.selector_string(render.selector(name, role))
+    items = e2e.kube.get("pods", "-n", ns, "-l", sel)["items"]
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def test_create_to_ready(e2e: E2E, ns: str) -> None:
+    kube = e2e.kube
+    nodeports = {"quic-default": 30567, "tcp-default": 31883}
+    kube.apply(
+        cluster(
+            ns,
+            "mq",
+            listenersServiceTemplate={"type": "NodePort", "nodePorts": nodeports},
+        )
+    )
+    st = ready(e2e, ns, "mq", lambda st: len(st.get("nodes", [])) == 5)
+    assert st["phase"] == "Running"
+    assert (st["coreReadyReplicas"], st["replicantReadyReplicas"]) == (3, 2)
+    roles = sorted(n["role"] for n in st["nodes"])
+    assert roles == ["core"] * 3 + ["replicant"] * 2
+    assert all(n["status"] == "running" and n["version"] == "0.1.0" for n in st["nodes"])
+    assert {n["name"] for n in st["nodes"]} >= {f"roost@mq-core-{i}.x" for i in range(3)}
+    uid = kube.get("roostcluster", "mq", "-n", ns)["metadata"]["uid"]
+
+    # Every object is in place and owned by the RoostCluster.
+    objs = {
+        ("statefulset", "mq-core"),
+        ("service", "mq-headless"),
+        ("service", "mq-listeners"),
+        ("service", "mq-dashboard"),
+        ("configmap", "mq-config"),
+        ("secret", "mq-api-key"),
+        ("poddisruptionbudget", "mq-core"),
+        ("poddisruptionbudget", "mq-replicant"),
+    }
+    for kind, name in objs:
+        obj = kube.get(kind, name, "-n", ns)
+        assert [o["uid"] for o in obj["metadata"]["ownerReferences"]] == [uid], (kind, name)
+    sts = kube.get("statefulset", "mq-core", "-n", ns)
+    assert sts["spec"]["replicas"] == 3 and sts["status"].get("readyReplicas") == 3
+    (dep,) = kube.get("deployments", "-n", ns, "-l", "app.kubernetes.io/component=replicant")[
+        "items"
+    ]
+    assert dep["status"].get("readyReplicas") == 2
+    assert dep["metadata"]["ownerReferences"][0]["uid"] == uid
+
+    # Listener ports follow the listeners: QUIC as UDP, the rest TCP, node ports as asked.
+    svc = kube.get("service", "mq-listeners", "-n", ns)
+    assert svc["spec"]["type"] == "NodePort"
+    got = {(p["name"], p["protocol"], p["port"]) for p in svc["spec"]["ports"]}
+    want = {(p["name"], p["protocol"], p["port"]) for p in render.listener_ports(Config())}
+    assert got == want and ("quic-default", "UDP", 14567) in got
+    assert {p["name"]: p["nodePort"] for p in svc["spec"]["ports"]}.items() >= nodeports.items()
+    assert svc["spec"]["selector"][render.LABEL_COMPONENT] == "replicant"
+    assert kube.get("service", "mq-headless", "-n", ns)["spec"]["clusterIP"] == "None"
+    pdb = kube.get("poddisruptionbudget", "mq-core", "-n", ns)
+    assert pdb["status"].get("expectedPods") == 3
+    assert "roost.yaml" in kube.get("configmap", "mq-config", "-n", ns)["data"]
+
+    # Pods on the loopback nodes, with loopback IPs, each core on its own bound claim.
+    for p in pods(e2e, ns, "mq", "core") + pods(e2e, ns, "mq", "replicant"):
+        assert p["spec"]["nodeName"] in E2E_NODES and p["status"]["podIP"].startswith("127.8.")
+    for i in range(3):
+        pvc = kube.get("pvc", f"data-mq-core-{i}", "-n", ns)
+        assert pvc["status"]["phase"] == "Bound"
+    # Cores were all created (and answering) before any replicant was created.
+    created = e2e.fake.entries("pod-created")
+    first_rep = next(i for i, w in enumerate(created) if "-replicant-" in w)
+    assert first_rep == 3 and all("-core-" in w for w in created[:3])
+    j = e2e.fake.journal
+    rep_created = next(i for i, e in enumerate(j) if e[0] == "pod-created" and "replicant" in e[1])
+    assert all(j.index(("pod-up", f"mq-core-{i}")) < rep_created for i in range(3))
+    # The operator used the key it generated for the cluster.
+    secret = kube.get("secret", "mq-api-key", "-n", ns)
+    assert e2e.fake.nodes.keys_seen == {base64.b64decode(secret["data"]["key"]).decode()}
+
+    # Converged: reconciles keep running (interval 1 s) and change nothing.
+    def versions() -> dict[str, str]:
+        out = {}
+        for kind, name in [*objs, ("roostcluster", "mq")]:
+            obj = kube.get(kind, name, "-n", ns)
+            out[f"{kind}/{name}"] = (
+                obj["metadata"].get("generation") or obj["metadata"]["resourceVersion"]
+            )
+            if kind in ("service", "configmap", "secret", "roostcluster"):
+                out[f"{kind}/{name}"] = obj["metadata"]["resourceVersion"]
+        return out
+
+    before = versions()
+    time.sleep(4)
+    e2e.alive()
+    assert versions() == before
+
+
+@pytest.mark.parametrize(
+    ("case", "patch", "field"),
+    [
+        ("even", {"coreTemplate": {"replicas": 4}}, "spec.coreTemplate"),
+        (
+            "ports",
+            {
+                "config": {
+                    "listeners": {
+                        "tcp": {"default": {"bind": "0.0.0.0:1883"}},
+                        "ws": {"default": {"bind": "0.0.0.0:1883"}},
+                    }
+                }
+            },
+            "spec.config.listeners",
+        ),
+        (
+            "nodeports",
+            {"listenersServiceTemplate": {"nodePorts": {"quic-default": 30567}}},
+            "spec.listenersServiceTemplate",
+        ),
+    ],
+)
+def test_invalid_spec_refused_by_the_api_server(
+    e2e: E2E, ns: str, case: str, patch: dict[str, Any], field: str
+) -> None:
+    kube = e2e.kube
+    body = cluster(ns, "bad")
+    for key, value in patch.items():
+        body["spec"][key] = {**body["spec"].get(key, {}), **value}
+    proc = kube.kubectl("apply", "-f", "-", input=yaml.safe_dump(body), check=False)
+    assert proc.returncode != 0
+    # What the user sees: the field, and the rule's message.
+    assert CRD_MESSAGES[case] in proc.stderr, proc.stderr
+    assert field in proc.stderr, proc.stderr
+    assert 'The RoostCluster "bad" is invalid' in proc.stderr, proc.stderr
+    assert kube.kubectl("-n", ns, "get", "roostcluster", "bad", check=False).returncode != 0
+    # A valid cluster patched into the same mistake is refused too (CEL on update).
+    kube.apply(cluster(ns, "good", replicantTemplate={"replicas": 0}))
+    merge = json.dumps({"spec": patch})
+    proc = kube.kubectl(
+        "-n", ns, "patch", "roostcluster", "good", "--type=merge", "-p", merge, check=False
+    )
+    assert proc.returncode != 0 and CRD_MESSAGES[case] in proc.stderr, proc.stderr
+
+
+def test_spec_past_the_api_server_shows_invalid_then_recovers(e2e: E2E, ns: str) -> None:
+    """A WebSocket listener on 1883 collides with the default TCP listener, which the object does
+    not spell out: CEL sees only what is written, so the server stores it, and the operator (which
+    fills in the defaults) refuses it with a condition and an event, then carries on once fixed."""
+    kube = e2e.kube
+    clash = {"listeners": {"ws": {"default": {"bind": "0.0.0.0:1883"}}}}
+    kube.apply(cluster(ns, "iv", config=clash))
+
+    def invalid() -> dict[str, Any] | None:
+        cond = conditions(status(e2e, ns, "iv")).get("InvalidSpec", {})
+        return cond if cond.get("status") == "True" else None
+
+    cond = e2e.wait(invalid, "InvalidSpec")
+    assert cond["reason"] == "DuplicateListenerPort"
+    assert "spec.config.listeners.tcp.default.bind" in cond["message"] or (
+        "spec.config.listeners.ws.default.bind" in cond["message"]
+    )
+    assert "give one of them another port" in cond["message"]
+    assert status(e2e, ns, "iv")["phase"] == "InvalidSpec"
+    events = e2e.wait(
+        lambda: kube.get("events", "-n", ns, "--field-selector", "reason=DuplicateListenerPort")[
+            "items"
+        ],
+        "the DuplicateListenerPort event",
+    )
+    assert events[0]["type"] == "Warning" and "1883" in events[0]["message"]
+    assert events[0]["involvedObject"]["name"] == "iv"
+    assert kube.kubectl("-n", ns, "get", "statefulset", "iv-core", check=False).returncode != 0
+
+    fixed = {"spec": {"config": {"listeners": {"ws": {"default": {"bind": "0.0.0.0:8083"}}}}}}
+    kube.kubectl("-n", ns, "patch", "roostcluster", "iv", "--type=merge", "-p", json.dumps(fixed))
+    st = ready(e2e, ns, "iv", lambda st: st["replicantReadyReplicas"] == 2)
+    assert conditions(st)["InvalidSpec"]["status"] == "False"
+
+
+def test_scale_replicants_through_the_scale_subresource(e2e: E2E, ns: str) -> None:
+    kube = e2e.kube
+    kube.apply(cluster(ns, "sc"))
+    ready(e2e, ns, "sc", lambda st: st["replicantReadyReplicas"] == 2)
+
+    kube.kubectl("-n", ns, "scale", "roostcluster/sc", "--replicas=4")
+    st = ready(
+        e2e, ns, "sc", lambda st: st["replicantReadyReplicas"] == 4 and st.get("phase") == "Running"
+    )
+    assert st["replicantReplicas"] == 4
+    scale = json.loads(
+        kube.kubectl(
+            "get", "--raw", f"/apis/roost.io/v1beta1/namespaces/{ns}/roostclusters/sc/scale"
+        ).stdout
+    )
+    assert scale["spec"]["replicas"] == 4 and scale["status"]["replicas"] == 4
+    assert scale["status"]["selector"] == render.selector_string(render.selector("sc", "replicant"))
+    assert not e2e.fake.entries("evacuate")
+    e2e.fake.journal.clear()
+    four = {p["metadata"]["name"] for p in pods(e2e, ns, "sc", "replicant")}
+    assert len(four) == 4
+
+    kube.kubectl("-n", ns, "scale", "roostcluster/sc", "--replicas=1")
+    st = ready(
+        e2e,
+        ns,
+        "sc",
+        lambda st: st["replicantReplicas"] == 1 and st["replicantReadyReplicas"] == 1,
+        timeout=120,
+    )
+    left = {p["metadata"]["name"] for p in pods(e2e, ns, "sc", "replicant")}
+    assert len(left) == 1 and left < four
+    j = list(e2e.fake.journal)
+    gone = four - left
+    assert sorted(e2e.fake.entries("evacuate")) == sorted(gone)
+    for pod in gone:
+        # Each pod was asked to evacuate, finished, and only then went.
+        assert (
+            j.index(("evacuate", pod)) < j.index(("evacuated", pod)) < j.index(("pod-deleted", pod))
+        )
+    # One at a time: a pod went before the next evacuation started.
+    order = [e for e in j if e[0] in ("evacuate", "pod-deleted")]
+    assert [e[0] for e in order] == ["evacuate", "pod-deleted"] * 3, order
+    # The cores were not touched; the Deployment itself was scaled.
+    assert not [e for e in j if e[0] == "pod-deleted" and "-core-" in e[1]]
+    (dep,) = kube.get("deployments", "-n", ns, "-l", "app.kubernetes.io/component=replicant")[
+        "items"
+    ]
+    assert dep["spec"]["replicas"] == 1
+
+
+def _pvc_uids(e2e: E2E, ns: str, name: str) -> dict[str, str]:
+    items = e2e.kube.get(
+        "pvc", "-n", ns, "-l", render.selector_string(render.selector(name, "core"))
+    )
+    return {p["metadata"]["name"]: p["metadata"]["uid"] for p in items["items"]}
+
+
+def _rolled(before: str) -> Any:
+    return lambda st: st.get("currentRevision") == st.get("updateRevision") != before
+
+
+def test_image_upgrade_cores_then_replicants_pvcs_kept(e2e: E2E, ns: str) -> None:
+    kube = e2e.kube
+    kube.apply(cluster(ns, "up"))
+    st = ready(e2e, ns, "up", lambda st: st["replicantReadyReplicas"] == 2)
+    before = st["updateRevision"]
+    claims = _pvc_uids(e2e, ns, "up")
+    assert len(claims) == 3
+    sts_uid = kube.get("statefulset", "up-core", "-n", ns)["metadata"]["uid"]
+    old_reps = {p["metadata"]["name"] for p in pods(e2e, ns, "up", "replicant")}
+    e2e.fake.journal.clear()
+
+    kube.kubectl(
+        "-n",
+        ns,
+        "patch",
+        "roostcluster",
+        "up",
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"image": "roost:2"}}),
+    )
+    st = ready(e2e, ns, "up", _rolled(before), timeout=150)
+    assert (st["coreReadyReplicas"], st["replicantReadyReplicas"]) == (3, 2)
+
+    j = list(e2e.fake.journal)
+    evacuated = e2e.fake.entries("evacuate")
+    assert evacuated[:3] == ["up-core-2", "up-core-1", "up-core-0"], j
+    assert sorted(evacuated[3:]) == sorted(old_reps), j
+    for pod in evacuated:
+        assert j.index(("evacuated", pod)) < j.index(("pod-deleted", pod)), pod
+    # Each core was back (answering) before the next one was asked to go.
+    for gone, nxt in (("up-core-2", "up-core-1"), ("up-core-1", "up-core-0")):
+        back = next(i for i, e in enumerate(j) if e == ("pod-up", gone))
+        assert back < j.index(("evacuate", nxt))
+    # New replicants only once the last core had been replaced and was up.
+    last_core_up = max(i for i, e in enumerate(j) if e[0] == "pod-up" and "-core-" in e[1])
+    first_rep = min(i for i, e in enumerate(j) if e[0] == "pod-created" and "-replicant-" in e[1])
+    assert last_core_up < first_rep
+    # Replaced in place: same StatefulSet, same claims; the pods run the new image.
+    assert kube.get("statefulset", "up-core", "-n", ns)["metadata"]["uid"] == sts_uid
+    assert _pvc_uids(e2e, ns, "up") == claims
+    for p in pods(e2e, ns, "up", "core") + pods(e2e, ns, "up", "replicant"):
+        assert p["spec"]["containers"][0]["image"] == "roost:2"
+    deps = kube.get("deployments", "-n", ns, "-l", "app.kubernetes.io/component=replicant")
+    assert len(deps["items"]) == 1
+
+
+def test_bad_image_then_fixed(e2e: E2E, ns: str) -> None:
+    kube = e2e.kube
+    kube.apply(cluster(ns, "bi"))
+    st = ready(e2e, ns, "bi", lambda st: st["replicantReadyReplicas"] == 2)
+    before = st["updateRevision"]
+    claims = _pvc_uids(e2e, ns, "bi")
+    e2e.fake.journal.clear()
+
+    def set_image(image: str) -> None:
+        kube.kubectl(
+            "-n",
+            ns,
+            "patch",
+            "roostcluster",
+            "bi",
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": {"image": image}}),
+        )
+
+    set_image("roost:roost-test-pull-error")
+
+    def degraded() -> dict[str, Any] | None:
+        st = status(e2e, ns, "bi")
+        return st if conditions(st).get("Degraded", {}).get("status") == "True" else None
+
+    st = e2e.wait(degraded, "Degraded")
+    message = conditions(st)["Degraded"]["message"]
+    assert "bi-core-2" in message and "ImagePullBackOff" in message
+    assert st["phase"] == "Degraded"
+    events = kube.get("events", "-n", ns, "--field-selector", "reason=Degraded")["items"]
+    assert any("ImagePullBackOff" in e["message"] for e in events)
+    # The rollout stopped at the first core: the other two still run the old image and serve.
+    time.sleep(3)
+    assert e2e.fake.entries("evacuate") == ["bi-core-2"]
+    cores = {p["metadata"]["name"]: p for p in pods(e2e, ns, "bi", "core")}
+    assert cores["bi-core-2"]["status"]["phase"] == "Pending"
+    for n in ("bi-core-0", "bi-core-1"):
+        assert cores[n]["spec"]["containers"][0]["image"] == "roost:1"
+    assert st["coreReadyReplicas"] == 2
+
+    set_image("roost:3")
+    st = ready(e2e, ns, "bi", _rolled(before), timeout=150)
+    assert st["phase"] == "Running" and conditions(st)["Degraded"]["status"] == "False"
+    for p in pods(e2e, ns, "bi", "core") + pods(e2e, ns, "bi", "replicant"):
+        assert p["spec"]["containers"][0]["image"] == "roost:3"
+    # The broken pod served no one: replaced without another evacuation request.
+    assert e2e.fake.entries("evacuate").count("bi-core-2") == 1
+    assert _pvc_uids(e2e, ns, "bi") == claims
+
+
+@pytest.mark.parametrize("policy", ["Retain", "Delete"])
+def test_delete_with_pvc_retention_policy(e2e: E2E, ns: str, policy: str) -> None:
+    kube = e2e.kube
+    name = f"del-{policy.lower()}"
+    kube.apply(
+        cluster(
+            ns, name, replicantTemplate={"replicas": 1}, pvcRetentionPolicy={"whenDeleted": policy}
+        )
+    )
+    ready(e2e, ns, name)
+    claims = _pvc_uids(e2e, ns, name)
+    assert len(claims) == 3
+    kube.kubectl("-n", ns, "delete", "roostcluster", name, "--wait=false")
+    e2e.wait(
+        lambda: kube.kubectl("-n", ns, "get", "roostcluster", name, check=False).returncode != 0,
+        "the RoostCluster gone (the operator's finalizer done)",
+    )
+    # The garbage collector removes what the RoostCluster owned.
+    sel = render.selector_string(render.selector(name))
+    e2e.wait(
+        lambda: (
+            not kube.get("statefulsets,deployments,services,configmaps,pods", "-n", ns, "-l", sel)[
+                "items"
+            ]
+        ),
+        "the owned objects garbage-collected",
+    )
+    if policy == "Delete":
+        e2e.wait(lambda: not _pvc_uids(e2e, ns, name), "the core PVCs deleted")
+        e2e.wait(
+            lambda: (
+                not [
+                    pv
+                    for pv in kube.get("pv")["items"]
+                    if pv["spec"].get("claimRef", {}).get("uid") in claims.values()
+                ]
+            ),
+            "their volumes reclaimed",
+        )
+    else:
+        assert _pvc_uids(e2e, ns, name) == claims
