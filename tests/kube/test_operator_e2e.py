@@ -235,14 +235,8 @@ def test_create_to_ready(e2e: E2E, ns: str) -> None:
         ("even", {"coreTemplate": {"replicas": 4}}, "spec.coreTemplate"),
         (
             "ports",
-            {
-                "config": {
-                    "listeners": {
-                        "tcp": {"default": {"bind": "0.0.0.0:1883"}},
-                        "ws": {"default": {"bind": "0.0.0.0:1883"}},
-                    }
-                }
-            },
+            # Next to the default tcp listener, which the object does not spell out.
+            {"config": {"listeners": {"ws": {"default": {"bind": "0.0.0.0:1883"}}}}},
             "spec.config.listeners",
         ),
         (
@@ -276,35 +270,32 @@ def test_invalid_spec_refused_by_the_api_server(
 
 
 def test_spec_past_the_api_server_shows_invalid_then_recovers(e2e: E2E, ns: str) -> None:
-    """A WebSocket listener on 1883 collides with the default TCP listener, which the object does
-    not spell out: CEL sees only what is written, so the server stores it, and the operator (which
-    fills in the defaults) refuses it with a condition and an event, then carries on once fixed."""
+    """What no schema or CEL rule checks (an ACL topic filter with '#' in the middle) is stored
+    by the API server; the operator refuses it with a condition and an event naming the field,
+    creates nothing, and carries on by itself once the spec is fixed."""
     kube = e2e.kube
-    clash = {"listeners": {"ws": {"default": {"bind": "0.0.0.0:1883"}}}}
-    kube.apply(cluster(ns, "iv", config=clash))
+    rule = {"permission": "allow", "action": "subscribe", "topics": ["sensors/#/temp"]}
+    kube.apply(cluster(ns, "iv", config={"authorization": {"rules": [rule]}}))
 
     def invalid() -> dict[str, Any] | None:
         cond = conditions(status(e2e, ns, "iv")).get("InvalidSpec", {})
         return cond if cond.get("status") == "True" else None
 
     cond = e2e.wait(invalid, "InvalidSpec")
-    assert cond["reason"] == "DuplicateListenerPort"
-    assert "spec.config.listeners.tcp.default.bind" in cond["message"] or (
-        "spec.config.listeners.ws.default.bind" in cond["message"]
-    )
-    assert "give one of them another port" in cond["message"]
+    assert cond["reason"] == "SchemaViolation"
+    assert "spec.config.authorization.rules.0.topics" in cond["message"]
+    assert "'sensors/#/temp' is not a valid topic filter" in cond["message"]
     assert status(e2e, ns, "iv")["phase"] == "InvalidSpec"
     events = e2e.wait(
-        lambda: kube.get("events", "-n", ns, "--field-selector", "reason=DuplicateListenerPort")[
-            "items"
-        ],
-        "the DuplicateListenerPort event",
+        lambda: kube.get("events", "-n", ns, "--field-selector", "reason=SchemaViolation")["items"],
+        "the SchemaViolation event",
     )
-    assert events[0]["type"] == "Warning" and "1883" in events[0]["message"]
+    assert events[0]["type"] == "Warning" and "sensors/#/temp" in events[0]["message"]
     assert events[0]["involvedObject"]["name"] == "iv"
     assert kube.kubectl("-n", ns, "get", "statefulset", "iv-core", check=False).returncode != 0
 
-    fixed = {"spec": {"config": {"listeners": {"ws": {"default": {"bind": "0.0.0.0:8083"}}}}}}
+    rule["topics"] = ["sensors/+/temp"]
+    fixed = {"spec": {"config": {"authorization": {"rules": [rule]}}}}
     kube.kubectl("-n", ns, "patch", "roostcluster", "iv", "--type=merge", "-p", json.dumps(fixed))
     st = ready(e2e, ns, "iv", lambda st: st["replicantReadyReplicas"] == 2)
     assert conditions(st)["InvalidSpec"]["status"] == "False"
