@@ -50,7 +50,8 @@ class E2E:
 
     def alive(self) -> None:
         self.operator.check_alive()
-        self.kube.processes.check_alive() if self.kube.processes else None
+        if self.kube.processes is not None:
+            self.kube.processes.check_alive()
         assert not self.fake.errors, self.fake.errors
 
     def wait(self, check: Any, what: str, timeout: float = 90.0) -> Any:
@@ -70,11 +71,13 @@ def e2e(kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     with loopback_nodes(kube):
         fake = NodeFake(kube)
         fake.start()
-        operator = OperatorProcess(kubeconfig, work / "operator.log", fake.nodes.port)
         try:
-            yield E2E(kube, fake, operator)
+            operator = OperatorProcess(kubeconfig, work / "operator.log", fake.nodes.port)
+            try:
+                yield E2E(kube, fake, operator)
+            finally:
+                operator.stop()
         finally:
-            operator.stop()
             fake.stop()
 
 
@@ -134,7 +137,7 @@ def ready(e2e: E2E, ns: str, name: str, when: Any = lambda st: True, timeout: fl
     return e2e.wait(check, f"{ns}/{name} Ready", timeout)
 
 
-def pods(e2e: E2E, ns: str, name: str, role: str) -> list[dict[str, Any]]:
+def pods(e2e: E2E, ns: str, name: str, role: str | None) -> list[dict[str, Any]]:
     sel = render.selector_string(render.selector(name, role))
     items = e2e.kube.get("pods", "-n", ns, "-l", sel)["items"]
     return [p for p in items if not p["metadata"].get("deletionTimestamp")]
@@ -350,6 +353,30 @@ def test_scale_replicants_through_the_scale_subresource(e2e: E2E, ns: str) -> No
         "items"
     ]
     assert dep["spec"]["replicas"] == 1
+
+
+def test_config_change_pushed_to_every_node_without_restart(e2e: E2E, ns: str) -> None:
+    kube = e2e.kube
+    kube.apply(cluster(ns, "cf", replicantTemplate={"replicas": 1}))
+    st = ready(e2e, ns, "cf", lambda st: st["replicantReadyReplicas"] == 1)
+    uids = {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods(e2e, ns, "cf", None)}
+    assert len(uids) == 4
+    e2e.fake.journal.clear()
+    patch = {"spec": {"config": {"mqtt": {"max_inflight": 77}}}}
+    kube.kubectl("-n", ns, "patch", "roostcluster", "cf", "--type=merge", "-p", json.dumps(patch))
+
+    def pushed() -> bool:
+        nodes = [n for n in e2e.fake.nodes.nodes.values() if n.pod in uids]
+        return len(nodes) == 4 and all(n.config["mqtt"]["max_inflight"] == 77 for n in nodes)
+
+    e2e.wait(pushed, "the new config on every node")
+    assert sorted(e2e.fake.entries("put-config")) == sorted(uids)
+    assert "max_inflight: 77" in kube.get("configmap", "cf-config", "-n", ns)["data"]["roost.yaml"]
+    # Nothing restarted: the same pods, no evacuation, the same revision.
+    time.sleep(2)
+    assert {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods(e2e, ns, "cf", None)} == uids
+    assert not e2e.fake.entries("evacuate") and not e2e.fake.entries("pod-deleted")
+    assert status(e2e, ns, "cf")["updateRevision"] == st["updateRevision"]
 
 
 def _pvc_uids(e2e: E2E, ns: str, name: str) -> dict[str, str]:
