@@ -348,6 +348,16 @@ class OperatorProcess:
         except OSError:
             return ""
 
+    def log_size(self) -> int:
+        return self.log.stat().st_size if self.log.exists() else 0
+
+    def failures_since(self, offset: int) -> list[str]:
+        """Log lines of reconciles that raised (the daemon logs them and retries)."""
+        with self.log.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        return [line for line in text.splitlines() if " ERROR " in line or "Traceback" in line]
+
     def check_alive(self) -> None:
         code = self.popen.poll()
         if code is not None:
