@@ -359,6 +359,40 @@ def test_scale_replicants_through_the_scale_subresource(e2e: E2E, ns: str) -> No
     assert dep["spec"]["replicas"] == 1
 
 
+def test_core_scale_down_removes_the_etcd_member_first_then_up_again(e2e: E2E, ns: str) -> None:
+    kube = e2e.kube
+    kube.apply(cluster(ns, "cs", replicantTemplate={"replicas": 0}))
+    ready(e2e, ns, "cs", lambda st: st["coreReadyReplicas"] == 3)
+    claims = _pvc_uids(e2e, ns, "cs")
+    e2e.fake.journal.clear()
+    patch = {"spec": {"coreTemplate": {"replicas": 1}}}
+    kube.kubectl("-n", ns, "patch", "roostcluster", "cs", "--type=merge", "-p", json.dumps(patch))
+
+    def one_core() -> bool:
+        return kube.get("statefulset", "cs-core", "-n", ns)["spec"]["replicas"] == 1 and [
+            p["metadata"]["name"] for p in pods(e2e, ns, "cs", "core")
+        ] == ["cs-core-0"]
+
+    e2e.wait(one_core, "one core left", timeout=120)
+    ready(e2e, ns, "cs", lambda st: st["coreReadyReplicas"] == 1)
+    j = list(e2e.fake.journal)
+    assert e2e.fake.entries("evacuate") == ["cs-core-2", "cs-core-1"]  # highest ordinal first
+    for pod in ("cs-core-2", "cs-core-1"):
+        member = j.index(("remove-member", f"roost@{pod}.cs-headless.{ns}.svc"))
+        assert j.index(("evacuated", pod)) < member < j.index(("pod-deleted", pod)), j
+    # The departed members' claims are deleted (their etcd data must not come back); core-0's stays.
+    e2e.wait(lambda: set(_pvc_uids(e2e, ns, "cs")) == {"data-cs-core-0"}, "two claims deleted")
+    assert _pvc_uids(e2e, ns, "cs")["data-cs-core-0"] == claims["data-cs-core-0"]
+
+    patch = {"spec": {"coreTemplate": {"replicas": 3}}}
+    kube.kubectl("-n", ns, "patch", "roostcluster", "cs", "--type=merge", "-p", json.dumps(patch))
+    ready(e2e, ns, "cs", lambda st: st["coreReadyReplicas"] == 3, timeout=120)
+    fresh = _pvc_uids(e2e, ns, "cs")
+    assert set(fresh) == set(claims)
+    for n in ("data-cs-core-1", "data-cs-core-2"):
+        assert fresh[n] != claims[n]  # new, empty volumes for the new members
+
+
 def test_config_change_pushed_to_every_node_without_restart(e2e: E2E, ns: str) -> None:
     kube = e2e.kube
     kube.apply(cluster(ns, "cf", replicantTemplate={"replicas": 1}))
