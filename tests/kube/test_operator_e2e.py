@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,6 +48,12 @@ class E2E:
     kube: KubeCluster
     fake: NodeFake
     operator: OperatorProcess
+    kubeconfig: Path
+
+    def restart_operator(self) -> None:
+        """Stop the operator and start a new one (same kubeconfig, port and log file)."""
+        self.operator.stop()
+        self.operator = OperatorProcess(self.kubeconfig, self.operator.log, self.fake.nodes.port)
 
     def alive(self) -> None:
         self.operator.check_alive()
@@ -66,17 +73,18 @@ class E2E:
 @pytest.fixture(scope="module")
 def e2e(kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
     work = tmp_path_factory.mktemp("operator-e2e")
+    log = work / "operator.log"
     sa = install_operator_chart(kube)
     kubeconfig = service_account_kubeconfig(kube, sa, work / "operator.kubeconfig")
     with loopback_nodes(kube):
         fake = NodeFake(kube)
         fake.start()
         try:
-            operator = OperatorProcess(kubeconfig, work / "operator.log", fake.nodes.port)
+            env = E2E(kube, fake, OperatorProcess(kubeconfig, log, fake.nodes.port), kubeconfig)
             try:
-                yield E2E(kube, fake, operator)
+                yield env
             finally:
-                operator.stop()
+                env.operator.stop()  # the one running now (a test may have restarted it)
         finally:
             fake.stop()
 
@@ -473,6 +481,36 @@ def test_image_upgrade_cores_then_replicants_pvcs_kept(e2e: E2E, ns: str) -> Non
         assert p["spec"]["containers"][0]["image"] == "roost:2"
     deps = kube.get("deployments", "-n", ns, "-l", "app.kubernetes.io/component=replicant")
     assert len(deps["items"]) == 1
+
+
+def test_operator_restart_mid_rollout_resumes_where_it_was(e2e: E2E, ns: str) -> None:
+    """Nothing about a rollout is kept in the operator: a new one carries on from what it sees."""
+    kube = e2e.kube
+    kube.apply(cluster(ns, "rs"))
+    st = ready(e2e, ns, "rs", lambda st: st["replicantReadyReplicas"] == 2)
+    before = st["updateRevision"]
+    e2e.fake.journal.clear()
+    patch = {"spec": {"image": "roost:2"}}
+    kube.kubectl("-n", ns, "patch", "roostcluster", "rs", "--type=merge", "-p", json.dumps(patch))
+    e2e.wait(lambda: ("pod-up", "rs-core-2") in e2e.fake.journal, "core-2 replaced")
+    e2e.operator.stop()
+    time.sleep(0.5)  # a deletion it made just before exiting may still be on its way to the watch
+    stopped_at = len(e2e.fake.journal)
+    time.sleep(2)
+    moved = [e for e in e2e.fake.journal[stopped_at:] if e[0] in ("evacuate", "pod-deleted")]
+    assert not moved, f"something moved with no operator running: {moved}"
+    e2e.restart_operator()
+    st = ready(e2e, ns, "rs", _rolled(before), timeout=150)
+    assert (st["coreReadyReplicas"], st["replicantReadyReplicas"]) == (3, 2)
+    deleted = e2e.fake.entries("pod-deleted")
+    cores = [p for p in deleted if "-core-" in p]
+    assert cores == ["rs-core-2", "rs-core-1", "rs-core-0"], deleted  # core-2 not rolled twice
+    j = list(e2e.fake.journal)
+    last_core = max(i for i, e in enumerate(j) if e[0] == "pod-up" and "-core-" in e[1])
+    first_rep = min(i for i, e in enumerate(j) if e[0] == "pod-created" and "-replicant-" in e[1])
+    assert last_core < first_rep
+    for p in pods(e2e, ns, "rs", None):
+        assert p["spec"]["containers"][0]["image"] == "roost:2"
 
 
 def test_bad_image_then_fixed(e2e: E2E, ns: str) -> None:
