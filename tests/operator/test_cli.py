@@ -12,12 +12,14 @@ def test_operator_arguments() -> None:
     args = build_parser().parse_args(
         ["operator", "--namespace", "a", "--namespace", "b", "--interval", "3", "--liveness", ""]
     )
-    assert (args.command, args.namespace, args.interval, args.liveness) == (
+    assert (args.command, args.namespace, args.interval, args.liveness, args.node_port) == (
         "operator",
         ["a", "b"],
         3.0,
         "",
+        None,
     )
+    assert build_parser().parse_args(["operator", "--node-port", "18084"]).node_port == 18084
 
 
 def test_operator_help_runs_without_a_cluster() -> None:

@@ -161,3 +161,14 @@ def test_every_cel_rule_is_in_the_crd() -> None:
     text = yaml.safe_dump(crd())
     for _, rule, _, _ in CEL_RULES:
         assert yaml.safe_dump(rule).strip()[:40] in text or rule[:40] in text
+
+
+def test_listener_kinds_default_to_the_brokers_listeners() -> None:
+    """The API server writes them in when left out, so the port rules see them (a ws listener
+    on 1883 must clash with the default tcp one); tests/kube checks that on a real server."""
+    from roost.config import Listeners
+
+    listeners = _schema()["properties"]["spec"]["properties"]["config"]["properties"]["listeners"]
+    defaults = Listeners().model_dump(mode="json")
+    for kind, sub in listeners["properties"].items():
+        assert sub["default"] == defaults[kind], kind

@@ -16,6 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between reconciles")
     parser.add_argument(
+        "--node-port",
+        type=int,
+        default=None,
+        help="port of the broker nodes' REST API on each pod IP (default: 18083, the broker's)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument(
@@ -35,7 +41,10 @@ def run_operator(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    registry = make_registry(Settings(interval=args.interval))
+    settings = Settings(interval=args.interval)
+    if args.node_port is not None:
+        settings.node_port = args.node_port
+    registry = make_registry(settings)
     asyncio.run(
         kopf.operator(
             registry=registry,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from roost.config import Listeners
 from roost.operator.spec import (
     GROUP,
     KIND,
@@ -147,8 +148,13 @@ def _structural(node: Any, defs: dict[str, Schema], name: str | None = None) -> 
         if rules:
             out["x-kubernetes-validations"] = rules
     if name == "Listeners":
+        # The broker's default listeners, written into the object by the API server when a kind
+        # is left out: the port rules above only see what the object holds, so without them a
+        # ws listener on 1883 passed next to the (unwritten) default tcp one.
+        defaults = Listeners().model_dump(mode="json")
         for kind in (*TCP_KINDS, "quic"):
             out["properties"][kind]["maxProperties"] = MAX_LISTENERS_PER_KIND
+            out["properties"][kind]["default"] = defaults[kind]
     return out
 
 
