@@ -149,3 +149,12 @@ def test_old_deployment_scaled_to_zero_waits_for_its_last_pod() -> None:
     )
     p = plan(o)
     assert p.delete_deployments == [] and "removed" in p.waiting
+
+
+def test_core_pods_roll_only_once_the_statefulset_controller_saw_the_template() -> None:
+    from roost.operator.reconcile import sts_caught_up
+
+    assert not sts_caught_up(None)
+    assert not sts_caught_up({"metadata": {"generation": 5}, "status": {"observedGeneration": 4}})
+    assert sts_caught_up({"metadata": {"generation": 5}, "status": {"observedGeneration": 5}})
+    assert not sts_caught_up({"metadata": {"generation": 2}, "status": {}})

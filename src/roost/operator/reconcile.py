@@ -33,6 +33,17 @@ log = logging.getLogger("roost.operator")
 _STS_IMMUTABLE = ("selector", "serviceName", "volumeClaimTemplates", "podManagementPolicy")
 
 
+def sts_caught_up(sts: Obj | None) -> bool:
+    """Has the StatefulSet controller seen the template last written? A core pod deleted before
+    then comes back from the old template, and would be rolled (and evacuated) a second time."""
+    if sts is None:
+        return False
+    generation = sts.get("metadata", {}).get("generation")
+    if generation is None:  # a store that does not track generations (the KMock emulator)
+        return True
+    return sts.get("status", {}).get("observedGeneration", 0) >= generation
+
+
 @dataclass
 class Settings:
     #: Seconds between reconciliations of one cluster.
@@ -176,8 +187,8 @@ class Reconciler:
         await self.ensure_api_key()
         observed, sts = await self.observe(spec)
         p = plan(observed)
-        await self.apply(spec, p, sts, observed)
-        if p.action is not None:
+        sts = await self.apply(spec, p, sts, observed)
+        if p.action is not None and (p.action.kind != "roll-core" or sts_caught_up(sts)):
             await self.act(spec, p.action, observed)
         await self.push_config(spec)
         await self.report(spec, p, observed)
@@ -248,7 +259,10 @@ class Reconciler:
     def serving_role(self, observed: Observed) -> str:
         return "replicant" if any(p.ready for p in observed.replicant_pods) else "core"
 
-    async def apply(self, spec: RoostClusterSpec, p: Plan, sts: Obj | None, o: Observed) -> None:
+    async def apply(
+        self, spec: RoostClusterSpec, p: Plan, sts: Obj | None, o: Observed
+    ) -> Obj | None:
+        """Write the desired objects; returns the core StatefulSet as it now stands."""
         for obj in render.static_objects(self.name, self.ns, self.uid, spec, self.serving_role(o)):
             try:
                 await self.ensure_cached(obj)
@@ -267,7 +281,7 @@ class Reconciler:
         if sts is not None:
             ann = sts["metadata"].get("annotations", {})
             bootstrap = int(ann.get(render.ANNOTATION_ETCD_BOOTSTRAP, p.core_replicas))
-        await self.ensure(
+        sts = await self.ensure(
             render.core_statefulset(
                 self.name, self.ns, self.owner, spec, p.core_replicas, bootstrap
             ),
@@ -280,6 +294,7 @@ class Reconciler:
         for rev in p.delete_deployments:
             log.info("deleting replicant revision %s of %s/%s", rev, self.ns, self.name)
             await self.kube.delete("Deployment", self.ns, render.replicant_name(self.name, rev))
+        return sts
 
     def node_client(self, pod_name: str) -> NodeClient | None:
         pod = self.pods.get(pod_name)
