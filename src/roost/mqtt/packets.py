@@ -196,9 +196,10 @@ class Subscribe(Packet):
         self.properties = properties if properties is not None else {}
 
 
-class Suback(Packet):
+class _CodesAck(Packet):
+    """SUBACK and UNSUBACK share one shape: a packet id and a reason code per filter."""
+
     __slots__ = ("packet_id", "properties", "reason_codes")
-    type = P.SUBACK
 
     def __init__(
         self, packet_id: int, reason_codes: list[int], properties: dict[str, Any] | None = None
@@ -206,6 +207,11 @@ class Suback(Packet):
         self.packet_id = packet_id
         self.reason_codes = reason_codes
         self.properties = properties if properties is not None else {}
+
+
+class Suback(_CodesAck):
+    __slots__ = ()
+    type = P.SUBACK
 
 
 class Unsubscribe(Packet):
@@ -220,16 +226,9 @@ class Unsubscribe(Packet):
         self.properties = properties if properties is not None else {}
 
 
-class Unsuback(Packet):
-    __slots__ = ("packet_id", "properties", "reason_codes")
+class Unsuback(_CodesAck):
+    __slots__ = ()
     type = P.UNSUBACK
-
-    def __init__(
-        self, packet_id: int, reason_codes: list[int], properties: dict[str, Any] | None = None
-    ) -> None:
-        self.packet_id = packet_id
-        self.reason_codes = reason_codes
-        self.properties = properties if properties is not None else {}
 
 
 class Pingreq(Packet):
