@@ -304,6 +304,55 @@ class ApiSettings(_Model):
         return v
 
 
+class EtcdSettings(_Model):
+    #: etcd client URLs (``http://host:port``); empty: this node runs alone (embedded SQLite).
+    endpoints: list[str] = Field(default_factory=list)
+    #: Seconds an etcd request may take before the node counts it as failed.
+    timeout: float = Field(5.0, gt=0)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _check_endpoints(cls, v: list[str]) -> list[str]:
+        for url in v:
+            scheme, _, rest = url.partition("://")
+            if scheme not in ("http", "https") or not rest:
+                raise ValueError(f"{url!r} is not an http(s)://host:port URL")
+            parse_bind(rest.rstrip("/"))
+        return v
+
+
+class LinkSettings(_Model):
+    """The node-to-node listener: forwards and session hand-overs between nodes."""
+
+    bind: str = "0.0.0.0:5370"
+    #: The address other nodes dial; empty: ``bind`` (which must then not be 0.0.0.0).
+    advertise: str = ""
+    #: QoS 1/2 forwards in flight to one peer before further ones wait (the link's window).
+    window: int = Field(1024, ge=1, le=65535)
+    #: Messages waiting for one peer's window before QoS 0 forwards are dropped (counted).
+    max_queue: int = Field(100_000, ge=1)
+
+    @field_validator("bind", "advertise")
+    @classmethod
+    def _check_addr(cls, v: str) -> str:
+        if v:
+            parse_bind(v)
+        return v
+
+
+class ClusterSettings(_Model):
+    #: Key prefix in etcd: nodes of one cluster share it.
+    name: str = Field("roost", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    etcd: EtcdSettings = Field(default_factory=EtcdSettings)
+    link: LinkSettings = Field(default_factory=LinkSettings)
+    #: Seconds of the node's etcd lease: a node that dies leaves the cluster this long after.
+    lease_ttl: int = Field(10, ge=2, le=300)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.etcd.endpoints)
+
+
 class Config(_Model):
     node: NodeSettings = Field(default_factory=NodeSettings)
     listeners: Listeners = Field(default_factory=Listeners)
@@ -315,6 +364,7 @@ class Config(_Model):
     flapping_detect: FlappingSettings = Field(default_factory=FlappingSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
 
 _ENV_ALIASES = {"DATA_DIR": "NODE__DATA_DIR"}
