@@ -1,21 +1,19 @@
-"""Topic routing: exact filters in a dict, wildcard filters in a trie, results cached per topic.
+"""This node's subscriptions by filter (a :class:`FilterTrie` of entries), shared groups, and
+the hook that tells the cluster layer when the node starts or stops needing a filter.
 
-The cache maps a topic to the filter entries that match it. Entries are mutated in place when a
-subscriber joins or leaves an existing filter, so the cache only needs clearing when a filter
-appears or disappears.
+Entries are mutated in place when a subscriber joins or leaves an existing filter, so the
+trie's match cache only needs clearing when a filter appears or disappears.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from roost.mqtt.topics import has_wildcard, parse_shared
+from roost.broker.trie import FilterTrie
+from roost.mqtt.topics import parse_shared
 
 if TYPE_CHECKING:
     from roost.broker.session import Session
-
-_CACHE_LIMIT = 65536
-
 
 class SubOpts:
     """One client's subscription to one filter."""
@@ -95,21 +93,23 @@ class FilterEntry:
         return not self.subs and not self.groups
 
 
-class _Node:
-    __slots__ = ("children", "entry")
+class RouteListener(Protocol):
+    """Told when this node starts or stops needing messages for a filter (the cluster layer
+    turns these into route keys): the first and last plain subscriber of a filter, and the
+    member count of a shared group."""
 
-    def __init__(self) -> None:
-        self.children: dict[str, _Node] = {}
-        self.entry: FilterEntry | None = None
+    def route_added(self, real: str) -> None: ...
+    def route_removed(self, real: str) -> None: ...
+    def shared_changed(self, group: str, real: str, members: int) -> None: ...
 
 
 class Router:
+    """The local subscriber index: filter -> this node's subscriptions to it."""
+
     def __init__(self) -> None:
-        self._exact: dict[str, FilterEntry] = {}
-        self._root = _Node()
-        self._wild: dict[str, FilterEntry] = {}
-        self._cache: dict[str, tuple[FilterEntry, ...]] = {}
+        self._trie: FilterTrie[FilterEntry] = FilterTrie()
         self.count = 0
+        self.listener: RouteListener | None = None
 
     # -------------------------------------------------------------- subscribe / unsubscribe
 
@@ -117,119 +117,63 @@ class Router:
         """Add or replace a subscription; True when it replaced an existing one."""
         group, real = parse_shared(opts.topic_filter)
         opts.group = group
-        entry = self._entry(real, create=True)
-        assert entry is not None
+        entry = self._trie.setdefault(real, lambda: FilterEntry(real))
         client_id = opts.session.client_id
+        listener = self.listener
         if group is None:
             existed = client_id in entry.subs
             entry.subs[client_id] = opts
+            if listener is not None and not existed and len(entry.subs) == 1:
+                listener.route_added(real)
         else:
             grp = entry.groups.get(group)
             if grp is None:
                 grp = entry.groups[group] = SharedGroup(group)
             existed = client_id in grp.members
             grp.members[client_id] = opts
+            if listener is not None and not existed:
+                listener.shared_changed(group, real, len(grp.members))
         if not existed:
             self.count += 1
         return existed
 
     def remove(self, client_id: str, topic_filter: str) -> SubOpts | None:
         group, real = parse_shared(topic_filter)
-        entry = self._entry(real, create=False)
+        entry = self._trie.get(real)
         if entry is None:
             return None
+        listener = self.listener
         if group is None:
             opts = entry.subs.pop(client_id, None)
+            if listener is not None and opts is not None and not entry.subs:
+                listener.route_removed(real)
         else:
             grp = entry.groups.get(group)
             opts = grp.members.pop(client_id, None) if grp else None
             if grp is not None and not grp.members:
                 del entry.groups[group]
+            if listener is not None and opts is not None and grp is not None:
+                listener.shared_changed(group, real, len(grp.members))
         if opts is not None:
             self.count -= 1
         if entry.empty():
-            self._drop(real)
+            self._trie.discard(real)
         return opts
-
-    def _entry(self, real: str, create: bool) -> FilterEntry | None:
-        table = self._wild if has_wildcard(real) else self._exact
-        entry = table.get(real)
-        if entry is None and create:
-            entry = table[real] = FilterEntry(real)
-            if table is self._wild:
-                node = self._root
-                for level in real.split("/"):
-                    nxt = node.children.get(level)
-                    if nxt is None:
-                        nxt = node.children[level] = _Node()
-                    node = nxt
-                node.entry = entry
-            self._cache.clear()
-        return entry
-
-    def _drop(self, real: str) -> None:
-        self._cache.clear()
-        if real in self._exact:
-            del self._exact[real]
-            return
-        del self._wild[real]
-        path = [self._root]
-        levels = real.split("/")
-        for level in levels:
-            path.append(path[-1].children[level])
-        path[-1].entry = None
-        for i in range(len(levels) - 1, -1, -1):
-            node = path[i + 1]
-            if node.entry is None and not node.children:
-                del path[i].children[levels[i]]
-            else:
-                break
 
     # ------------------------------------------------------------------------------ lookup
 
     def match(self, topic: str) -> tuple[FilterEntry, ...]:
-        cached = self._cache.get(topic)
-        if cached is not None:
-            return cached
-        out: list[FilterEntry] = []
-        exact = self._exact.get(topic)
-        if exact is not None:
-            out.append(exact)
-        if self._wild:
-            self._walk(self._root, topic.split("/"), 0, out, topic.startswith("$"))
-        result = tuple(out)
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[topic] = result
-        return result
+        return self._trie.match(topic)
 
-    def _walk(
-        self, node: _Node, levels: list[str], i: int, out: list[FilterEntry], dollar: bool
-    ) -> None:
-        children = node.children
-        first = dollar and i == 0  # "$..." topics are not matched by a leading wildcard
-        # "#" matches the rest, including nothing: "a/#" matches "a".
-        hash_node = children.get("#")
-        if hash_node is not None and hash_node.entry is not None and not first:
-            out.append(hash_node.entry)
-        if i == len(levels):
-            if node.entry is not None:
-                out.append(node.entry)
-            return
-        child = children.get(levels[i])
-        if child is not None:
-            self._walk(child, levels, i + 1, out, dollar)
-        if not first:
-            plus = children.get("+")
-            if plus is not None:
-                self._walk(plus, levels, i + 1, out, dollar)
+    def entry(self, real: str) -> FilterEntry | None:
+        return self._trie.get(real)
 
     def pick_shared(self, topic_filter: str, exclude: str) -> SubOpts | None:
         """Another member of the shared group behind ``$share/group/filter``."""
         group, real = parse_shared(topic_filter)
-        entry = self._entry(real, create=False)
+        entry = self._trie.get(real)
         grp = entry.groups.get(group) if entry is not None and group is not None else None
         return grp.pick(exclude=exclude) if grp is not None else None
 
     def filters(self) -> list[FilterEntry]:
-        return [*self._exact.values(), *self._wild.values()]
+        return list(self._trie.values())
