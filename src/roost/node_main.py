@@ -37,6 +37,7 @@ def _open_store(config: Config, broker: Broker) -> Persister | None:
     durable = Durable(persister, broker.clock)
     durable.restore(broker, store.load())
     broker.durable = durable
+    broker.commits.add(persister)
     log.info("persistence: %s in %s", pcfg.durability, path)
     return persister
 

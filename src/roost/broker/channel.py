@@ -46,8 +46,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("roost.channel")
 
 _PINGRESP = b"\xd0\x00"
-_BARRIER: Any = object()  # a gate entry standing for one commit still to come
 _STRIP_PROPS = ("topic_alias", "subscription_identifier")
+
+
+class _Barrier:
+    """A gate entry standing for one commit still to come."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
 
 
 class Transport(Protocol):
@@ -95,7 +103,7 @@ class Channel:
         # Set while the socket's send buffer is above its high-water mark: deliveries wait in
         # the (bounded) session queue instead of piling up in the transport.
         self.paused = False
-        self._gate: list[Any] | None = None
+        self._gate: list[bytes | _Barrier] | None = None
         self.pub_limiter = broker.limits.publish_limiter()
         # While an asynchronous authentication runs: the packets that came after the CONNECT.
         self._held: list[Packet] | None = None
@@ -189,30 +197,39 @@ class Channel:
     # Output gate: a reply that promises something is stored (PUBACK, PUBREC, PUBCOMP, CONNACK
     # of a persistent session, SUBACK...) and everything written after it wait for the commit.
 
-    def _store_mark(self) -> int:
-        durable = self.broker.durable
-        return -1 if durable is None else durable.persister.submitted
+    def _store_mark(self) -> tuple[int, ...]:
+        return self.broker.commits.mark()
 
-    def _hold_until_stored(self, mark: int) -> None:
-        """Gate further output if this packet's handling submitted store operations."""
-        durable = self.broker.durable
-        if durable is None or mark < 0 or durable.persister.submitted == mark:
+    def _hold_until_stored(self, mark: tuple[int, ...]) -> None:
+        """Gate further output if this packet's handling submitted operations to commit."""
+        commits = self.broker.commits
+        moved = commits.moved(mark)
+        if not moved:
             return
+        barrier = _Barrier()
         if self._gate is None:
             self._gate = []
-        self._gate.append(_BARRIER)
-        durable.after(self._release_gate)
+        self._gate.append(barrier)
+        commits.wait(moved, lambda: self._release_gate(barrier))
 
-    def _release_gate(self) -> None:
+    def _release_gate(self, barrier: _Barrier) -> None:
+        """One commit is done: send what waited only for it and for commits already done (the
+        sources commit independently, so barriers may complete out of order)."""
+        barrier.done = True
         gate = self._gate
         if gate is None:
             return
-        del gate[0]  # our oldest barrier: commits complete in the order they were asked for
-        try:
-            n = gate.index(_BARRIER)
-        except ValueError:
-            n = len(gate)
-        out, rest = gate[:n], gate[n:]
+        out: list[bytes] = []
+        i = 0
+        for i, item in enumerate(gate):  # noqa: B007 - i is used after the loop
+            if isinstance(item, _Barrier):
+                if not item.done:
+                    break
+            else:
+                out.append(item)
+        else:
+            i = len(gate)
+        rest = gate[i:]
         self._gate = rest or None
         if out and not self.closed:
             self.transport.write(b"".join(out))

@@ -17,6 +17,7 @@ from roost import __version__
 from roost.broker.acl import Acl
 from roost.broker.authn import Authenticator
 from roost.broker.bans import Ban, Bans, peer_host
+from roost.broker.commits import Commits
 from roost.broker.flapping import FlappingDetector
 from roost.broker.limits import Limits
 from roost.broker.message import Message
@@ -53,6 +54,8 @@ class Broker:
         self._id_counter = 0
         # Set by the node runner when the store is durable (see roost.broker.durable).
         self.durable: Durable | None = None
+        #: What gated replies wait for: the store, and in a cluster the links and route table.
+        self.commits = Commits()
         self.bans = Bans()
         self.flapping = FlappingDetector(lambda: self.config.flapping_detect, clock)
         #: Set while this node is evacuated: new connections are sent elsewhere.

@@ -1,0 +1,53 @@
+"""What a reply waits for before it may go out: every place that must have committed a change.
+
+A PUBACK promises the message is stored (local SQLite) and forwarded (the node links' acks); a
+SUBACK promises the route is in the cluster's table (etcd). Each of these is a source with a
+counter of operations submitted and ``after(callback)``, which runs the callback once everything
+submitted so far is committed, callbacks in the order they were registered. A channel takes a
+mark before handling a packet and, if any source moved, gates its output until those commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+
+class CommitSource(Protocol):
+    @property
+    def submitted(self) -> int: ...
+
+    def after(self, callback: Callable[[], None]) -> None: ...
+
+
+class Commits:
+    def __init__(self) -> None:
+        self.sources: list[CommitSource] = []
+
+    def add(self, source: CommitSource) -> None:
+        self.sources.append(source)
+
+    def mark(self) -> tuple[int, ...]:
+        return tuple(s.submitted for s in self.sources)
+
+    def moved(self, mark: tuple[int, ...]) -> list[CommitSource]:
+        """The sources that took operations since ``mark``."""
+        return [s for s, n in zip(self.sources, mark, strict=False) if s.submitted != n]
+
+    def wait(self, moved: list[CommitSource], callback: Callable[[], None]) -> None:
+        """Run ``callback`` once each of ``moved`` has committed what it holds now (at once
+        when ``moved`` is empty)."""
+        if not moved:
+            callback()
+        else:
+            _chain(moved, callback)
+
+
+def _chain(sources: list[CommitSource], callback: Callable[[], None]) -> None:
+    # One source after the other keeps each source's FIFO order, so replies gated in order on
+    # one channel are released in order.
+    first, rest = sources[0], sources[1:]
+    if not rest:
+        first.after(callback)
+    else:
+        first.after(lambda: _chain(rest, callback))
