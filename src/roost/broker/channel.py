@@ -519,10 +519,33 @@ class Channel:
             expiry = 0 if c.clean_start else 0xFFFFFFFF
         expiry = min(expiry, cfg.max_session_expiry_interval)
 
+        # Opening may wait for the cluster's session registry: hold what the client sends.
+        if self._held is None:
+            self._held = []
         mark = self._store_mark()
-        session, present = broker.open_session(self, client_id, c.clean_start, expiry)
+        broker.open_session(
+            self, client_id, c.clean_start, expiry,
+            lambda session, present: self._opened(c, session, present, assigned, expiry,
+                                                  auth_props, mark),
+        )  # fmt: skip
+
+    def _opened(
+        self, c: Connect, session: Session, present: bool, assigned: bool, expiry: int,
+        auth_props: dict[str, Any] | None, mark: tuple[int, ...],
+    ) -> None:  # fmt: skip
+        """The session is attached: send CONNACK, then what the client sent meanwhile."""
+        held, self._held, self._held_bytes = self._held or [], None, 0
+        broker = self.broker
+        cfg = broker.config.mqtt
+        props = c.properties
         self.session = session
         self.connected = True
+        if self.closed:
+            # The client went away while its session was being opened: no will, no CONNACK.
+            self.will = None
+            self.connected = False
+            broker.channel_closed(self)
+            return
 
         ack_props: dict[str, Any] = auth_props or {}
         if self.v5:
@@ -535,7 +558,7 @@ class Channel:
                 ack_props["retain_available"] = 0
             ack_props["maximum_packet_size"] = cfg.max_packet_size
             if assigned:
-                ack_props["assigned_client_identifier"] = client_id
+                ack_props["assigned_client_identifier"] = self.client_id
             ack_props["topic_alias_maximum"] = cfg.max_topic_alias
             if not cfg.wildcard_subscription:
                 ack_props["wildcard_subscription_available"] = 0
@@ -548,9 +571,11 @@ class Channel:
         present = present and c.protocol_version != MQTT_3_1
         self._hold_until_stored(mark)
         self.write(encode(Connack(0, present, ack_props), self.version))
-        log.debug("client %s connected from %s (v%d)", client_id, self.peer, self.version)
+        log.debug("client %s connected from %s (v%d)", self.client_id, self.peer, self.version)
         if present:
             session.resume()
+        if held:
+            self._process(held)
 
     # ------------------------------------------------------------------------------ PUBLISH
 

@@ -31,6 +31,7 @@ from roost.mqtt import reason_codes as RC
 if TYPE_CHECKING:
     from roost.broker.channel import Channel
     from roost.broker.durable import Durable
+    from roost.broker.hooks import ClusterHooks
 
 log = logging.getLogger("roost.broker")
 
@@ -54,6 +55,8 @@ class Broker:
         self._id_counter = 0
         # Set by the node runner when the store is durable (see roost.broker.durable).
         self.durable: Durable | None = None
+        #: The cluster layer when this node is one of several (roost.cluster), else None.
+        self.cluster: ClusterHooks | None = None
         #: What gated replies wait for: the store, and in a cluster the links and route table.
         self.commits = Commits()
         self.bans = Bans()
@@ -110,9 +113,26 @@ class Broker:
         return True
 
     def open_session(
+        self,
+        channel: Channel,
+        client_id: str,
+        clean_start: bool,
+        expiry: int,
+        done: Callable[[Session, bool], None],
+    ) -> None:
+        """Attach a channel to its session and call ``done(session, present)``: at once on a
+        lone node; in a cluster once the session registry says this node holds it (taken over
+        from another node if need be)."""
+        if self.cluster is not None:
+            self.cluster.open_session(channel, client_id, clean_start, expiry, done)
+            return
+        done(*self.attach_session(channel, client_id, clean_start, expiry))
+
+    def attach_session(
         self, channel: Channel, client_id: str, clean_start: bool, expiry: int
     ) -> tuple[Session, bool]:
-        """Attach a channel to its session, taking over an older connection; (session, present)."""
+        """Attach a channel to this node's session, taking over an older local connection;
+        (session, present)."""
         session = self.sessions.get(client_id)
         if session is not None and session.channel is not None:
             old = session.channel
@@ -130,8 +150,7 @@ class Broker:
             self._wills.pop(client_id, None)
         present = session is not None
         if session is None:
-            cfg = self.config.mqtt
-            session = Session(client_id, self.stats, cfg.max_mqueue_len, cfg.mqueue_store_qos0)
+            session = self.new_session(client_id)
             self.sessions[client_id] = session
         session.expiry_interval = expiry
         session.channel = channel
@@ -140,6 +159,35 @@ class Broker:
             self.durable.save_session(session, channel.will, channel.will_delay, True)
         self.stats.connections_total += 1
         return session, present
+
+    def new_session(self, client_id: str) -> Session:
+        cfg = self.config.mqtt
+        return Session(client_id, self.stats, cfg.max_mqueue_len, cfg.mqueue_store_qos0)
+
+    def take_session(self, client_id: str) -> Session | None:
+        """Hand this node's session to another node: its connection (if any) is told 0x8E and
+        closed without its will, and the session leaves this node with its state (routes,
+        timers, store) but is not ended; the caller serializes it."""
+        session = self.sessions.get(client_id)
+        if session is None:
+            self._wills.pop(client_id, None)
+            return None
+        ch = session.channel
+        if ch is not None:
+            log.info("client %s taken over by a connection on another node", client_id)
+            ch.taken_over = True
+            ch.will = None  # the new connection's node decides about wills now
+            session.channel = None
+            ch.disconnect(RC.SESSION_TAKEN_OVER)
+        self._wills.pop(client_id, None)
+        self._expiring.pop(client_id, None)
+        for f in list(session.subscriptions):
+            self.router.remove(session.client_id, f)
+        if session.durable is not None:
+            session.durable.delete_session(client_id)
+            session.durable = None
+        del self.sessions[client_id]
+        return session
 
     def channel_closed(self, channel: Channel) -> None:
         """A connected channel is gone: publish or schedule its will, keep or end its session."""
@@ -165,6 +213,8 @@ class Broker:
             self._expiring[session.client_id] = now + session.expiry_interval
         if session.durable is not None:
             session.durable.save_session(session, pending_will, channel.will_delay, False)
+        if self.cluster is not None:
+            self.cluster.session_changed(session)
 
     def schedule_expiry(self, client_id: str, due: float) -> None:
         self._expiring[client_id] = due
@@ -188,6 +238,8 @@ class Broker:
             session.durable = None
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+            if self.cluster is not None:
+                self.cluster.session_ended(session)
 
     def _publish_will(self, will: Message, now: float) -> None:
         # Authorized at CONNECT (channel), with the username and address we no longer have here.
@@ -220,6 +272,8 @@ class Broker:
         if session.durable is not None and session.channel is not None:
             session.durable.save_session(session, session.channel.will,
                                          session.channel.will_delay, True)  # fmt: skip
+        if self.cluster is not None and session.expiry_interval:
+            self.cluster.session_changed(session)
         return existed
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
@@ -229,6 +283,8 @@ class Broker:
         if session.durable is not None and session.channel is not None:
             session.durable.save_session(session, session.channel.will,
                                          session.channel.will_delay, True)  # fmt: skip
+        if self.cluster is not None and session.expiry_interval and session.channel is not None:
+            self.cluster.session_changed(session)
         return True
 
     # ---------------------------------------------------------------------------- routing
@@ -241,17 +297,35 @@ class Broker:
         return self.route(msg)
 
     def route(self, msg: Message) -> int:
+        """Deliver to this node's subscribers and forward to the other nodes that need it;
+        returns how many subscribers (local) and nodes (remote) it went to."""
         if msg.retain:
-            self.retainer.store(msg)
-            if self.durable is not None and not msg.topic.startswith("$SYS/"):
-                if msg.payload:
-                    self.durable.retained_set(msg)
-                else:
-                    self.durable.retained_delete(msg.topic)
+            self._store_retained(msg)
+        n, groups = self.deliver_local(msg)
+        if self.cluster is not None:
+            n += self.cluster.forward(msg, groups)
+        if not n:
+            self.stats.dropped_no_subscribers += 1
+        return n
+
+    def _store_retained(self, msg: Message) -> None:
+        self.retainer.store(msg)
+        if msg.topic.startswith("$SYS/"):
+            return  # per node, never persisted or shared
+        if self.durable is not None:
+            if msg.payload:
+                self.durable.retained_set(msg)
+            else:
+                self.durable.retained_delete(msg.topic)
+        if self.cluster is not None:
+            self.cluster.retained_changed(msg)
+
+    def deliver_local(self, msg: Message) -> tuple[int, list[tuple[str, str]]]:
+        """Deliver to this node's matching subscriptions: (deliveries, the shared groups
+        (group, filter) served here, which no other node then needs to serve)."""
         entries = self.router.match(msg.topic)
         if not entries:
-            self.stats.dropped_no_subscribers += 1
-            return 0
+            return 0, []
         sender = msg.sender
         mqos = msg.qos
         retain = msg.retain
@@ -268,9 +342,10 @@ class Broker:
                     (opts.sub_id,) if opts.sub_id else (),
                 )
                 n += 1
-            return n
+            return n, []
         # Overlapping filters: one copy per client at the highest QoS with every sub id.
         per_client: dict[str, list] = {}
+        groups: list[tuple[str, str]] = []
         for entry in entries:
             for cid, opts in entry.subs.items():
                 if opts.no_local and opts.session.owner == sender:
@@ -285,14 +360,34 @@ class Broker:
             for group in entry.groups.values():
                 member = group.pick()
                 if member is not None:
-                    ids = (member.sub_id,) if member.sub_id else ()
-                    member.session.deliver(msg, min(mqos, member.qos), retain and member.rap,
-                                           ids, member)  # fmt: skip
+                    groups.append((group.name, entry.topic_filter))
+                    self._deliver_shared(msg, member)
                     n += 1
         for session, qos, rap, ids in per_client.values():
             session.deliver(msg, min(qos, mqos), retain and rap, tuple(i for i in ids if i))
             n += 1
-        return n
+        return n, groups
+
+    def _deliver_shared(self, msg: Message, member: SubOpts) -> None:
+        ids = (member.sub_id,) if member.sub_id else ()
+        member.session.deliver(msg, min(msg.qos, member.qos), msg.retain and member.rap, ids,
+                               member)  # fmt: skip
+
+    def deliver_forwarded(self, msg: Message, group: str | None) -> int:
+        """A message another node routed here: to the local subscribers, or with ``group``
+        (``"<group>/<filter>"``) to one local member of that shared group. Never forwarded
+        again and never stored as retained (its origin node did that)."""
+        if group is None:
+            return self.deliver_local(msg)[0]
+        name, _, real = group.partition("/")
+        entry = self.router.entry(real)
+        grp = entry.groups.get(name) if entry is not None else None
+        member = grp.pick() if grp is not None else None
+        if member is None:
+            self.stats.dropped_no_subscribers += 1
+            return 0
+        self._deliver_shared(msg, member)
+        return 1
 
     # ----------------------------------------------------------------------------- timers
 

@@ -51,6 +51,7 @@ class Session:
         "channel",
         "client_id",
         "durable",
+        "epoch",
         "expiry_interval",
         "inflight",
         "max_queue",
@@ -84,6 +85,9 @@ class Session:
         # Set while the session is persistent (expiry > 0 on a node with a durable store).
         self.durable: Durable | None = None
         self.seq = 0
+        # The registry entry's revision when this node made itself the session's home (cluster
+        # only): writes about the session carry it, and one from an older epoch is refused.
+        self.epoch = 0
 
     @property
     def connected(self) -> bool:
