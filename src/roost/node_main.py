@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from roost import __version__
 from roost.broker.durable import Durable
@@ -22,6 +22,9 @@ from roost.mgmt.listeners import ListenerSet
 from roost.store.persister import Persister
 from roost.store.sqlite import SqliteStore
 from roost.transport.listeners import start_listener
+
+if TYPE_CHECKING:
+    from roost.cluster.node import Cluster
 
 log = logging.getLogger("roost")
 
@@ -51,13 +54,30 @@ async def _open_listener(broker: Broker, kind: str, name: str, lst: ListenerBase
     return server
 
 
+async def _join_cluster(broker: Broker, mgmt: Management) -> Cluster | None:
+    """Join the cluster named in the config (before any client is accepted), or None."""
+    if not broker.config.cluster.enabled:
+        return None
+    from roost.cluster.node import Cluster
+
+    try:
+        cluster = Cluster(broker, mgmt.node_info)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    await cluster.start()
+    mgmt.cluster_nodes = cluster.nodes
+    mgmt.cluster_check = cluster.check
+    return cluster
+
+
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     broker = Broker(config)
     persister = _open_store(config, broker)
     listeners = ListenerSet(broker, _open_listener)
+    mgmt = Management(broker, listeners)
+    cluster = await _join_cluster(broker, mgmt)
     for kind, name, lst in config.listeners.enabled():
         await listeners.start(kind, name, lst)
-    mgmt = Management(broker, listeners)
     if config.api.enabled:
         await mgmt.start()
     stop = stop or asyncio.Event()
@@ -86,6 +106,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     await listeners.close_all()
     broker.shutdown()
     await asyncio.sleep(0.1)  # let the DISCONNECTs reach the sockets
+    if cluster is not None:
+        await cluster.close()
     if persister is not None:
         await persister.drain()
         persister.close()

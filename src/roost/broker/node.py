@@ -63,6 +63,8 @@ class Broker:
         self.flapping = FlappingDetector(lambda: self.config.flapping_detect, clock)
         #: Set while this node is evacuated: new connections are sent elsewhere.
         self.evacuating = False
+        #: Set while this node is cut off from the cluster: it serves and acknowledges nothing.
+        self.fenced = False
         #: Per-listener counters (``ListenerState``) registered by the transports, for metrics.
         self.listener_states: dict[str, Any] = {}
 
@@ -101,6 +103,8 @@ class Broker:
             return RC.BANNED, "banned for flapping"
         if self.evacuating:
             return RC.USE_ANOTHER_SERVER, "this node is being evacuated"
+        if self.fenced:
+            return RC.SERVER_UNAVAILABLE, "this node is cut off from the cluster"
         return None
 
     def discard_session(self, client_id: str) -> bool:
@@ -320,9 +324,12 @@ class Broker:
         if self.cluster is not None:
             self.cluster.retained_changed(msg)
 
-    def deliver_local(self, msg: Message) -> tuple[int, list[tuple[str, str]]]:
-        """Deliver to this node's matching subscriptions: (deliveries, the shared groups
-        (group, filter) served here, which no other node then needs to serve)."""
+    def deliver_local(
+        self, msg: Message, shared: bool = True
+    ) -> tuple[int, list[tuple[str, str]]]:
+        """Deliver to this node's matching subscriptions (shared groups too unless not
+        ``shared``): (deliveries, the shared groups (group, filter) served here, which no
+        other node then needs to serve)."""
         entries = self.router.match(msg.topic)
         if not entries:
             return 0, []
@@ -357,7 +364,7 @@ class Broker:
                     agg[1] = max(agg[1], opts.qos)
                     agg[2] = agg[2] or opts.rap
                     agg[3].append(opts.sub_id)
-            for group in entry.groups.values():
+            for group in entry.groups.values() if shared else ():
                 member = group.pick()
                 if member is not None:
                     groups.append((group.name, entry.topic_filter))
@@ -378,7 +385,7 @@ class Broker:
         (``"<group>/<filter>"``) to one local member of that shared group. Never forwarded
         again and never stored as retained (its origin node did that)."""
         if group is None:
-            return self.deliver_local(msg)[0]
+            return self.deliver_local(msg, shared=False)[0]
         name, _, real = group.partition("/")
         entry = self.router.entry(real)
         grp = entry.groups.get(name) if entry is not None else None

@@ -274,10 +274,11 @@ NODE = _obj(
         "name": _S,
         "role": {"type": "string", "enum": ["core", "replicant"]},
         "version": _S,
-        "status": {"type": "string", "enum": ["running", "evacuating"]},
+        "status": {"type": "string", "enum": ["running", "evacuating", "fenced"]},
         "connections": _I,
     },
     {
+        "link": _S,
         "uptime": _N,
         "started_at": _S,
         "sessions": _I,
@@ -552,6 +553,8 @@ class Management:
         #: removal of a departed node (raise ApiError(409, "CONFLICT", ...) to refuse it).
         self.cluster_nodes: Callable[[], list[dict[str, Any]]] | None = None
         self.remove_node: Callable[[str], Awaitable[None]] | None = None
+        #: Set by the cluster layer: (in the cluster and not fenced, detail) for readiness.
+        self.cluster_check: Callable[[], tuple[bool, str]] | None = None
 
     # -- auth ---------------------------------------------------------------------------
 
@@ -651,7 +654,11 @@ class Management:
             "listeners": {"ok": listeners_ok, "detail": listeners},
             "store": {"ok": store_ok, "detail": store_detail},
         }
-        return listeners_ok and store_ok, checks
+        cluster_ok = True
+        if self.cluster_check is not None:
+            cluster_ok, detail = self.cluster_check()
+            checks["cluster"] = {"ok": cluster_ok, "detail": detail}
+        return listeners_ok and store_ok and cluster_ok, checks
 
     # -- lifecycle ----------------------------------------------------------------------
 

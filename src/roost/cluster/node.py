@@ -1,0 +1,622 @@
+"""One node's part in a cluster: membership, routes, forwarding, session registry, retained.
+
+Cluster state lives in etcd under ``/<cluster.name>/``; messages travel over the node links.
+
+- ``nodes/<node>``: this node's info (role, link address, listeners, connections), on its lease.
+  A node that cannot renew its lease in time fences itself: it closes its clients and refuses
+  new ones until it holds a lease again.
+- ``routes/<node>/...``: see roost.cluster.routes. SUBACK waits until the route is in etcd.
+- ``sessions/<client id>``: the session's home node and what adopting it needs; the key's
+  mod_revision is the session's epoch. A CONNECT makes this node the home by compare-and-swap,
+  then asks the old home (if alive) for the session's state.
+- ``retained/<topic>``: retained messages; every node mirrors them from a watch.
+- ``link_secret``: made by the first node; a link peer must present it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from roost.broker.message import Message
+from roost.cluster.etcd import KV, Etcd, EtcdError, Event, LeaseKeeper
+from roost.cluster.handover import (
+    dump_message,
+    dump_session,
+    load_message,
+    load_session,
+    parse_entry,
+    registry_entry,
+    restore_subscriptions,
+)
+from roost.cluster.link import Forward, LinkError, Links
+from roost.cluster.routes import BatchWriter, RemoteTable, RouteSync
+from roost.config import parse_bind
+from roost.mqtt import reason_codes as RC
+
+if TYPE_CHECKING:
+    from roost.broker.channel import Channel
+    from roost.broker.node import Broker
+    from roost.broker.session import Session
+    from roost.cluster.etcd import Watch
+    from roost.config import Config
+
+log = logging.getLogger("roost.cluster")
+
+_TAKEOVER_TIMEOUT = 5.0
+_INFO_INTERVAL = 5.0  # seconds between refreshes of this node's key (connection counts)
+
+
+def _link_address(config: Config) -> str:
+    link = config.cluster.link
+    if link.advertise:
+        return link.advertise
+    host, _port = parse_bind(link.bind)
+    if host in ("0.0.0.0", "::"):
+        raise ValueError("cluster.link.advertise must be set when cluster.link.bind is a "
+                         "wildcard address")  # fmt: skip
+    return link.bind
+
+
+def rendezvous(client_id: str, nodes: list[str]) -> str | None:
+    """The node with the highest hash of (client id, node): stable as other nodes come and go."""
+    best, best_h = None, b""
+    for n in nodes:
+        h = hashlib.sha1(f"{client_id}\x00{n}".encode(), usedforsecurity=False).digest()
+        if best is None or h > best_h:
+            best, best_h = n, h
+    return best
+
+
+class Cluster:
+    """Implements the broker's ClusterHooks; started by the node runner when etcd is set."""
+
+    def __init__(self, broker: Broker, node_info: Callable[[], dict[str, Any]]) -> None:
+        cfg = broker.config
+        self.broker = broker
+        self.config = cfg.cluster
+        self.me = cfg.node.name
+        if "/" in self.me:
+            raise ValueError("node.name may not contain '/' in a cluster")
+        self.role = cfg.node.role
+        self.link_address = _link_address(cfg)
+        self._node_info = node_info
+        self.etcd = Etcd(cfg.cluster.etcd.endpoints, f"/{cfg.cluster.name}/",
+                         cfg.cluster.etcd.timeout)  # fmt: skip
+        self.lease = LeaseKeeper(self.etcd, cfg.cluster.lease_ttl, self._lease_lost,
+                                 self._lease_regained)  # fmt: skip
+        self.writer = BatchWriter(self.etcd, lambda: self.lease.lease_id, self._write_failed)
+        self.routes = RouteSync(self.me, self.writer)
+        self.remote = RemoteTable(self.me)
+        self.links: Links | None = None
+        self.members: dict[str, dict[str, Any]] = {}  # live nodes (this one included)
+        self.joined = False
+        self.fenced = False
+        self.fence_reason = ""
+        self._watches: list[Watch] = []
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._registry_dirty: set[str] = set()
+        self._registry_task: asyncio.Task[None] | None = None
+        self._retained_rev: dict[str, int] = {}
+        self.stats = {"forwards_out": 0, "forwards_in": 0, "takeovers_in": 0,
+                      "takeovers_out": 0, "adopted": 0, "etcd_failures": 0}  # fmt: skip
+
+    # ------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        etcd = self.etcd
+        await etcd.connect()
+        await self.lease.start()
+        ok, current = await etcd.create("link_secret", secrets.token_bytes(32))
+        secret = current.value if (not ok and current is not None) else None
+        if secret is None:
+            kv = await etcd.get("link_secret")
+            assert kv is not None
+            secret = kv.value
+        links = self.links = Links(
+            self.me, self.config.name, secret, self._on_forward, self._on_request,
+            window=self.config.link.window, max_queue=self.config.link.max_queue,
+            ack_gate=self.broker.durable.after if self.broker.durable is not None else None,
+        )  # fmt: skip
+        await links.start(self.config.link.bind)
+        # A restarted node's routes from its previous life are stale: gone in one range.
+        await etcd.delete_prefix(f"routes/{self.me}/")
+        await self._put_node_key()
+        # Snapshots, then watches from the revision after each.
+        kvs, rev = await etcd.get_prefix("nodes/")
+        self._load_members(kvs, rev)
+        self._watches.append(etcd.watch_prefix("nodes/", rev + 1, self._on_node_events,
+                                               self._load_members))  # fmt: skip
+        kvs, rev = await etcd.get_prefix("routes/")
+        self.remote.load(kvs)
+        self._watches.append(etcd.watch_prefix("routes/", rev + 1, self.remote.apply,
+                                               lambda kvs, _r: self.remote.load(kvs)))  # fmt: skip
+        kvs, rev = await etcd.get_prefix("retained/")
+        self._load_retained(kvs, rev)
+        self._watches.append(etcd.watch_prefix("retained/", rev + 1, self._on_retained_events,
+                                               self._load_retained))  # fmt: skip
+        broker = self.broker
+        broker.commits.add(links)
+        broker.commits.add(self.writer)
+        broker.router.listener = self.routes
+        for entry in broker.router.filters():  # sessions restored from the local store
+            if entry.subs:
+                self.routes.route_added(entry.topic_filter)
+            for g in entry.groups.values():
+                self.routes.shared_changed(g.name, entry.topic_filter, len(g.members))
+        await self._claim_restored_sessions()
+        broker.cluster = self
+        self.joined = True
+        self._spawn(self._refresh_loop())
+        log.info("joined cluster %s as %s (%s), link %s, %d nodes", self.config.name, self.me,
+                 self.role, self.link_address, len(self.members))  # fmt: skip
+
+    async def close(self) -> None:
+        self.joined = False
+        for w in self._watches:
+            with contextlib.suppress(Exception):
+                await w.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._flush_registry_now(), 2.0)
+        with contextlib.suppress(Exception):
+            await self.lease.stop(revoke=True)  # our keys (node, routes) go at once
+        if self.links is not None:
+            await self.links.close()
+        await self.etcd.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------------------ membership
+
+    def _info(self) -> dict[str, Any]:
+        info = dict(self._node_info())
+        info.update(role=self.role, link=self.link_address,
+                    status="fenced" if self.fenced else info.get("status", "running"))  # fmt: skip
+        return info
+
+    async def _put_node_key(self) -> None:
+        await self.etcd.put(f"nodes/{self.me}", json.dumps(self._info()).encode(),
+                            lease=self.lease.lease_id)  # fmt: skip
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_INFO_INTERVAL)
+            if self.fenced:
+                continue
+            try:
+                await self._put_node_key()
+            except EtcdError as e:
+                log.warning("cannot refresh this node's key: %s", e)
+
+    def _load_members(self, kvs: list[KV], _rev: int) -> None:
+        before = set(self.members)
+        self.members = {}
+        for kv in kvs:
+            with contextlib.suppress(ValueError):
+                self.members[kv.key[len("nodes/") :]] = json.loads(kv.value)
+        for gone in before - set(self.members):
+            self._node_gone(gone)
+        self._update_peers()
+
+    def _on_node_events(self, events: list[Event]) -> None:
+        for ev in events:
+            name = ev.key[len("nodes/") :]
+            if ev.kind == "put":
+                with contextlib.suppress(ValueError):
+                    self.members[name] = json.loads(ev.value)
+            elif self.members.pop(name, None) is not None:
+                self._node_gone(name)
+        self._update_peers()
+
+    def _update_peers(self) -> None:
+        if self.links is None:
+            return
+        peers = {n: str(i.get("link", "")) for n, i in self.members.items() if n != self.me}
+        self.links.set_peers({n: a for n, a in peers.items() if a})
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every live node's info (this one fresh), for the REST API and ``roost ctl``."""
+        out = [dict(i, name=n) for n, i in self.members.items() if n != self.me]
+        out.append(dict(self._info(), name=self.me))
+        return sorted(out, key=lambda i: i["name"])
+
+    def _node_gone(self, name: str) -> None:
+        if name == self.me or self.links is None:
+            return
+        log.warning("node %s left the cluster (its lease is gone)", name)
+        self.remote.drop_node(name)
+        replays = self.links.peer_down(name)
+        for fwd in replays:
+            self._replay(fwd, name)
+        if self.role == "core":
+            self._spawn(self._adopt_sessions_of(name))
+
+    def _replay(self, fwd: Forward, dead: str) -> None:
+        """Send an unacknowledged forward along the current routes (receivers de-duplicate)."""
+        assert self.links is not None
+        for node in self._route_nodes(fwd.topic, fwd.group):
+            if node != dead:
+                self.links.forward(node, fwd)
+
+    def _route_nodes(self, topic: str, group: str | None) -> set[str]:
+        nodes: set[str] = set()
+        for entry in self.remote.match(topic):
+            if group is None:
+                nodes |= entry.nodes
+            else:
+                name, _, real = group.partition("/")
+                members = entry.groups.get(name)
+                if members and real:
+                    nodes.add(self.remote.pick_node(name, real, members))
+        return nodes
+
+    # ------------------------------------------------------------------------- fencing
+
+    def _lease_lost(self, reason: str) -> None:
+        if self.fenced:
+            return
+        self.fenced = True
+        self.fence_reason = reason
+        self.broker.fenced = True
+        log.error("cut off from the cluster (%s): fencing, closing every client", reason)
+        for ch in list(self.broker.channels):
+            ch.disconnect(RC.USE_ANOTHER_SERVER, "node cut off from the cluster")
+
+    def _lease_regained(self, lease_id: int) -> None:
+        log.warning("back in the cluster with lease %x: rewriting this node's keys", lease_id)
+
+        async def rejoin() -> None:
+            try:
+                await self._put_node_key()
+                self.routes.rewrite_all()
+            except EtcdError as e:
+                log.error("rejoin failed: %s", e)
+                return
+            self.fenced = False
+            self.fence_reason = ""
+            self.broker.fenced = False
+
+        self._spawn(rejoin())
+
+    def _write_failed(self, e: Exception) -> None:
+        self.stats["etcd_failures"] += 1
+        log.warning("etcd write failed (retrying): %s", e)
+
+    # -------------------------------------------------------------------------- routing
+
+    def forward(self, msg: Message, local_groups: list[tuple[str, str]]) -> int:
+        entries = self.remote.match(msg.topic)
+        if not entries or self.links is None:
+            return 0
+        links = self.links
+        props = msg.props
+        if msg.expires_at is not None:
+            props = dict(props or {})
+            props["message_expiry_interval"] = max(0, int(msg.expires_at - self.broker.clock()))
+        mid = links.new_mid()
+        sent = 0
+        if len(entries) == 1 and not entries[0].groups:
+            targets = entries[0].nodes
+        else:
+            targets = set()
+            for entry in entries:
+                targets |= entry.nodes
+        for node in targets:
+            links.forward(node, Forward(msg.topic, msg.payload, msg.qos, msg.retain, props,
+                                        self.me, mid))  # fmt: skip
+            sent += 1
+        for entry in entries:
+            if not entry.groups:
+                continue
+            real = entry.real
+            for name, members in entry.groups.items():
+                if (name, real) in local_groups or not members:
+                    continue
+                node = self.remote.pick_node(name, real, members)
+                fwd = Forward(msg.topic, msg.payload, msg.qos, msg.retain, props, self.me,
+                              links.new_mid(), f"{name}/{real}")  # fmt: skip
+                links.forward(node, fwd)
+                sent += 1
+        self.stats["forwards_out"] += sent
+        return sent
+
+    def _on_forward(self, fwd: Forward) -> None:
+        self.stats["forwards_in"] += 1
+        broker = self.broker
+        msg = Message(fwd.topic, fwd.payload, fwd.qos, fwd.retain, fwd.props, "", broker.clock())
+        broker.stats.messages_received += 1
+        broker.stats.received_qos[msg.qos] += 1
+        broker.deliver_forwarded(msg, fwd.group)
+
+    # ------------------------------------------------------------------------- sessions
+
+    def _lock(self, client_id: str) -> asyncio.Lock:
+        lock = self._locks.get(client_id)
+        if lock is None:
+            lock = self._locks[client_id] = asyncio.Lock()
+        return lock
+
+    def open_session(
+        self, channel: Channel, client_id: str, clean_start: bool, expiry: int,
+        done: Callable[[Session, bool], None],
+    ) -> None:  # fmt: skip
+        self._spawn(self._open(channel, client_id, clean_start, expiry, done))
+
+    async def _open(
+        self, channel: Channel, client_id: str, clean_start: bool, expiry: int,
+        done: Callable[[Session, bool], None],
+    ) -> None:  # fmt: skip
+        lock = self._lock(client_id)
+        try:
+            async with lock:
+                try:
+                    epoch, state = await self._claim(channel, client_id, clean_start, expiry)
+                except (EtcdError, LinkError, OSError) as e:
+                    log.warning("cannot open session %s in the cluster: %s", client_id, e)
+                    channel.disconnect(RC.SERVER_UNAVAILABLE, "session registry unavailable")
+                    return
+                broker = self.broker
+                if state is not None and not clean_start:
+                    old = broker.sessions.pop(client_id, None)
+                    if old is not None and old.channel is None:
+                        for f in list(old.subscriptions):
+                            broker.router.remove(client_id, f)
+                    broker.sessions[client_id] = load_session(broker, state)
+                session, present = broker.attach_session(channel, client_id, clean_start, expiry)
+                session.epoch = epoch
+                done(session, present)
+        finally:
+            if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]
+                self._locks.pop(client_id, None)
+
+    async def _claim(
+        self, channel: Channel, client_id: str, clean_start: bool, expiry: int
+    ) -> tuple[int, bytes | None]:
+        """Make this node the session's home; (epoch, handed-over state or None)."""
+        key = f"sessions/{client_id}"
+        now = self.broker.clock()
+        local = self.broker.sessions.get(client_id)
+        value = registry_entry(self.me, local if not clean_start else None, expiry,
+                               channel.will, channel.will_delay, True, now)  # fmt: skip
+        etcd = self.etcd
+        for _ in range(10):
+            kv = await etcd.get(key)
+            expected = 0 if kv is None else kv.mod_revision
+            ok, new = await etcd.cas(key, value, expected)
+            if not ok or new is None:
+                continue  # someone else moved it meanwhile: look again
+            home = parse_entry(kv.value).get("node") if kv is not None else None
+            if home is None or home == self.me:
+                return new.mod_revision, None
+            if home in self.members:
+                self.stats["takeovers_in"] += 1
+                request = json.dumps({"client_id": client_id, "epoch": new.mod_revision,
+                                      "clean": clean_start}).encode()  # fmt: skip
+                state = await self.links.request(home, "takeover", request,  # type: ignore[union-attr]
+                                                 _TAKEOVER_TIMEOUT)  # fmt: skip
+                return new.mod_revision, state or None
+            # The old home is dead and nobody adopted the session yet: rebuild what the registry
+            # knows (subscriptions); its queued messages died with that node.
+            entry = parse_entry(kv.value) if kv is not None else {}
+            return new.mod_revision, self._state_from_entry(client_id, entry)
+        raise EtcdError(f"session {client_id}: registry entry changed 10 times in a row")
+
+    def _state_from_entry(self, client_id: str, entry: dict[str, Any]) -> bytes | None:
+        if not entry.get("expiry"):
+            return None
+        return json.dumps({"client_id": client_id, "expiry": entry["expiry"],
+                           "subs": entry.get("subs", []), "inflight": [], "queue": [],
+                           "rel": []}).encode()  # fmt: skip
+
+    async def _on_request(self, origin: str, kind: str, payload: bytes) -> bytes:
+        if kind == "takeover":
+            return await self._hand_over(origin, json.loads(payload))
+        raise ValueError(f"unknown request {kind!r}")
+
+    async def _hand_over(self, origin: str, req: dict[str, Any]) -> bytes:
+        client_id = req["client_id"]
+        lock = self._lock(client_id)
+        try:
+            await asyncio.wait_for(lock.acquire(), _TAKEOVER_TIMEOUT / 2)
+            held = True
+        except TimeoutError:
+            held = False  # a claim of ours is stuck on the same client: do not deadlock
+        try:
+            session = self.broker.sessions.get(client_id)
+            if session is not None and session.epoch > req["epoch"]:
+                return b""  # our claim is newer than the asker's
+            session = self.broker.take_session(client_id)
+            if session is None:
+                return b""
+            self.stats["takeovers_out"] += 1
+            log.info("session %s handed over to %s", client_id, origin)
+            return b"" if req.get("clean") else dump_session(session, self.broker.clock())
+        finally:
+            if held:
+                lock.release()
+
+    def session_changed(self, session: Session) -> None:
+        if session.epoch and session.client_id not in self._registry_dirty:
+            self._registry_dirty.add(session.client_id)
+            if self._registry_task is None or self._registry_task.done():
+                self._registry_task = self._spawn(self._flush_registry())
+
+    def session_ended(self, session: Session) -> None:
+        if not session.epoch:
+            return
+        self._registry_dirty.discard(session.client_id)
+        epoch = session.epoch
+
+        async def delete() -> None:
+            with contextlib.suppress(EtcdError):
+                # Only our own epoch: a node that took the session over keeps its entry.
+                await self.etcd.cas_delete(f"sessions/{session.client_id}", epoch)
+
+        self._spawn(delete())
+
+    async def _flush_registry(self) -> None:
+        await asyncio.sleep(0.01)  # gather a turn's worth of changes
+        await self._flush_registry_now()
+
+    async def _flush_registry_now(self) -> None:
+        while self._registry_dirty:
+            cid = self._registry_dirty.pop()
+            session = self.broker.sessions.get(cid)
+            if session is None or not session.epoch:
+                continue
+            ch = session.channel
+            value = registry_entry(self.me, session, session.expiry_interval,
+                                   ch.will if ch is not None else None,
+                                   ch.will_delay if ch is not None else 0, ch is not None,
+                                   self.broker.clock())  # fmt: skip
+            try:
+                ok, kv = await self.etcd.cas(f"sessions/{cid}", value, session.epoch)
+            except EtcdError as e:
+                log.warning("registry entry of %s not written: %s", cid, e)
+                continue
+            if ok and kv is not None:
+                session.epoch = kv.mod_revision
+            elif self.broker.sessions.get(cid) is session:
+                log.info("session %s belongs to another node now: dropping this copy", cid)
+                self.broker.take_session(cid)
+
+    async def _claim_restored_sessions(self) -> None:
+        """Sessions restored from this node's store: keep those the registry still puts here
+        (or nowhere), drop those another node took over while this one was down."""
+        for cid, session in list(self.broker.sessions.items()):
+            key = f"sessions/{cid}"
+            kv = await self.etcd.get(key)
+            if kv is not None and parse_entry(kv.value).get("node") not in (self.me, None, ""):
+                log.info("session %s lives on another node now: dropping the local copy", cid)
+                self.broker.take_session(cid)
+                continue
+            value = registry_entry(self.me, session, session.expiry_interval, None, 0, False,
+                                   self.broker.clock())  # fmt: skip
+            ok, new = await self.etcd.cas(key, value, 0 if kv is None else kv.mod_revision)
+            if ok and new is not None:
+                session.epoch = new.mod_revision
+
+    async def _adopt_sessions_of(self, dead: str) -> None:
+        """Claim the sessions whose home died (each by one core: rendezvous hash over the
+        live cores), re-add their routes, and publish or schedule their wills."""
+        await asyncio.sleep(0.2)  # let the dead node's route deletions arrive first
+        try:
+            kvs, _ = await self.etcd.get_prefix("sessions/")
+        except EtcdError as e:
+            log.warning("cannot list sessions of %s to adopt them: %s", dead, e)
+            return
+        cores = sorted(n for n, i in self.members.items() if i.get("role") == "core")
+        broker = self.broker
+        for kv in kvs:
+            entry = parse_entry(kv.value)
+            if entry.get("node") != dead:
+                continue
+            cid = kv.key[len("sessions/") :]
+            if rendezvous(cid, cores) != self.me:
+                continue
+            await self._adopt(cid, kv, entry, broker)
+
+    async def _adopt(self, cid: str, kv: KV, entry: dict[str, Any], broker: Broker) -> None:
+        now = broker.clock()
+        will = load_message(entry["will"], now) if entry.get("will") else None
+        expiry = int(entry.get("expiry", 0))
+        async with self._lock(cid):
+            if not expiry:
+                if await self.etcd.cas_delete(kv.key, kv.mod_revision) and will is not None:
+                    broker.schedule_will(cid, will, 0)
+                return
+            value = registry_entry(self.me, None, expiry, None, 0, False, now)
+            ok, new = await self.etcd.cas(kv.key, value, kv.mod_revision)
+            if not ok or new is None or cid in broker.sessions:
+                return
+            session = broker.new_session(cid)
+            session.expiry_interval = expiry
+            if broker.durable is not None:
+                session.durable = broker.durable
+            restore_subscriptions(broker, session, entry.get("subs", []))
+            session.epoch = new.mod_revision
+            broker.sessions[cid] = session
+            if broker.durable is not None:
+                broker.durable.save_session(session, None, 0, False)
+            if expiry < 0xFFFFFFFF:
+                broker.schedule_expiry(cid, now + expiry)
+            if will is not None:
+                broker.schedule_will(cid, will, min(int(entry.get("will_delay", 0)), expiry))
+            self.stats["adopted"] += 1
+            self.session_changed(session)
+            log.info("adopted session %s of dead node %s", cid, kv.key)
+
+    # ------------------------------------------------------------------------- retained
+
+    def retained_changed(self, msg: Message) -> None:
+        key = f"retained/{msg.topic}"
+        if not msg.payload:
+            self.writer.delete(key, force=True)
+            return
+        wall_left = None if msg.expires_at is None else msg.expires_at - self.broker.clock()
+        value = json.dumps({"m": dump_message(msg, self.broker.clock()), "origin": self.me,
+                            "wall": time.time(), "left": wall_left}).encode()  # fmt: skip
+        self.writer.put(key, value, leased=False)
+
+    def _retained_message(self, kv_value: bytes) -> Message | None:
+        try:
+            data = json.loads(kv_value)
+            return load_message(data["m"], self.broker.clock())
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _load_retained(self, kvs: list[KV], _rev: int) -> None:
+        retainer = self.broker.retainer
+        # etcd holds the cluster's retained messages: what the local store had is replaced.
+        for topic in retainer.topics():
+            if not topic.startswith("$SYS/"):
+                retainer.delete(topic)
+        for kv in kvs:
+            msg = self._retained_message(kv.value)
+            if msg is not None:
+                retainer.store(msg)
+
+    def _on_retained_events(self, events: list[Event]) -> None:
+        retainer = self.broker.retainer
+        for ev in events:
+            topic = ev.key[len("retained/") :]
+            if ev.kind == "delete":
+                retainer.delete(topic)
+                continue
+            msg = self._retained_message(ev.value)
+            if msg is not None:
+                retainer.store(msg)
+
+    # --------------------------------------------------------------------------- status
+
+    def check(self) -> tuple[bool, str]:
+        if self.fenced:
+            return False, f"fenced: {self.fence_reason}"
+        if not self.joined:
+            return False, "not joined"
+        return True, f"{len(self.members)} nodes"
+
+    def status(self) -> dict[str, Any]:
+        links = self.links.stats() if self.links is not None else {}
+        return {
+            "name": self.config.name, "node": self.me, "role": self.role,
+            "joined": self.joined, "fenced": self.fenced, "fence_reason": self.fence_reason,
+            "nodes": len(self.members), "remote_routes": len(self.remote),
+            "local_routes": len(self.routes.routes), "links": links,
+            "etcd": self.etcd.stats.snapshot(), "route_transactions": self.writer.transactions,
+            **self.stats,
+        }
