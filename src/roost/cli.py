@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     from roost.operator.main import add_arguments as add_operator_arguments
 
     add_operator_arguments(sub.add_parser("operator", help="run the Kubernetes operator"))
+    from roost.cluster.dev import add_parser as add_cluster
+
+    add_cluster(sub)
     return parser
 
 
@@ -39,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from roost.mgmt.ctl import run as run_ctl
 
         return run_ctl(args)
+    if args.command == "cluster":
+        from roost.cluster.dev import run as run_cluster
+
+        return run_cluster(args)
     if args.command == "operator":
         from roost.operator.main import run_operator
 

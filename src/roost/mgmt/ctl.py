@@ -238,6 +238,7 @@ NODE_COLS = [
     ("status", "STATUS"),
     ("connections", "CONNECTIONS"),
     ("sessions", "SESSIONS"),
+    ("link", "LINK"),
     ("uptime", "UPTIME"),
 ]
 SUB_COLS = [
