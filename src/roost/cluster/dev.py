@@ -31,6 +31,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the process that started it dies (Linux), so a killed
+    test run or dev runner leaves no broker behind."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
@@ -84,9 +93,12 @@ class NodeProcess:
         self.config_path.write_text(yaml.safe_dump(self.config))
         env = {k: v for k, v in os.environ.items() if not k.startswith("ROOST_")}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # Its own session: a Ctrl-C meant for `roost cluster dev` must not reach the nodes
+        # before the runner stops them in order (nodes first, then etcd).
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "roost", "start", "--config", str(self.config_path)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )  # fmt: skip
 
     def ready(self) -> bool:

@@ -169,7 +169,8 @@ class Cluster:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush_registry_now(), 2.0)
         with contextlib.suppress(Exception):
-            await self.lease.stop(revoke=True)  # our keys (node, routes) go at once
+            # Our keys (node, routes) go at once; with etcd gone they go with the lease.
+            await asyncio.wait_for(self.lease.stop(revoke=True), 2.0)
         if self.links is not None:
             await self.links.close()
         await self.etcd.close()
