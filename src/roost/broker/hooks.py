@@ -4,7 +4,7 @@ imports it). A lone node has none, and every call site then does what a single n
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from roost.broker.channel import Channel
@@ -36,3 +36,6 @@ class ClusterHooks(Protocol):
 
     def session_ended(self, session: Session) -> None:
         """A session ended on this node (its registry entry goes)."""
+
+    def status(self) -> dict[str, Any]:
+        """Counters and state for metrics and the REST API."""

@@ -9,7 +9,7 @@ import asyncio
 import os
 import resource
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from roost import __version__
 from roost.broker.node import Broker
@@ -77,6 +77,52 @@ class _Writer:
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
+
+
+_LINK_COUNTERS = {
+    "forwards_sent": "Forwards sent to the peer.",
+    "forwards_received": "Forwards received from the peer.",
+    "forwards_acked": "QoS 1/2 forwards the peer acknowledged.",
+    "forwards_replayed": "Forwards replayed to the peer after another node died.",
+    "duplicates_dropped": "Replayed forwards from the peer dropped as duplicates.",
+    "dropped_qos0": "QoS 0 forwards dropped because the peer's queue was full.",
+}
+_LINK_GAUGES = {
+    "connected": "1 while the link to the peer is up.",
+    "queue_depth": "Forwards waiting for the peer's window.",
+    "inflight": "QoS 1/2 forwards sent and not yet acknowledged.",
+}
+
+
+def _cluster_metrics(w: _Writer, st: dict[str, Any]) -> None:
+    w.one("roost_cluster_nodes", "gauge", "Live nodes in the cluster.", st["nodes"])
+    w.one("roost_cluster_fenced", "gauge", "1 while this node is cut off from etcd.",
+          int(st["fenced"]))  # fmt: skip
+    w.one("roost_cluster_routes_local", "gauge", "This node's route keys.", st["local_routes"])
+    w.one("roost_cluster_routes_remote", "gauge", "Other nodes' route keys known here.",
+          st["remote_routes"])  # fmt: skip
+    w.one("roost_cluster_route_transactions", "counter", "etcd transactions of route changes.",
+          st["route_transactions"])  # fmt: skip
+    for key, help_ in (("takeovers_in", "Sessions taken over from another node."),
+                       ("takeovers_out", "Sessions handed to another node."),
+                       ("adopted", "Sessions of dead nodes adopted by this node."),
+                       ("etcd_failures", "etcd writes that failed and were retried.")):  # fmt: skip
+        w.one(f"roost_cluster_{key}", "counter", help_, st[key])
+    etcd = st["etcd"]
+    w.one("roost_etcd_requests", "counter", "etcd requests made.", etcd.get("requests", 0))
+    w.one("roost_etcd_request_failures", "counter", "etcd requests that failed.",
+          etcd.get("failures", 0))  # fmt: skip
+    w.one("roost_etcd_latency_avg_seconds", "gauge", "Mean etcd request latency (recent).",
+          etcd.get("avg_ms", 0) / 1000)  # fmt: skip
+    w.one("roost_etcd_latency_p99_seconds", "gauge", "99th percentile etcd latency (recent).",
+          etcd.get("p99_ms", 0) / 1000)  # fmt: skip
+    links: dict[str, dict[str, int]] = st["links"]
+    for key, help_ in _LINK_COUNTERS.items():
+        w.metric(f"roost_link_{key}", "counter", help_,
+                 [({"peer": peer}, v[key]) for peer, v in sorted(links.items())])  # fmt: skip
+    for key, help_ in _LINK_GAUGES.items():
+        w.metric(f"roost_link_{key}", "gauge", help_,
+                 [({"peer": peer}, v[key]) for peer, v in sorted(links.items())])  # fmt: skip
 
 
 def _num(v: float) -> str:
@@ -240,6 +286,8 @@ def render(broker: Broker, listeners: ListenerSet | None, lag: LoopLag | None) -
         w.one("roost_store_pending_ops", "gauge", "Changes waiting for the next commit.",
               pst.pending)  # fmt: skip
         w.one("roost_store_up", "gauge", "0 after a failed store write.", int(not pst.failed))
+    if broker.cluster is not None:
+        _cluster_metrics(w, broker.cluster.status())
     p = _process()
     w.one("process_cpu_seconds", "counter", "User and system CPU time.", round(p["cpu"], 3))
     w.one("process_resident_memory_bytes", "gauge", "Resident memory.", int(p["rss"]))
