@@ -24,8 +24,15 @@ def free_port() -> int:
 class BrokerProcess:
     """A broker subprocess with its own data dir and config; use as a context manager."""
 
-    def __init__(self, config: dict[str, Any] | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any] | None = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """``env``: ROOST_* variables for the process (the caller's own are never passed on)."""
         self.port = port or free_port()
+        self.env = env or {}
         self.api_port = free_port()
         self.tmp = tempfile.TemporaryDirectory(prefix="roost-test-")
         #: Bearer key for the management API (bootstrap key file), and basic-auth admin.
@@ -55,7 +62,7 @@ class BrokerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> BrokerProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ROOST_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ROOST_")} | self.env
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "roost", "start", "--config", str(self.config_path)],

@@ -4,6 +4,7 @@ certificate CN as username; each path refuses what it must and lets in what it m
 from __future__ import annotations
 
 import base64
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +110,75 @@ def test_anonymous_refused_when_disabled(secure, version):
 def test_anonymous_allowed_by_default(broker):
     assert _connack(broker.port, MQTT_5, client_id="anon-ok").reason_code == 0
     assert _connack(broker.port, MQTT_3_1_1, client_id="anon-ok3").reason_code == 0
+
+
+# -------------------------------------------- anonymous access off, nothing to check passwords
+
+
+@pytest.fixture(scope="module")
+def locked() -> Iterator[BrokerProcess]:
+    """allow_anonymous off with no password file, HTTP hook or certificate listener: nobody
+    can be let in. Set through the environment, as in the report."""
+    with BrokerProcess(env={"ROOST_AUTHENTICATION__ALLOW_ANONYMOUS": "false"}) as b:
+        yield b
+
+
+# Credentials nothing can check: "not authorized" (CONNACK 0x87 / 3.1.1 return code 5).
+LOCKED = {MQTT_5: RC.NOT_AUTHORIZED, MQTT_3_1_1: 5}
+
+
+@pytest.mark.parametrize("version", [MQTT_5, MQTT_3_1_1])
+def test_no_credential_check_refuses_every_user(locked, version):
+    for user, pw in (("x", b"y"), ("admin", b""), ("x", None)):
+        reply = _connack(locked.port, version, client_id="lk", username=user, password=pw)
+        assert reply.reason_code == LOCKED[version], (user, pw)
+    assert _connack(locked.port, version, client_id="lk-anon").reason_code == BAD[version]
+
+
+@pytest.mark.parametrize("version", ["mqttv311", "mqttv5"])
+def test_no_credential_check_refuses_mosquitto_clients(locked, version):
+    common = ["-h", "127.0.0.1", "-p", str(locked.port), "-V", version, "-u", "x", "-P", "y"]
+    pub = subprocess.run(["mosquitto_pub", *common, "-t", "t", "-m", "m"],
+                         capture_output=True, text=True, timeout=10)  # fmt: skip
+    assert pub.returncode != 0, pub
+    assert "not authori" in pub.stderr.lower(), pub.stderr
+    sub = subprocess.run(["mosquitto_sub", *common, "-t", "t", "-C", "1", "-W", "3"],
+                         capture_output=True, text=True, timeout=10)  # fmt: skip
+    assert sub.returncode != 0 and "not authori" in sub.stderr.lower(), sub
+
+
+@pytest.mark.parametrize("proto", [V311, V5])
+def test_no_credential_check_refuses_paho(locked, proto):
+    c = PahoClient(locked.port, f"lk-paho-{proto}", proto)
+    _, rc, _ = c.connect(username="x", password="y", expect_ok=False)
+    c.c.loop_stop()
+    assert rc.is_failure and rc.value == 0x87  # paho maps 3.1.1 code 5 to 0x87
+
+
+def test_no_credential_check_warns_at_start(locked):
+    warning = next(ln for ln in locked.log().splitlines() if "nobody can connect" in ln)
+    assert "WARNING" in warning
+    assert "authentication.password_file" in warning and "authentication.http" in warning
+    assert "allow_anonymous" in warning
+
+
+def test_no_credential_check_warning_names_certificate_listeners(caplog, tmp_path):
+    """With a peer_cert_as_username listener, certificate holders can still connect."""
+    cfg = Config.model_validate({
+        "node": {"data_dir": str(tmp_path)},
+        "authentication": {"allow_anonymous": False},
+        "listeners": {"ssl": {"default": {"enabled": True, "ssl_options": {
+            "verify": "verify_peer", "peer_cert_as_username": "cn"}}}},
+    })  # fmt: skip
+    with caplog.at_level("WARNING", logger="roost.auth"):
+        Broker(cfg)
+    [record] = [r for r in caplog.records if "connect" in r.getMessage()]
+    assert "only clients with a verified certificate" in record.getMessage()
+    assert "ssl:default" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="roost.auth"):
+        Broker(Config.model_validate({"node": {"data_dir": str(tmp_path)}}))  # the defaults
+    assert not caplog.records
 
 
 # ------------------------------------------------------------------------ password file

@@ -86,13 +86,18 @@ def test_mutual_tls_cn_is_the_username(make_broker, pki, kind):
     c2.disconnect()
 
 
+# A valid MQTT 3.1.1 CONNECT (client id "probe"): a broker that let the TLS session in answers
+# it with a CONNACK, so only a refused handshake ends in a close.
+_PROBE_CONNECT = b"\x10\x11\x00\x04MQTT\x04\x02\x00\x3c\x00\x05probe"
+
+
 def _handshake_fails(port: int, ctx: ssl.SSLContext) -> bool:
     """True when the broker refuses the TLS connection (handshake or first read fails)."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=5)
     try:
         with ctx.wrap_socket(raw, server_hostname="localhost") as s:
             # TLS 1.3 reports a rejected client certificate only on the first read.
-            s.sendall(b"\x10\x00")
+            s.sendall(_PROBE_CONNECT)
             return s.recv(16) == b""
     except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
         return True
@@ -108,6 +113,8 @@ def test_bad_handshakes_refused_without_disturbing_others(make_broker, pki, tmp_
     pub = PahoClient(b.port, "mtls-tcp-pub")
     pub.connect()
 
+    # The probe itself is sound: with a good certificate it gets in (a CONNACK).
+    assert not _handshake_fails(sport, client_context(str(pki.ca), *pki.issue("device-42")))
     # No client certificate, a certificate from another CA, plain MQTT bytes on the TLS port.
     assert _handshake_fails(sport, client_context(str(pki.ca)))
     (tmp_path / "other").mkdir()
@@ -150,6 +157,7 @@ def test_versions_option_refuses_older_tls(make_broker, pki):
                                                        "ssl_options": opts}}}})  # fmt: skip
     wait_listening(b, "ssl:default")
     assert _handshake_fails(sport, client_context(str(pki.ca), version=ssl.TLSVersion.TLSv1_2))
+    assert not _handshake_fails(sport, client_context(str(pki.ca), version=ssl.TLSVersion.TLSv1_3))
     c = tls_client(sport, "tls13-only", client_context(str(pki.ca), version=ssl.TLSVersion.TLSv1_3))
     c.connect()
     c.disconnect()

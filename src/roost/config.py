@@ -230,8 +230,8 @@ class HttpAuth(_Model):
 
 class Authentication(_Model):
     """Clients without a username are anonymous. A username is checked by ``password_file``,
-    then ``http``: the first that knows the answer decides; if none does, the client is refused
-    (and when neither is configured, every username is accepted)."""
+    then ``http``: the first that knows the answer decides; if none does, the client is refused.
+    When neither is configured a username is unchecked, so ``allow_anonymous`` decides alone."""
 
     allow_anonymous: bool = True
     #: File written by ``roost passwd`` (salted PBKDF2-HMAC-SHA256, usable by SCRAM too).

@@ -39,6 +39,8 @@ Refusal = tuple[int, str] | None
 Done = Callable[[Refusal], None]
 
 _BAD_CREDENTIALS: Refusal = (RC.BAD_USER_NAME_OR_PASSWORD, "bad user name or password")
+#: allow_anonymous is off and nothing can check a password: no credential is good enough.
+_NO_BACKEND: Refusal = (RC.NOT_AUTHORIZED, "no credentials can be checked here")
 _CACHE_MAX = 10_000
 
 
@@ -79,6 +81,35 @@ class Authenticator:
             except ValueError as e:
                 raise ConfigError(f"authentication.password_file: {e}") from None
             self.passwords.refresh(path)
+        self.warn_if_locked()
+
+    def warn_if_locked(self) -> None:
+        """Say so when no client without a verified certificate can ever connect.
+
+        That is allow_anonymous off with neither a password file nor an HTTP hook (SCRAM reads
+        the password file too): an easy mistake that would otherwise show only as refusals.
+        """
+        cfg = self.broker.config
+        auth = cfg.authentication
+        if auth.allow_anonymous or auth.password_file or auth.http is not None:
+            return
+        cert_listeners = [
+            f"{kind}:{name}"
+            for kind, name, lst in cfg.listeners.enabled()
+            if getattr(lst, "ssl_options", None) is not None
+            and lst.ssl_options.peer_cert_as_username  # type: ignore[attr-defined]
+            and lst.ssl_options.verify == "verify_peer"  # type: ignore[attr-defined]
+        ]
+        who = "nobody can connect"
+        if cert_listeners:
+            who = (f"only clients with a verified certificate on {', '.join(cert_listeners)}"
+                   " (peer_cert_as_username) can connect")  # fmt: skip
+        log.warning(
+            "authentication.allow_anonymous is false and there is no authentication.password_file"
+            " or authentication.http hook to check passwords: %s; set one of them (or"
+            " allow_anonymous: true)",
+            who,
+        )
 
     @property
     def config(self) -> Authentication:
@@ -95,7 +126,9 @@ class Authenticator:
                 return done(None)
             return done((RC.BAD_USER_NAME_OR_PASSWORD, "anonymous access is disabled"))
         if not cfg.password_file and cfg.http is None:
-            return done(None)
+            # Nothing can check the password: it stands for nothing, so the client is as good
+            # as anonymous and gets in only where anonymous clients may.
+            return done(None if cfg.allow_anonymous else _NO_BACKEND)
         # Fast path: a verdict known without I/O.
         verdict: Verdict | None = "ignore"
         if cfg.password_file:

@@ -86,6 +86,8 @@ async def apply_config(broker: Broker, listeners: ListenerSet, new: Config) -> l
     broker.acl = acl
     if "authentication" in changed or "authorization" in changed:
         broker.authn.clear_cache()
+    if "authentication" in changed or "listeners" in changed:
+        broker.authn.warn_if_locked()
     if "mqtt" in changed:
         for session in broker.sessions.values():
             session.max_queue = new.mqtt.max_mqueue_len

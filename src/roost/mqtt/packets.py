@@ -11,6 +11,25 @@ MQTT_3_1_1 = 4
 MQTT_5 = 5
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    """Every slot of ``cls`` and its bases, base first; collected once per class.
+
+    ``cls.__slots__`` alone is not enough: the ack classes declare ``()`` and inherit their
+    fields' slots, so comparing only those would make any two PUBACKs equal.
+    """
+    names = _FIELDS.get(cls)
+    if names is None:
+        found: list[str] = []
+        for klass in reversed(cls.__mro__):
+            slots = klass.__dict__.get("__slots__", ())
+            found += [slots] if isinstance(slots, str) else slots
+        names = _FIELDS[cls] = tuple(found)
+    return names
+
+
 class Packet:
     __slots__ = ()
     type: ClassVar[int] = 0
@@ -18,12 +37,12 @@ class Packet:
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return all(getattr(self, s) == getattr(other, s) for s in self.__slots__)
+        return all(getattr(self, s) == getattr(other, s) for s in _fields(type(self)))
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{s}={getattr(self, s)!r}" for s in self.__slots__)
+        fields = ", ".join(f"{s}={getattr(self, s)!r}" for s in _fields(type(self)))
         return f"{type(self).__name__}({fields})"
 
 

@@ -20,6 +20,11 @@ log = logging.getLogger("roost.transport")
 # its session instead (where max_mqueue_len bounds them).
 WRITE_HIGH_WATER = 1 << 20
 
+# Seconds a connection the broker closes stays half-open, its input read and dropped, waiting
+# for the client to close first. Closing at once would leave the client's next bytes to a
+# closed socket, whose reset makes the client's write fail before it reads the DISCONNECT.
+LINGER = 2.0
+
 
 class ListenerState:
     """Counters shared by the connections of one listener (for limits and metrics)."""
@@ -58,6 +63,7 @@ class MqttStreamProtocol(CoalescedWrites, asyncio.Protocol):
         self.channel: Channel | None = None
         self._pending: list[bytes] | None = None
         self._closing = False
+        self._linger: asyncio.TimerHandle | None = None
 
     # asyncio side -------------------------------------------------------------------------
 
@@ -79,8 +85,11 @@ class MqttStreamProtocol(CoalescedWrites, asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
-        if self.channel is not None:
+        if self.channel is not None and not self._closing:
             self.channel.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None  # the client closed (or answered our half-close): close our side too
 
     def pause_writing(self) -> None:
         if self.channel is not None:
@@ -91,6 +100,9 @@ class MqttStreamProtocol(CoalescedWrites, asyncio.Protocol):
             self.channel.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if self.channel is not None:
             self.listener.connections -= 1
             self.channel.connection_lost()
@@ -105,7 +117,7 @@ class MqttStreamProtocol(CoalescedWrites, asyncio.Protocol):
         if pending and t is not None and not t.is_closing():
             t.write(pending[0] if len(pending) == 1 else b"".join(pending))
         if self._closing and t is not None:
-            t.close()
+            self._shut_down(t)
 
     def close(self) -> None:
         """Close after the bytes written so far (e.g. a DISCONNECT) are on their way."""
@@ -113,7 +125,24 @@ class MqttStreamProtocol(CoalescedWrites, asyncio.Protocol):
             return
         self._closing = True
         if self._pending is None and self.transport is not None:
-            self.transport.close()
+            self._shut_down(self.transport)
+
+    def _shut_down(self, t: asyncio.Transport) -> None:
+        """Half-close once the buffer is sent, then linger before the full close.
+
+        MQTT 5 3.14.4 has the sender of a DISCONNECT close the connection; a graceful close is
+        still one. Reading goes on, and what comes is dropped, so the client's writes do not
+        fail before it reads our last packet. The client closing ends it; else LINGER does.
+        TLS has no half-close here: its close sends close_notify and reads until the client's,
+        bounded by the listener's ssl_shutdown_timeout.
+        """
+        if t.is_closing() or self._linger is not None:
+            return
+        if not t.can_write_eof():
+            t.close()
+            return
+        t.write_eof()
+        self._linger = asyncio.get_running_loop().call_later(LINGER, t.close)
 
 
 async def start_tcp_listener(
@@ -128,8 +157,11 @@ async def start_tcp_listener(
     state = ListenerState(name, max_connections, cert_as_username)
     broker.listener_states[name] = state
     loop = asyncio.get_running_loop()
-    # A client that stalls its TLS handshake holds a socket; give up on it after 10 s.
-    kw = {"ssl_handshake_timeout": 10.0} if ssl_context is not None else {}
+    # A client that stalls its TLS handshake holds a socket; give up on it after 10 s. Closing,
+    # wait as long for the client's close_notify as a plain connection lingers.
+    kw: dict[str, float] = {}
+    if ssl_context is not None:
+        kw = {"ssl_handshake_timeout": 10.0, "ssl_shutdown_timeout": LINGER}
     return await loop.create_server(
         lambda: MqttStreamProtocol(broker, state), host, port, ssl=ssl_context, reuse_address=True,
         backlog=1024, **kw,
