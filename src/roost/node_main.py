@@ -137,4 +137,7 @@ def run_node(args: argparse.Namespace) -> int:
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1
+    except RuntimeError as e:  # the cluster could not be joined (etcd unreachable, NOSPACE)
+        log.error("cannot start: %s", e)
+        return 1
     return 0

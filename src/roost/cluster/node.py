@@ -54,6 +54,10 @@ _TAKEOVER_TIMEOUT = 5.0
 _INFO_INTERVAL = 5.0  # seconds between refreshes of this node's key (connection counts)
 
 
+class ClusterJoinError(RuntimeError):
+    """etcd could not be reached in time; the message says which endpoints and why."""
+
+
 def _link_address(config: Config) -> str:
     link = config.cluster.link
     if link.advertise:
@@ -111,10 +115,21 @@ class Cluster:
 
     # ------------------------------------------------------------------------- lifecycle
 
-    async def start(self) -> None:
+    async def start(self, wait: float = 30.0) -> None:
+        """Join: wait up to ``wait`` seconds for etcd (a core's etcd member may start after
+        the broker), then take a lease, publish this node and load the cluster's state."""
         etcd = self.etcd
-        await etcd.connect()
-        await self.lease.start()
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            try:
+                await etcd.connect()
+                await self.lease.start()
+                break
+            except EtcdError as e:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise ClusterJoinError(f"cannot join cluster {self.config.name}: {e}") from None
+                log.warning("waiting for etcd: %s", e)
+                await asyncio.sleep(1.0)
         ok, current = await etcd.create("link_secret", secrets.token_bytes(32))
         secret = current.value if (not ok and current is not None) else None
         if secret is None:
