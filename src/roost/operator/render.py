@@ -298,6 +298,14 @@ def _broker_container(
         {"name": "ROOST_NODE__NAME", "value": f"roost@$(POD_NAME).{host}.$(POD_NAMESPACE).svc"},
         {"name": "ROOST_NODE__ROLE", "value": role},
         {"name": "ROOST_DATA_DIR", "value": DATA_DIR},
+        # One cluster: every node an etcd client of the cores' members, linked to the others
+        # through its stable name on the headless Service.
+        {"name": "ROOST_CLUSTER__NAME", "value": name},
+        {"name": "ROOST_CLUSTER__ETCD__ENDPOINTS",
+         "value": json.dumps(etcd_endpoints(name, bootstrap).split(","))},
+        {"name": "ROOST_CLUSTER__LINK__BIND", "value": f"0.0.0.0:{CLUSTER_PORT}"},
+        {"name": "ROOST_CLUSTER__LINK__ADVERTISE",
+         "value": f"$(POD_NAME).{host}.$(POD_NAMESPACE).svc:{CLUSTER_PORT}"},
         # Not config keys (ROOST_* would be read as such): the operator's contract with a node.
         {"name": "ROOSTOP_API_KEY_FILE", "value": API_KEY_FILE},
         {"name": "ROOSTOP_ETCD_ENDPOINTS", "value": etcd_endpoints(name, bootstrap)},
