@@ -265,3 +265,36 @@ def test_ten_thousand_subscribes_reach_the_route_table_in_few_transactions(
     pub.disconnect()
     for cl in clients:
         cl.disconnect()
+
+
+def test_dead_replicants_sessions_are_adopted_and_their_wills_published(
+    fresh_cluster: LocalCluster,
+) -> None:
+    core0, core1, rep = fresh_cluster.nodes
+    watcher = PahoClient(core0.port, "will-watcher")
+    watcher.connect()
+    watcher.subscribe("wills/#", 1)
+    # A persistent subscriber with a will, online on the replicant when it dies.
+    p = PahoClient(rep.port, "adoptee")
+    p.c.reconnect_delay_set(120, 120)
+    p.c.will_set("wills/adoptee", b"gone", 1)
+    p.connect(clean_start=True, properties=props(SessionExpiryInterval=600))
+    p.subscribe("adopt/t", 1)
+    rep.kill()
+    assert watcher.recv(timeout=15).payload == b"gone", "the dead node's client's will"
+    watcher.assert_nothing(1.0)  # published once, by one core
+    # The session now lives on a core: what is published meanwhile is queued for it.
+    wait_until(lambda: any(k.startswith("routes/core") and k.endswith("adopt/t")
+                           for k in etcd_keys(fresh_cluster, "routes/")), 10,
+               "a core to re-add the adopted session's route")  # fmt: skip
+    pub = PahoClient(core1.port, "adopt-pub")
+    pub.connect()
+    for i in range(10):
+        pub.publish("adopt/t", f"p:{i}".encode(), 1)
+    pub.disconnect()
+    back = PahoClient(core1.port, "adoptee")
+    flags, _, _ = back.connect(clean_start=False, properties=props(SessionExpiryInterval=600))
+    assert flags.session_present
+    assert [int(m.payload.split(b":")[1]) for m in back.recv_all(10)] == list(range(10))
+    back.disconnect()
+    watcher.disconnect()
