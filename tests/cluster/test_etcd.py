@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -366,3 +367,18 @@ async def test_nospace_is_reported_clearly() -> None:
             assert await client.get("blob/0") is not None  # reads still work
         finally:
             await client.close()
+
+
+async def test_etcdproc_moves_off_a_taken_port() -> None:
+    """A port picked as free but taken before etcd binds it: the start is retried on others."""
+    cluster = EtcdCluster(1, **FAST)
+    taken = cluster.members[0].client_port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        try:
+            await asyncio.to_thread(cluster.start, 10)
+            assert cluster.members[0].client_port != taken and cluster.members[0].healthy()
+        finally:
+            cluster.stop()
+    assert not cluster.members[0].running and not cluster.base_dir.exists()

@@ -539,37 +539,42 @@ class _KeepAliveStream:
         return self._call
 
     async def renew(self, lease_id: int, timeout: float) -> int:
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         start = time.monotonic()
+        try:
+            ttl = await self._renew(lease_id, timeout)
+        except EtcdError:
+            self._etcd.stats.record((time.monotonic() - start) * 1000, ok=False)
+            raise
+        self._etcd.stats.record((time.monotonic() - start) * 1000, ok=True)
+        return max(0, ttl)
+
+    async def _renew(self, lease_id: int, timeout: float) -> int:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        waiting = self._waiters.setdefault(lease_id, deque())
         ep: _Endpoint | None = None
         call: Any = None
         try:
             async with asyncio.timeout(timeout):
                 call = self._open()
                 ep = self._ep
-                self._waiters.setdefault(lease_id, deque()).append(fut)
+                waiting.append(fut)
                 await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
-                ttl = await fut
+                return await fut
         except TimeoutError:
-            url = ep.url if ep else "?"
-            err: EtcdError = EtcdUnavailable(f"etcd {url}: no keepalive answer in {timeout:g}s")
-            self._fail(err, ep, call)
-            self._etcd.stats.record((time.monotonic() - start) * 1000, ok=False)
-            raise err from None
+            err: EtcdError = EtcdUnavailable(
+                f"etcd {ep.url if ep else '?'}: no keepalive answer in {timeout:g}s"
+            )
         except grpc.aio.AioRpcError as e:
             err = _translate(e, ep.url if ep else "?", timeout)
-            self._fail(err, ep, call)
-            self._etcd.stats.record((time.monotonic() - start) * 1000, ok=False)
-            raise err from None
-        except EtcdError:
-            self._etcd.stats.record((time.monotonic() - start) * 1000, ok=False)
-            raise
         finally:
-            q = self._waiters.get(lease_id)
-            if q is not None and fut in q:
-                q.remove(fut)
-        self._etcd.stats.record((time.monotonic() - start) * 1000, ok=True)
-        return max(0, ttl)
+            # Off the queue before the stream is failed; and when the reader failed it first
+            # (while this renewal failed on its own), its exception is taken as seen.
+            if fut in waiting:
+                waiting.remove(fut)
+            if fut.done() and not fut.cancelled():
+                fut.exception()
+        self._fail(err, ep, call)
+        raise err
 
     async def _read(self, call: Any, ep: _Endpoint) -> None:
         try:
