@@ -298,3 +298,42 @@ def test_dead_replicants_sessions_are_adopted_and_their_wills_published(
     assert [int(m.payload.split(b":")[1]) for m in back.recv_all(10)] == list(range(10))
     back.disconnect()
     watcher.disconnect()
+
+
+def test_replicant_hands_offline_sessions_to_a_core_and_can_die(
+    fresh_cluster: LocalCluster,
+) -> None:
+    core0, core1, rep = fresh_cluster.nodes
+    cl = PahoClient(rep.port, "leaves-replicant")
+    cl.connect(clean_start=True, properties=props(SessionExpiryInterval=600))
+    cl.subscribe("handed/t", 1)
+    cl.disconnect()
+
+    def home() -> str:
+        async def read() -> str:
+            etcd = Etcd(fresh_cluster.etcd.endpoints, f"/{fresh_cluster.name}/")
+            await etcd.connect()
+            try:
+                kv = await etcd.get("sessions/leaves-replicant")
+                import json
+
+                return json.loads(kv.value)["node"] if kv is not None else ""
+            finally:
+                await etcd.close()
+
+        return asyncio.run(read())
+
+    wait_until(lambda: home().startswith("core"), 10, "the offline session to move to a core")
+    pub = PahoClient(core0.port, "handed-pub")
+    pub.connect()
+    for i in range(5):
+        pub.publish("handed/t", f"p:{i}".encode(), 1)
+    rep.kill()  # the replicant held nothing: its death loses none of the queued messages
+    for i in range(5, 10):
+        pub.publish("handed/t", f"p:{i}".encode(), 1)
+    pub.disconnect()
+    back = PahoClient(core1.port, "leaves-replicant")
+    flags, _, _ = back.connect(clean_start=False, properties=props(SessionExpiryInterval=600))
+    assert flags.session_present
+    assert [int(m.payload.split(b":")[1]) for m in back.recv_all(10)] == list(range(10))
+    back.disconnect()

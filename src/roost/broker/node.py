@@ -220,6 +220,10 @@ class Broker:
         if self.cluster is not None:
             self.cluster.session_changed(session)
 
+    def pending_will(self, client_id: str) -> tuple[float, Message] | None:
+        """Take the will waiting for its delay (due time, will), e.g. to hand it elsewhere."""
+        return self._wills.pop(client_id, None)
+
     def schedule_expiry(self, client_id: str, due: float) -> None:
         self._expiring[client_id] = due
 
@@ -386,6 +390,13 @@ class Broker:
         again and never stored as retained (its origin node did that)."""
         if group is None:
             return self.deliver_local(msg, shared=False)[0]
+        if group.startswith("\x00"):  # addressed to one session (it moved here)
+            session = self.sessions.get(group[1:])
+            if session is None:
+                self.stats.dropped_no_subscribers += 1
+                return 0
+            session.deliver(msg, msg.qos, False)
+            return 1
         name, _, real = group.partition("/")
         entry = self.router.entry(real)
         grp = entry.groups.get(name) if entry is not None else None
@@ -446,8 +457,18 @@ class Broker:
             "subscriptions/count": self.router.count,
             "retained messages/count": len(self.retainer),
         }
+        node = self.config.node.name
         for key, value in values.items():
-            self.route(Message(f"$SYS/broker/{key}", str(value).encode(), 0, True, None, "", now))
+            payload = str(value).encode()
+            msg = Message(f"$SYS/broker/{key}", payload, 0, True, None, "", now)
+            if self.cluster is None:
+                self.route(msg)
+                continue
+            # In a cluster $SYS/broker/... stays this node's own; every node's figures reach
+            # subscribers anywhere under $SYS/brokers/<node>/... (as EMQX names them).
+            self.retainer.store(msg)
+            self.deliver_local(msg)
+            self.route(Message(f"$SYS/brokers/{node}/{key}", payload, 0, True, None, "", now))
 
     def shutdown(self) -> None:
         """Tell every MQTT 5 client the server is going away, and close all connections."""

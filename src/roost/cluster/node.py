@@ -441,7 +441,74 @@ class Cluster:
     async def _on_request(self, origin: str, kind: str, payload: bytes) -> bytes:
         if kind == "takeover":
             return await self._hand_over(origin, json.loads(payload))
+        if kind == "adopt":
+            return await self._adopt_pushed(origin, payload)
         raise ValueError(f"unknown request {kind!r}")
+
+    async def _push_to_core(self, session: Session) -> None:
+        """Hand an offline session to the core the client id hashes to; messages that reach
+        this node meanwhile follow it as forwards addressed to the client."""
+        cid = session.client_id
+        async with self._lock(cid):
+            broker = self.broker
+            if broker.sessions.get(cid) is not session or session.channel is not None:
+                return  # the client came back (or left) meanwhile
+            cores = sorted(n for n, i in self.members.items() if i.get("role") == "core")
+            core = rendezvous(cid, cores)
+            if core is None or self.links is None:
+                log.warning("no core to hand offline session %s to: keeping it here", cid)
+                return
+            now = broker.clock()
+            pending = broker.pending_will(cid)
+            header = {"epoch": session.epoch}
+            if pending is not None:
+                header["will"] = dump_message(pending[1], now)
+                header["will_delay"] = max(0.0, pending[0] - now)
+            sent = len(session.queue)
+            body = json.dumps(header).encode() + b"\n" + dump_session(session, now)
+            try:
+                answer = await self.links.request(core, "adopt", body, _TAKEOVER_TIMEOUT)
+            except LinkError as e:
+                log.warning("offline session %s not handed to %s, kept here: %s", cid, core, e)
+                if pending is not None:
+                    broker.schedule_will(cid, pending[1], max(0.0, pending[0] - now))
+                return
+            if broker.sessions.get(cid) is not session:
+                return
+            late = list(session.queue)[sent:]
+            broker.take_session(cid)
+            for d in late:  # arrived while the core was taking it: send them after it
+                self.links.forward(core, Forward(d.msg.topic, d.msg.payload, d.msg.qos,
+                                                 d.msg.retain, d.msg.props, self.me,
+                                                 self.links.new_mid(), "\x00" + cid))  # fmt: skip
+            log.info("offline session %s handed to core %s (%s)", cid, core, answer.decode())
+
+    async def _adopt_pushed(self, origin: str, payload: bytes) -> bytes:
+        head, _, state = payload.partition(b"\n")
+        header = json.loads(head)
+        cid = json.loads(state)["client_id"]
+        broker = self.broker
+        async with self._lock(cid):
+            key = f"sessions/{cid}"
+            session = load_session(broker, state)
+            value = registry_entry(self.me, session, session.expiry_interval, None, 0, False,
+                                   broker.clock())  # fmt: skip
+            ok, new = await self.etcd.cas(key, value, header["epoch"])
+            if not ok or new is None:
+                for f in list(session.subscriptions):  # not ours after all: undo its routes
+                    broker.router.remove(cid, f)
+                raise ValueError(f"session {cid} moved on meanwhile")
+            session.epoch = new.mod_revision
+            broker.sessions[cid] = session
+            if broker.durable is not None and session.durable is not None:
+                broker.durable.save_session(session, None, 0, False)
+            if session.expiry_interval < 0xFFFFFFFF:
+                broker.schedule_expiry(cid, broker.clock() + session.expiry_interval)
+            if "will" in header:
+                will = load_message(header["will"], broker.clock())
+                broker.schedule_will(cid, will, header.get("will_delay", 0))
+            self.stats["adopted"] += 1
+        return b"adopted"
 
     async def _hand_over(self, origin: str, req: dict[str, Any]) -> bytes:
         client_id = req["client_id"]
@@ -466,6 +533,11 @@ class Cluster:
                 lock.release()
 
     def session_changed(self, session: Session) -> None:
+        if (self.role == "replicant" and session.channel is None and session.expiry_interval
+                and session.epoch):  # fmt: skip
+            # A replicant holds live connections only: the offline session goes to a core.
+            self._spawn(self._push_to_core(session))
+            return
         if session.epoch and session.client_id not in self._registry_dirty:
             self._registry_dirty.add(session.client_id)
             if self._registry_task is None or self._registry_task.done():
