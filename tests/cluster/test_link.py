@@ -296,6 +296,34 @@ async def test_forwards_arrive_intact_in_order_both_ways_over_one_connection(nod
     assert b.stat("a", "forwards_received") == 40 and b.stat("a", "duplicates_dropped") == 0
 
 
+async def test_the_wire_format_from_a_hand_written_dialler_byte_by_byte(nodes) -> None:
+    b = await nodes("b")
+    reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
+    props: dict[str, Any] = {"user_property": [("roost-cluster", CLUSTER), ("roost-to", "b")]}
+    writer.write(encode(Connect("a", MQTT_5, password=SECRET, properties=props), MQTT_5))
+    dec = Decoder(version=MQTT_5, server_side=False)
+    connack = dec.feed(await asyncio.wait_for(reader.read(1000), 5))[0]
+    assert connack.reason_code == 0
+    assert ("roost-node", "b") in connack.properties["user_property"]
+    ours = [("roost-g", "g x/#"), ("roost-o", "a"), ("roost-m", "ff"), ("roost-q", "2")]
+    p1 = Publish("x/1", b"one", 1, True, packet_id=7,
+                 properties={"user_property": [*ours, ("k", "v")], "content_type": "c"})
+    p2 = Publish("x/2", b"\x00" * 300, 0, properties={
+        "user_property": [("roost-o", "a"), ("roost-m", "100"), ("roost-q", "0")]})
+    data = encode(p1, MQTT_5) + encode(p2, MQTT_5)
+    for i in range(len(data)):  # every frame split at every byte
+        writer.write(data[i : i + 1])
+        await asyncio.sleep(0.0005)
+    await until(lambda: len(b.got) == 2, "both forwards")
+    assert b.got == [
+        Forward("x/1", b"one", 2, True, {"user_property": [("k", "v")], "content_type": "c"}, "a",
+                0xFF, "g x/#"),
+        Forward("x/2", b"\x00" * 300, 0, False, None, "a", 0x100),
+    ]  # fmt: skip
+    assert dec.feed(await asyncio.wait_for(reader.read(100), 5)) == [Puback(7)]
+    writer.close()
+
+
 async def test_after_waits_until_the_receiver_handed_the_forward_over(nodes) -> None:
     # b's on_forward blocks its own event loop (in a thread) until the test lets it go.
     handed = threading.Semaphore(0)
