@@ -372,6 +372,21 @@ async def test_after_waits_until_the_receiver_handed_the_forward_over(nodes) -> 
         lt.stop()
 
 
+async def test_ack_gate_delays_pubacks_until_the_receiver_stored_the_forwards(nodes) -> None:
+    held: list[Callable[[], None]] = []  # stands in for the receiving broker's store commit
+    a, b = await nodes("a"), await nodes("b", ack_gate=held.append)
+    a.links.set_peers({"b": b.addr})
+    calls: list[int] = []
+    a.links.forward("b", fwd(a.links, 0))
+    a.links.after(lambda: calls.append(1))
+    await until(lambda: len(b.got) == 1 and held, "delivery, with its PUBACK held")
+    await asyncio.sleep(0.2)
+    assert calls == [] and a.stat("b", "inflight") == 1
+    for release in held:
+        release()
+    await until(lambda: calls == [1], "the waiter once the gate let the PUBACK go")
+
+
 async def test_bad_peers_are_refused_and_the_good_link_is_unaffected(nodes, caplog) -> None:
     caplog.set_level(logging.INFO, logger="roost.cluster.link")
     z = await nodes("z")
