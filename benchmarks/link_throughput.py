@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import subprocess
 import sys
@@ -79,7 +80,7 @@ async def one_run(links: Links, qos: int, count: int, payload: bytes, batch: int
         sent += n
         if qos:  # wait on acks, no polling: at most `backlog` forwards unacknowledged
             fut = loop.create_future()
-            links.after(lambda f=fut: f.set_result(None))
+            links.after(functools.partial(fut.set_result, None))
             acked.append(fut)
             if len(acked) * batch > backlog:
                 await acked.popleft()

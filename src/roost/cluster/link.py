@@ -573,12 +573,13 @@ class Links:
             if name == self.node:
                 continue
             wanted.add(name)
-            peer = self._peers.get(name) or self._add_peer(name)
+            known = self._peers.get(name)
+            peer = known if known is not None else self._add_peer(name)
             peer.addr = addr
         for name in self._wanted - wanted:
-            peer = self._peers.get(name)
-            if peer is not None:
-                self._disconnect(peer)
+            gone = self._peers.get(name)
+            if gone is not None:
+                self._disconnect(gone)
         self._wanted = wanted
         for name in wanted:
             peer = self._peers[name]
