@@ -77,8 +77,11 @@ class Node:
         return self.links.stats()[peer][name]
 
 
+MakeNode = Callable[..., Awaitable[Node]]
+
+
 @pytest_asyncio.fixture
-async def nodes() -> AsyncIterator[Callable[..., Awaitable[Node]]]:
+async def nodes() -> AsyncIterator[MakeNode]:
     made: list[Node] = []
 
     async def make(name: str, **kw: Any) -> Node:
@@ -138,7 +141,7 @@ class Proxy:
         except OSError:
             w1.close()
             return
-        pipe = {"down": asyncio.Event(), "up": asyncio.Event(), "writers": (w1, w2)}
+        pipe: dict[str, Any] = {"down": asyncio.Event(), "up": asyncio.Event(), "writers": (w1, w2)}
         pipe["down"].set()
         pipe["up"].set()
         self.pipes.append(pipe)
@@ -178,8 +181,11 @@ class Proxy:
         self.kill()
 
 
+MakeProxy = Callable[[int], Awaitable[tuple[Proxy, str]]]
+
+
 @pytest_asyncio.fixture
-async def proxies() -> AsyncIterator[Callable[[int], Awaitable[tuple[Proxy, str]]]]:
+async def proxies() -> AsyncIterator[MakeProxy]:
     made: list[Proxy] = []
 
     async def make(port: int) -> tuple[Proxy, str]:
@@ -262,7 +268,9 @@ class LoopThread:
 # ------------------------------------------------------------------------------- forwards
 
 
-async def test_forwards_arrive_intact_in_order_both_ways_over_one_connection(nodes) -> None:
+async def test_forwards_arrive_intact_in_order_both_ways_over_one_connection(
+    nodes: MakeNode,
+) -> None:
     a, b = await nodes("a"), await nodes("b")
     # Both learn of each other in the same turn: only one connection may result.
     a.links.set_peers({"b": b.addr})
@@ -296,7 +304,35 @@ async def test_forwards_arrive_intact_in_order_both_ways_over_one_connection(nod
     assert b.stat("a", "forwards_received") == 40 and b.stat("a", "duplicates_dropped") == 0
 
 
-async def test_after_waits_until_the_receiver_handed_the_forward_over(nodes) -> None:
+async def test_the_wire_format_from_a_hand_written_dialler_byte_by_byte(nodes: MakeNode) -> None:
+    b = await nodes("b")
+    reader, writer = await asyncio.open_connection("127.0.0.1", b.port)
+    props: dict[str, Any] = {"user_property": [("roost-cluster", CLUSTER), ("roost-to", "b")]}
+    writer.write(encode(Connect("a", MQTT_5, password=SECRET, properties=props), MQTT_5))
+    dec = Decoder(version=MQTT_5, server_side=False)
+    connack: Any = dec.feed(await asyncio.wait_for(reader.read(1000), 5))[0]
+    assert connack.reason_code == 0
+    assert ("roost-node", "b") in connack.properties["user_property"]
+    ours = [("roost-g", "g x/#"), ("roost-o", "a"), ("roost-m", "ff"), ("roost-q", "2")]
+    p1 = Publish("x/1", b"one", 1, True, packet_id=7,
+                 properties={"user_property": [*ours, ("k", "v")], "content_type": "c"})
+    p2 = Publish("x/2", b"\x00" * 300, 0, properties={
+        "user_property": [("roost-o", "a"), ("roost-m", "100"), ("roost-q", "0")]})
+    data = encode(p1, MQTT_5) + encode(p2, MQTT_5)
+    for i in range(len(data)):  # every frame split at every byte
+        writer.write(data[i : i + 1])
+        await asyncio.sleep(0.0005)
+    await until(lambda: len(b.got) == 2, "both forwards")
+    assert b.got == [
+        Forward("x/1", b"one", 2, True, {"user_property": [("k", "v")], "content_type": "c"}, "a",
+                0xFF, "g x/#"),
+        Forward("x/2", b"\x00" * 300, 0, False, None, "a", 0x100),
+    ]  # fmt: skip
+    assert dec.feed(await asyncio.wait_for(reader.read(100), 5)) == [Puback(7)]
+    writer.close()
+
+
+async def test_after_waits_until_the_receiver_handed_the_forward_over(nodes: MakeNode) -> None:
     # b's on_forward blocks its own event loop (in a thread) until the test lets it go.
     handed = threading.Semaphore(0)
     got: list[Forward] = []
@@ -344,7 +380,26 @@ async def test_after_waits_until_the_receiver_handed_the_forward_over(nodes) -> 
         lt.stop()
 
 
-async def test_bad_peers_are_refused_and_the_good_link_is_unaffected(nodes, caplog) -> None:
+async def test_ack_gate_delays_pubacks_until_the_receiver_stored_the_forwards(
+    nodes: MakeNode,
+) -> None:
+    held: list[Callable[[], None]] = []  # stands in for the receiving broker's store commit
+    a, b = await nodes("a"), await nodes("b", ack_gate=held.append)
+    a.links.set_peers({"b": b.addr})
+    calls: list[int] = []
+    a.links.forward("b", fwd(a.links, 0))
+    a.links.after(lambda: calls.append(1))
+    await until(lambda: len(b.got) == 1 and bool(held), "delivery, with its PUBACK held")
+    await asyncio.sleep(0.2)
+    assert calls == [] and a.stat("b", "inflight") == 1
+    for release in held:
+        release()
+    await until(lambda: calls == [1], "the waiter once the gate let the PUBACK go")
+
+
+async def test_bad_peers_are_refused_and_the_good_link_is_unaffected(
+    nodes: MakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="roost.cluster.link")
     z = await nodes("z")
     good = await nodes("a")
@@ -373,7 +428,8 @@ async def test_bad_peers_are_refused_and_the_good_link_is_unaffected(nodes, capl
     props = {"user_property": [("roost-cluster", CLUSTER), ("roost-to", "z")]}
     writer.write(encode(Connect("m", MQTT_5, password=b"nope", properties=props), MQTT_5))
     data = await asyncio.wait_for(reader.read(100), 5)
-    assert Decoder(version=MQTT_5, server_side=False).feed(data)[0].reason_code == 0x86
+    refusal: Any = Decoder(version=MQTT_5, server_side=False).feed(data)[0]
+    assert refusal.reason_code == 0x86
     assert await asyncio.wait_for(reader.read(100), 5) == b""
     writer.close()
 
@@ -387,7 +443,7 @@ async def test_bad_peers_are_refused_and_the_good_link_is_unaffected(nodes, capl
 
 @pytest.mark.parametrize("receive_maximum, window", [(65535, 100), (30, 30)])
 async def test_window_bounds_inflight_and_the_queue_drops_only_qos0(
-    nodes, receive_maximum: int, window: int
+    nodes: MakeNode, receive_maximum: int, window: int
 ) -> None:
     a = await nodes("a", window=100, max_queue=1000, keepalive=30)
     fake = FakePeer("z", receive_maximum)
@@ -427,7 +483,7 @@ async def test_window_bounds_inflight_and_the_queue_drops_only_qos0(
         fake.close()
 
 
-async def test_a_receiver_that_stops_reading_bounds_the_senders_memory(nodes) -> None:
+async def test_a_receiver_that_stops_reading_bounds_the_senders_memory(nodes: MakeNode) -> None:
     a = await nodes("a", max_queue=200, keepalive=30)
     fake = FakePeer("z")
     a.links.set_peers({"z": await fake.start()})
@@ -458,7 +514,7 @@ async def test_a_receiver_that_stops_reading_bounds_the_senders_memory(nodes) ->
 
 
 async def test_link_drop_resends_unacked_forwards_and_the_receiver_dedups(
-    nodes, proxies
+    nodes: MakeNode, proxies: MakeProxy
 ) -> None:
     a, b = await nodes("a"), await nodes("b")
     proxy, via = await proxies(b.port)
@@ -484,7 +540,7 @@ async def test_link_drop_resends_unacked_forwards_and_the_receiver_dedups(
     assert calls == [1]
 
 
-async def test_a_silent_peer_is_detected_by_keepalive(nodes, proxies) -> None:
+async def test_a_silent_peer_is_detected_by_keepalive(nodes: MakeNode, proxies: MakeProxy) -> None:
     a, b = await nodes("a", keepalive=0.6), await nodes("b", keepalive=0.6)
     proxy, via = await proxies(b.port)
     a.links.set_peers({"b": via})
@@ -501,7 +557,7 @@ async def test_a_silent_peer_is_detected_by_keepalive(nodes, proxies) -> None:
 
 
 async def test_peer_down_returns_unacked_forwards_for_replay_and_receivers_dedup(
-    nodes, proxies
+    nodes: MakeNode, proxies: MakeProxy
 ) -> None:
     a, b, c = await nodes("a"), await nodes("b"), await nodes("c")
     proxy_b, via_b = await proxies(b.port)
@@ -544,7 +600,7 @@ async def test_peer_down_returns_unacked_forwards_for_replay_and_receivers_dedup
     assert len(b.got) == 11 and b.stat("a", "duplicates_dropped") == 11
 
 
-async def test_forwards_peer_down_returns_but_nobody_replays_count_as_lost(nodes) -> None:
+async def test_forwards_peer_down_returns_but_nobody_replays_count_as_lost(nodes: MakeNode) -> None:
     a = await nodes("a")
     a.links.forward("ghost", fwd(a.links, 0))  # never connects: queued
     a.links.forward("ghost", fwd(a.links, 1, qos=0))
@@ -560,7 +616,7 @@ async def test_forwards_peer_down_returns_but_nobody_replays_count_as_lost(nodes
     assert a.links.peer_down("ghost") == []
 
 
-async def test_message_ids_are_unique_across_restarts(nodes) -> None:
+async def test_message_ids_are_unique_across_restarts() -> None:
     first = Links("a", CLUSTER, SECRET, lambda f: None, lambda o, k, p: asyncio.sleep(0, b""))
     restarted = Links("a", CLUSTER, SECRET, lambda f: None, lambda o, k, p: asyncio.sleep(0, b""))
     ids = [first.new_mid() for _ in range(1000)]
@@ -571,7 +627,7 @@ async def test_message_ids_are_unique_across_restarts(nodes) -> None:
 # ------------------------------------------------------------------------------- requests
 
 
-async def test_requests_get_replies_errors_and_timeouts(nodes) -> None:
+async def test_requests_get_replies_errors_and_timeouts(nodes: MakeNode) -> None:
     a, b = await nodes("a"), await nodes("b")
     a.links.set_peers({"b": b.addr})
     b.links.set_peers({"a": a.addr})

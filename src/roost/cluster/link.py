@@ -1,4 +1,4 @@
-"""Node-to-node links: one TCP connection per pair of nodes, speaking MQTT 5 with our codec.
+"""Node-to-node links: one TCP connection per pair of nodes, speaking MQTT 5.
 
 Topology: the node whose name sorts lower dials, the other accepts. An accepted link from the
 dialling (lower) node replaces any older link from it (it reconnected); a link offered by the
@@ -27,7 +27,10 @@ upstream, since it holds each publisher's PUBACK until its forwards are acknowle
 RPC: a PUBLISH QoS 0 on ``$roost/rpc/<kind>`` with correlation data; the answer is a PUBLISH on
 ``$roost/reply`` with the same correlation data, and on failure user property ``roost-error``.
 
-Writes are coalesced: whatever one event-loop turn sends to a peer goes out in one write.
+Hot path: writes are coalesced (what one event-loop turn sends to a peer goes out in one
+write); forwards are encoded with ``encode_publish``; every complete frame of a read is handled
+in one pass, forwards and PUBACKs parsed in place (our user properties are matched as bytes),
+everything else (handshake, pings, RPC) decoded by the codec.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ from typing import Any
 
 from roost.config import parse_bind
 from roost.mqtt import MQTT_5, Connack, Connect, Decoder, MQTTError, Packet, encode, encode_publish
+from roost.mqtt import properties as P
 from roost.mqtt.primitives import decode_varint, encode_string, encode_varint
-from roost.mqtt.properties import encode_properties
+from roost.mqtt.properties import decode_properties, encode_properties
 
 log = logging.getLogger("roost.cluster.link")
 
@@ -100,10 +104,81 @@ def _user_prop(name: str, value: str) -> bytes:
     return b"\x26" + encode_string(name) + encode_string(value)
 
 
+# Our user properties' leading bytes: id 0x26, then the 7-byte name with its length.
 _GROUP_HEAD = b"\x26" + encode_string("roost-g")
+_ORIGIN_HEAD = b"\x26" + encode_string("roost-o")
 _MID_HEAD = b"\x26" + encode_string("roost-m")
-_QOS_NAMES = frozenset({"0", "1", "2"})
+_QOS_HEAD = b"\x26" + encode_string("roost-q") + b"\x00\x01"  # and one digit
 _QOS_PROPS = tuple(_user_prop("roost-q", str(q)) for q in range(3))
+_HEAD = len(_GROUP_HEAD)  # 10
+
+
+def _remaining_length(view: bytes, start: int, n: int) -> tuple[int, int]:
+    """The fixed header's remaining length and where the body starts; (0, -1) if cut off."""
+    length = 0
+    for i in range(4):
+        if start + i >= n:
+            return 0, -1
+        byte = view[start + i]
+        length |= (byte & 0x7F) << (7 * i)
+        if byte < 0x80:
+            return length, start + i + 1
+    raise MQTTError("remaining length longer than 4 bytes")
+
+
+_Parsed = tuple["Forward", int | None]
+
+
+def _value(view: bytes, p: int) -> tuple[bytes, int]:
+    """The value of the user property whose name ends at ``p``, and the position after it."""
+    end = p + 2 + ((view[p] << 8) | view[p + 1])
+    return view[p + 2 : end], end
+
+
+def _parse_forward(first: int, view: bytes, pos: int, end: int) -> _Parsed | None:
+    """Parse a forward PUBLISH (body at ``pos``..``end``) into (Forward, packet id or None).
+
+    None if it is a PUBLISH but no forward (RPC traffic, for the codec). Our user properties
+    lead the property block in a fixed order, so they are matched as bytes, not decoded.
+    """
+    if first & 0x06 == 0x06:
+        raise MQTTError("PUBLISH with QoS 3")
+    topic_end = pos + 2 + ((view[pos] << 8) | view[pos + 1])
+    p = topic_end
+    pid = None
+    if first & 0x06:
+        pid = (view[p] << 8) | view[p + 1]
+        p += 2
+    plen = view[p]
+    if plen < 0x80:
+        p += 1
+    else:
+        plen, p = decode_varint(view, p, end)
+    props_end = p + plen
+    group = None
+    if view.startswith(_GROUP_HEAD, p):
+        raw, p = _value(view, p + _HEAD)
+        group = raw.decode()
+    if not view.startswith(_ORIGIN_HEAD, p):
+        return None
+    raw, p = _value(view, p + _HEAD)
+    origin = raw.decode()
+    if not view.startswith(_MID_HEAD, p):
+        raise MQTTError("forward without roost-m")
+    raw, p = _value(view, p + _HEAD)
+    mid = int(raw, 16)
+    if not view.startswith(_QOS_HEAD, p):
+        raise MQTTError("forward without roost-q")
+    qos = view[p + _HEAD + 2] - 0x30
+    p += _HEAD + 3
+    if not 0 <= qos <= 2 or p > props_end or props_end > end or topic_end > end or pid == 0:
+        raise MQTTError("malformed forward")
+    props = None
+    if p < props_end:  # the publisher's own properties
+        props, _ = decode_properties(encode_varint(props_end - p) + view[p:props_end], 0,
+                                     P.PUBLISH)  # fmt: skip
+    topic = view[pos + 2 : topic_end].decode()
+    return Forward(topic, view[props_end:end], qos, bool(first & 1), props, origin, mid, group), pid
 
 
 def _props_body(props: dict[str, Any]) -> bytes:
@@ -255,11 +330,15 @@ class _Link(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.peer: _Peer | None = None
         self.transport: asyncio.Transport | None = None
+        # The codec decodes what is off the hot path; _receive frames and parses forwards.
         self.decoder = (
             Decoder(MAX_PACKET, version=MQTT_5, server_side=False)
             if expect is not None
-            else Decoder(PREAUTH_MAX_PACKET, server_side=True)
+            else Decoder(MAX_PACKET, server_side=True)
         )
+        self.rx = bytearray()  # the incomplete frame at the end of the last read
+        self.need = 0  # its length, once its header is in
+        self.max_in = MAX_PACKET if expect is not None else PREAUTH_MAX_PACKET
         self.pending: list[bytes] | None = None
         self.pending_bytes = 0
         self.paused = False
@@ -296,19 +375,25 @@ class _Link(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = self.loop.time()
-        error: MQTTError | None = None
+        rx = self.rx
+        if rx:
+            rx += data
+            if len(rx) < self.need:
+                return  # still inside one large frame: do not re-parse it per read
+            view = bytes(rx)  # one copy, so frames and payloads slice out as bytes
+            rx.clear()
+        else:
+            view = data
         try:
-            packets = self.decoder.feed(data)
-        except MQTTError as e:
-            packets, error = e.packets, e
-        if packets and not self.closing:
-            if self.peer is None:
-                packets = self.links._handshake(self, packets)
-            if packets and self.peer is not None:
-                self.links._on_packets(self, self.peer, packets)
-        if error is not None and not self.closed:
-            log.warning("link %s: %s; closing it", self.label, error)
-            self.abort()
+            pos = self.links._receive(self, view)
+        except (MQTTError, ValueError, IndexError) as e:
+            # The stream cannot be re-framed after a bad frame.
+            if not self.closed:
+                log.warning("link %s: bad frame (%s); closing it", self.label, e)
+                self.abort()
+            return
+        if pos < len(view):
+            rx += view[pos:]
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -488,12 +573,13 @@ class Links:
             if name == self.node:
                 continue
             wanted.add(name)
-            peer = self._peers.get(name) or self._add_peer(name)
+            known = self._peers.get(name)
+            peer = known if known is not None else self._add_peer(name)
             peer.addr = addr
         for name in self._wanted - wanted:
-            peer = self._peers.get(name)
-            if peer is not None:
-                self._disconnect(peer)
+            gone = self._peers.get(name)
+            if gone is not None:
+                self._disconnect(gone)
         self._wanted = wanted
         for name in wanted:
             peer = self._peers[name]
@@ -680,62 +766,77 @@ class Links:
 
     # ------------------------------------------------------------------------ receiving
 
-    def _on_packets(self, link: _Link, peer: _Peer, packets: list[Packet]) -> None:
-        """Everything an authenticated link decoded in one read, in order."""
+    def _receive(self, link: _Link, view: bytes) -> int:
+        """Handle every complete frame in ``view``, in order; return where its incomplete tail
+        starts. Forwards and PUBACKs are parsed here (the hot path), the rest by the codec."""
+        peer = link.peer
+        n = len(view)
+        pos = 0
         acks: list[bytes] | None = None
         acked = False
-        for p in packets:
-            t = p.type
-            if t == 3:
-                fwd = self._unwrap(link, p)  # type: ignore[arg-type]
-                if fwd is None:
-                    continue
-                peer.forwards_received += 1
-                pid = p.packet_id  # type: ignore[attr-defined]
+        while n - pos >= 2 and not link.closing:
+            first = view[pos]
+            b = view[pos + 1]
+            if b < 0x80:
+                body = pos + 2
+                end = body + b
+            elif n - pos > 2 and view[pos + 2] < 0x80:  # two-byte length: most forwards
+                body = pos + 3
+                end = body + ((b & 0x7F) | (view[pos + 2] << 7))
+            else:
+                length, body = _remaining_length(view, pos + 1, n)
+                if body < 0:
+                    link.need = 0
+                    break
+                end = body + length
+            if end - pos > link.max_in:
+                raise MQTTError(f"frame of {end - pos} bytes exceeds {link.max_in}")
+            if end > n:
+                link.need = end - pos
+                break
+            parsed = (
+                _parse_forward(first, view, body, end)
+                if first >> 4 == 3 and peer is not None
+                else None
+            )
+            if parsed is not None:
+                fwd, pid = parsed
+                peer.forwards_received += 1  # type: ignore[union-attr]
                 if pid is None:
                     self._deliver(fwd)
-                    continue
-                seen = self._seen.get(fwd.origin)
-                if seen is None:
-                    seen = self._seen[fwd.origin] = _Seen(self._dedup_memory)
-                if seen.add(fwd.mid):
-                    code = self._deliver(fwd)
                 else:
-                    peer.duplicates_dropped += 1
-                    code = 0
-                if acks is None:
-                    acks = []
-                acks.append(_puback(pid, code))
-            elif t == 4:
-                entry = peer.inflight.pop(p.packet_id, None)  # type: ignore[attr-defined]
+                    if acks is None:
+                        acks = []
+                    acks.append(_puback(pid, self._deliver_once(peer, fwd)))  # type: ignore[arg-type]
+            elif first == 0x40 and peer is not None:
+                if end - body < 2:
+                    raise MQTTError("PUBACK without a packet id")
+                entry = peer.inflight.pop((view[body] << 8) | view[body + 1], None)
                 if entry is not None:
                     peer.forwards_acked += 1
                     acked = True
                     if entry[1]:
                         self._gate.release(entry[1])
-            elif t == 12:
-                link.write(_PINGRESP)
-            elif t == 13:
-                pass
-            elif t == 14:
-                log.info("link to %s disconnected by the peer", peer.name)
-                link.close()
-                break
             else:
-                log.warning("link to %s sent %s; closing it", peer.name, type(p).__name__)
-                link.abort()
-                break
+                for packet in link.decoder.feed(view[pos:end]):
+                    self._on_packet(link, packet)
+                peer = link.peer
+            pos = end
         if acks is not None:
             self._send_acks(link, acks)
-        if acked and peer.queue and peer.conn is link:
+        if acked and peer is not None and peer.queue and peer.conn is link:
             self._drain(peer)
+        return pos
 
-    def _send_acks(self, link: _Link, acks: list[bytes]) -> None:
-        data = b"".join(acks)
-        if self._ack_gate is None:
-            link.write(data)
-        else:
-            self._ack_gate(lambda: link.write(data))
+    def _deliver_once(self, peer: _Peer, fwd: Forward) -> int:
+        """Deliver a QoS 1 forward unless its (origin, id) was seen; the PUBACK reason code."""
+        seen = self._seen.get(fwd.origin)
+        if seen is None:
+            seen = self._seen[fwd.origin] = _Seen(self._dedup_memory)
+        if seen.add(fwd.mid):
+            return self._deliver(fwd)
+        peer.duplicates_dropped += 1
+        return 0
 
     def _deliver(self, fwd: Forward) -> int:
         """Hand a forward to the local broker; the PUBACK reason code to answer with."""
@@ -746,50 +847,45 @@ class Links:
             return 0x80
         return 0
 
-    def _unwrap(self, link: _Link, p: Any) -> Forward | None:
-        """A received PUBLISH as a Forward without our user properties; None for RPC traffic
-        (handled here) and for malformed messages (logged)."""
-        props = p.properties
-        ups = props.get("user_property") if props else None
-        if ups:
-            group = None
-            i = 0
-            if ups[0][0] == "roost-g":
-                group = ups[0][1]
-                i = 1
-            try:
-                (ko, origin), (km, mid), (kq, qos) = ups[i], ups[i + 1], ups[i + 2]
-                if ko == "roost-o" and km == "roost-m" and kq == "roost-q" and qos in _QOS_NAMES:
-                    rest = self._strip(props, ups, i + 3)
-                    return Forward(p.topic, p.payload, int(qos), p.retain, rest, origin,
-                                   int(mid, 16), group)  # fmt: skip
-            except (IndexError, ValueError):
-                pass  # fall through: not a well-formed forward
-        if p.topic.startswith("$roost/"):
-            self._on_control(link, p, ups)
+    def _send_acks(self, link: _Link, acks: list[bytes]) -> None:
+        data = b"".join(acks)
+        if self._ack_gate is None:
+            link.write(data)
         else:
-            log.warning("link to %s sent a PUBLISH on %r that is no forward", link.label, p.topic)
-        return None
+            self._ack_gate(lambda: link.write(data))
 
-    @staticmethod
-    def _strip(props: dict[str, Any], ups: list[Any], n: int) -> dict[str, Any] | None:
-        """The original properties: ``props`` less our ``n`` leading user properties."""
-        rest = ups[n:]
-        if rest:
-            out = dict(props)
-            out["user_property"] = rest
-            return out
-        if len(props) == 1:
-            return None
-        out = dict(props)
-        del out["user_property"]
-        return out
+    def _on_packet(self, link: _Link, p: Packet) -> None:
+        """A frame off the hot path, decoded by the codec: handshake, pings, RPC, DISCONNECT."""
+        peer = link.peer
+        t = p.type
+        if peer is None:
+            self._handshake(link, p)
+        elif t == 3:
+            if p.topic.startswith("$roost/"):  # type: ignore[attr-defined]
+                self._on_control(link, p)
+            else:
+                log.warning("link to %s sent a PUBLISH that is no forward", peer.name)
+        elif t == 4:  # a PUBACK with a reason code or properties (not ours, but valid)
+            entry = peer.inflight.pop(p.packet_id, None)  # type: ignore[attr-defined]
+            if entry is not None:
+                peer.forwards_acked += 1
+                if entry[1]:
+                    self._gate.release(entry[1])
+        elif t == 12:
+            link.write(_PINGRESP)
+        elif t == 13:
+            pass
+        elif t == 14:
+            log.info("link to %s disconnected by the peer", peer.name)
+            link.close()
+        else:
+            log.warning("link to %s sent %s; closing it", peer.name, type(p).__name__)
+            link.abort()
 
     # ------------------------------------------------------------------------ handshake
 
-    def _handshake(self, link: _Link, packets: list[Packet]) -> list[Packet]:
-        """Handle the first packet of a connection; the packets after it if authenticated."""
-        first = packets[0]
+    def _handshake(self, link: _Link, first: Packet) -> None:
+        """The first packet of a connection: CONNECT on accepted ones, CONNACK on dialled ones."""
         if link.expect is None and isinstance(first, Connect):
             self._on_connect(link, first)
         elif link.expect is not None and isinstance(first, Connack):
@@ -797,7 +893,6 @@ class Links:
         else:
             log.warning("link %s began with %s; closing it", link.label, type(first).__name__)
             link.abort()
-        return packets[1:] if link.peer is not None else []
 
     def _refuse(self, link: _Link, code: int, why: str) -> None:
         # A misconfigured node retries every few seconds: say it loudly once a minute.
@@ -877,7 +972,7 @@ class Links:
             old.abort()
         peer.conn = link
         link.peer = link.peer or peer
-        link.decoder.max_packet_size = MAX_PACKET
+        link.max_in = MAX_PACKET
         peer.window = min(self.window, link.remote_window)
         for pid, (fwd, token, frame) in list(peer.inflight.items()):
             dup = bytes((frame[0] | 0x08,)) + frame[1:]  # DUP flag: the receiver de-duplicates
@@ -1002,7 +1097,7 @@ class Links:
             if conn is link and not fut.done():
                 fut.set_exception(LinkError(why))
 
-    def _on_control(self, link: _Link, p: Any, ups: list[tuple[str, str]] | None) -> None:
+    def _on_control(self, link: _Link, p: Any) -> None:
         corr = p.properties.get("correlation_data")
         if corr is None:
             log.warning("link to %s sent %r without correlation data", link.label, p.topic)
@@ -1011,7 +1106,7 @@ class Links:
             call = self._calls.get(corr)
             if call is None or call[0].done():
                 return  # late: the caller gave up
-            error = _first_prop(ups, _ERROR_PROP)
+            error = _first_prop(p.properties.get("user_property"), _ERROR_PROP)
             if error is None:
                 call[0].set_result(p.payload)
             else:
