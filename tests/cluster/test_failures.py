@@ -286,7 +286,8 @@ def test_dead_replicants_sessions_are_adopted_and_their_wills_published(
     # The session now lives on a core: what is published meanwhile is queued for it.
     wait_until(lambda: any(k.startswith("routes/core") and k.endswith("adopt/t")
                            for k in etcd_keys(fresh_cluster, "routes/")), 10,
-               "a core to re-add the adopted session's route")  # fmt: skip
+               f"a core to re-add the adopted session's route: "
+               f"{etcd_keys(fresh_cluster, '')}")  # fmt: skip
     pub = PahoClient(core1.port, "adopt-pub")
     pub.connect()
     for i in range(10):

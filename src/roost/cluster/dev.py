@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -180,6 +181,11 @@ class LocalCluster:
                 self.add_node(role, f"{role}{i}", wait=False)
             for n in self.nodes:
                 n.wait_ready(timeout)
+        except RuntimeError as e:
+            tails = "\n".join(f"etcd {m.name} running={m.running}:\n{m.log_tail()}"
+                              for m in self.etcd.members)  # fmt: skip
+            self.stop()
+            raise RuntimeError(f"{e}\n{tails}") from None
         except BaseException:
             self.stop()
             raise
@@ -187,8 +193,8 @@ class LocalCluster:
 
     def add_node(self, role: str, name: str, wait: bool = True,
                  extra: dict[str, Any] | None = None) -> NodeProcess:  # fmt: skip
-        cfg = dict(self.extra)
-        _merge(cfg, extra or {})
+        cfg = copy.deepcopy(self.extra)  # _merge writes into nested dicts: never the caller's
+        _merge(cfg, copy.deepcopy(extra or {}))
         node = NodeProcess(name, role, self.base, self.etcd.endpoints, self.name, cfg)
         self.nodes.append(node)
         node.spawn()

@@ -37,7 +37,7 @@ from roost.cluster.handover import (
     restore_subscriptions,
 )
 from roost.cluster.link import Forward, LinkError, Links
-from roost.cluster.routes import BatchWriter, RemoteTable, RouteSync
+from roost.cluster.routes import BatchWriter, Progress, RemoteTable, RouteSync
 from roost.config import parse_bind
 from roost.mqtt import reason_codes as RC
 
@@ -108,6 +108,9 @@ class Cluster:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._registry_dirty: set[str] = set()
+        #: Registry entries written: SUBACK of a persistent session waits for its entry, so a
+        #: core adopting the session after this node dies knows the subscription.
+        self.registry = Progress()
         self._registry_task: asyncio.Task[None] | None = None
         self._retained_rev: dict[str, int] = {}
         self.stats = {"forwards_out": 0, "forwards_in": 0, "takeovers_in": 0,
@@ -161,6 +164,7 @@ class Cluster:
         broker = self.broker
         broker.commits.add(links)
         broker.commits.add(self.writer)
+        broker.commits.add(self.registry)
         broker.router.listener = self.routes
         for entry in broker.router.filters():  # sessions restored from the local store
             if entry.subs:
@@ -538,7 +542,8 @@ class Cluster:
             # A replicant holds live connections only: the offline session goes to a core.
             self._spawn(self._push_to_core(session))
             return
-        if session.epoch and session.client_id not in self._registry_dirty:
+        if session.epoch:
+            self.registry.submit()
             self._registry_dirty.add(session.client_id)
             if self._registry_task is None or self._registry_task.done():
                 self._registry_task = self._spawn(self._flush_registry())
@@ -557,10 +562,17 @@ class Cluster:
         self._spawn(delete())
 
     async def _flush_registry(self) -> None:
-        await asyncio.sleep(0.01)  # gather a turn's worth of changes
+        await asyncio.sleep(0)  # gather the turn's changes
         await self._flush_registry_now()
 
     async def _flush_registry_now(self) -> None:
+        while self._registry_dirty:
+            target = self.registry.submitted
+            await self._flush_registry_pass()
+            if not self._registry_dirty:
+                self.registry.done(target)
+
+    async def _flush_registry_pass(self) -> None:
         while self._registry_dirty:
             cid = self._registry_dirty.pop()
             session = self.broker.sessions.get(cid)
@@ -574,7 +586,10 @@ class Cluster:
             try:
                 ok, kv = await self.etcd.cas(f"sessions/{cid}", value, session.epoch)
             except EtcdError as e:
-                log.warning("registry entry of %s not written: %s", cid, e)
+                # Keep it dirty (the replies waiting for it keep waiting) and try again.
+                log.warning("registry entry of %s not written, retrying: %s", cid, e)
+                self._registry_dirty.add(cid)
+                await asyncio.sleep(0.5)
                 continue
             if ok and kv is not None:
                 session.epoch = kv.mod_revision

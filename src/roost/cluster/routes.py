@@ -152,6 +152,35 @@ class BatchWriter:
         return batch
 
 
+class Progress:
+    """A commit source for work done elsewhere: ``submit()`` counts an operation, ``done(n)``
+    says the first ``n`` are committed; ``after`` waiters run in order as they are covered."""
+
+    def __init__(self) -> None:
+        self.submitted = 0
+        self._done = 0
+        self._waiters: list[tuple[int, Callable[[], None]]] = []
+
+    def submit(self) -> int:
+        self.submitted += 1
+        return self.submitted
+
+    def after(self, callback: Callable[[], None]) -> None:
+        if self._done >= self.submitted and not self._waiters:
+            callback()
+            return
+        self._waiters.append((self.submitted, callback))
+
+    def done(self, upto: int) -> None:
+        self._done = max(self._done, upto)
+        while self._waiters and self._waiters[0][0] <= self._done:
+            _, cb = self._waiters.pop(0)
+            try:
+                cb()
+            except Exception:
+                log.exception("commit callback failed")
+
+
 class RemoteEntry:
     """The other nodes that need messages on one filter."""
 
