@@ -67,6 +67,10 @@ async def _join_cluster(broker: Broker, mgmt: Management) -> Cluster | None:
     await cluster.start()
     mgmt.cluster_nodes = cluster.nodes
     mgmt.cluster_check = cluster.check
+    evacuation = mgmt.evacuation
+    evacuation.session_mover = lambda n: cluster.move_sessions(n, evacuation.params.get(
+        "redirect_to") or None)
+    evacuation.server_reference = cluster.server_reference
     return cluster
 
 

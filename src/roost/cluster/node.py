@@ -204,9 +204,25 @@ class Cluster:
 
     def _info(self) -> dict[str, Any]:
         info = dict(self._node_info())
-        info.update(role=self.role, link=self.link_address,
+        info.update(role=self.role, link=self.link_address, listeners=self._listeners(),
                     status="fenced" if self.fenced else info.get("status", "running"))  # fmt: skip
         return info
+
+    def _listeners(self) -> dict[str, str]:
+        """MQTT listeners as ``kind:name -> host:port`` (what a Server Reference can name)."""
+        return {f"{kind}:{name}": lst.bind
+                for kind, name, lst in self.broker.config.listeners.enabled()}  # fmt: skip
+
+    def server_reference(self) -> str:
+        """A live node's MQTT address for DISCONNECT 0x9C: another node's TCP listener that
+        names a host (a wildcard bind says nothing to a client); empty when none does."""
+        for name, info in sorted(self.members.items()):
+            if name == self.me or info.get("status") != "running":
+                continue
+            for label, addr in sorted(info.get("listeners", {}).items()):
+                if label.startswith("tcp:") and not addr.startswith(("0.0.0.0:", "[::]:")):
+                    return str(addr)
+        return ""
 
     async def _put_node_key(self) -> None:
         await self.etcd.put(f"nodes/{self.me}", json.dumps(self._info()).encode(),
@@ -449,43 +465,69 @@ class Cluster:
             return await self._adopt_pushed(origin, payload)
         raise ValueError(f"unknown request {kind!r}")
 
+    def _cores(self, exclude: str | None = None) -> list[str]:
+        return sorted(n for n, i in self.members.items()
+                      if i.get("role") == "core" and n != exclude)  # fmt: skip
+
     async def _push_to_core(self, session: Session) -> None:
-        """Hand an offline session to the core the client id hashes to; messages that reach
-        this node meanwhile follow it as forwards addressed to the client."""
+        core = rendezvous(session.client_id, self._cores())
+        if core is None:
+            log.warning("no core to hand offline session %s to: keeping it here",
+                        session.client_id)  # fmt: skip
+            return
+        await self._push_session(session, core)
+
+    async def move_sessions(self, n: int, to: list[str] | None = None) -> int:
+        """Evacuation: hand up to ``n`` offline sessions to other nodes (those in ``to``, else
+        the cores; by rendezvous hash of the client id); how many moved."""
+        targets = sorted(t for t in (to or self._cores(exclude=self.me))
+                         if t in self.members and t != self.me)  # fmt: skip
+        if not targets:
+            return 0
+        moved = 0
+        for cid, session in list(self.broker.sessions.items())[:n]:
+            if session.channel is None:
+                target = rendezvous(cid, targets)
+                if target is not None and await self._push_session(session, target):
+                    moved += 1
+        return moved
+
+    async def _push_session(self, session: Session, target: str) -> bool:
+        """Hand an offline session to ``target``; messages that reach this node meanwhile
+        follow it as forwards addressed to the client."""
         cid = session.client_id
         async with self._lock(cid):
             broker = self.broker
             if broker.sessions.get(cid) is not session or session.channel is not None:
-                return  # the client came back (or left) meanwhile
-            cores = sorted(n for n, i in self.members.items() if i.get("role") == "core")
-            core = rendezvous(cid, cores)
-            if core is None or self.links is None:
-                log.warning("no core to hand offline session %s to: keeping it here", cid)
-                return
+                return False  # the client came back (or left) meanwhile
+            if self.links is None:
+                return False
             now = broker.clock()
             pending = broker.pending_will(cid)
-            header = {"epoch": session.epoch}
+            header: dict[str, Any] = {"epoch": session.epoch}
             if pending is not None:
                 header["will"] = dump_message(pending[1], now)
                 header["will_delay"] = max(0.0, pending[0] - now)
             sent = len(session.queue)
             body = json.dumps(header).encode() + b"\n" + dump_session(session, now)
             try:
-                answer = await self.links.request(core, "adopt", body, _TAKEOVER_TIMEOUT)
+                answer = await self.links.request(target, "adopt", body, _TAKEOVER_TIMEOUT)
             except LinkError as e:
-                log.warning("offline session %s not handed to %s, kept here: %s", cid, core, e)
+                log.warning("offline session %s not handed to %s, kept here: %s", cid, target, e)
                 if pending is not None:
                     broker.schedule_will(cid, pending[1], max(0.0, pending[0] - now))
-                return
+                return False
             if broker.sessions.get(cid) is not session:
-                return
+                return False
             late = list(session.queue)[sent:]
             broker.take_session(cid)
-            for d in late:  # arrived while the core was taking it: send them after it
-                self.links.forward(core, Forward(d.msg.topic, d.msg.payload, d.msg.qos,
-                                                 d.msg.retain, d.msg.props, self.me,
-                                                 self.links.new_mid(), "\x00" + cid))  # fmt: skip
-            log.info("offline session %s handed to core %s (%s)", cid, core, answer.decode())
+            for d in late:  # arrived while the target was taking it: send them after it
+                self.links.forward(target, Forward(d.msg.topic, d.msg.payload, d.msg.qos,
+                                                   d.msg.retain, d.msg.props, self.me,
+                                                   self.links.new_mid(), "\x00" + cid))  # fmt: skip
+            self.stats["takeovers_out"] += 1
+            log.info("offline session %s handed to %s (%s)", cid, target, answer.decode())
+            return True
 
     async def _adopt_pushed(self, origin: str, payload: bytes) -> bytes:
         head, _, state = payload.partition(b"\n")

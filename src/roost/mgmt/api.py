@@ -279,6 +279,7 @@ NODE = _obj(
     },
     {
         "link": _S,
+        "listeners": {"type": "object", "additionalProperties": _S},
         "uptime": _N,
         "started_at": _S,
         "sessions": _I,

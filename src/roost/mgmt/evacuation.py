@@ -38,6 +38,8 @@ class Evacuation:
         #: Set by the cluster layer: move up to n offline sessions to other nodes (those named in
         #: params["redirect_to"], else any), return how many.
         self.session_mover: Callable[[int], Awaitable[int]] | None = None
+        #: Set by the cluster layer: a live node's MQTT address, for when none is given.
+        self.server_reference: Callable[[], str] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(
@@ -122,6 +124,8 @@ class Evacuation:
         while True:
             rate = max(1, int(self.params["conn_evict_rate"]))  # may change while running
             ref = self.params.get("server_reference") or ""
+            if not ref and self.server_reference is not None:
+                ref = self.server_reference()
             victims = [ch for ch in self.broker.channels if ch.connected and not ch.closed]
             if not victims:
                 return
