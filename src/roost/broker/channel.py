@@ -104,6 +104,7 @@ class Channel:
         # the (bounded) session queue instead of piling up in the transport.
         self.paused = False
         self._gate: list[bytes | _Barrier] | None = None
+        self._connack: bytes | None = None  # the CONNACK sent (it may wait in the gate)
         self.pub_limiter = broker.limits.publish_limiter()
         # While an asynchronous authentication runs: the packets that came after the CONNECT.
         self._held: list[Packet] | None = None
@@ -250,6 +251,10 @@ class Channel:
         """Server-initiated close: DISCONNECT with a reason on MQTT 5, then close."""
         if self.closed:
             return
+        gate, connack = self._gate, self._connack
+        if gate is not None and connack is not None and any(x is connack for x in gate):
+            # Never a DISCONNECT before CONNACK (e.g. taken over while its commit was pending).
+            self.transport.write(connack)
         if self.v5 and self.connected:
             props = {"reason_string": reason_string} if reason_string else None
             data = encode(Disconnect(reason, props), MQTT_5)
@@ -570,7 +575,8 @@ class Channel:
                 ack_props["response_information"] = cfg.response_information
         present = present and c.protocol_version != MQTT_3_1
         self._hold_until_stored(mark)
-        self.write(encode(Connack(0, present, ack_props), self.version))
+        self._connack = encode(Connack(0, present, ack_props), self.version)
+        self.write(self._connack)
         log.debug("client %s connected from %s (v%d)", self.client_id, self.peer, self.version)
         if present:
             session.resume()

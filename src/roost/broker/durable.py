@@ -36,6 +36,19 @@ class Durable:
         self.clock = clock
         self.wall = wall
         self._next_mid = 1
+        #: Set by the cluster layer: also called with every session operation (client id, op)
+        #: so that the session's store cores on other nodes apply it too.
+        self.replicate: Callable[[str, tuple[Any, ...]], None] | None = None
+
+    def _op(self, client_id: str, op: tuple[Any, ...]) -> None:
+        self.persister.op(op)
+        if self.replicate is not None:
+            self.replicate(client_id, op)
+
+    def new_mid_space(self, base: int) -> None:
+        """Draw message ids from ``base`` on (unless already past it): a cluster node starts
+        each run in a random space, so ids never repeat in the replicas other nodes keep."""
+        self._next_mid = max(self._next_mid, base)
 
     def after(self, callback: Callable[[], None]) -> None:
         self.persister.after(callback)
@@ -51,73 +64,76 @@ class Durable:
     def save_session(
         self, session: Session, will: Message | None, will_delay: int, connected: bool
     ) -> None:
+        self._op(session.client_id, self._session_op(session, will, will_delay, connected))
+
+    def _session_op(
+        self, session: Session, will: Message | None, will_delay: int, connected: bool
+    ) -> tuple[Any, ...]:
         subs = [
             [o.topic_filter, o.qos, o.no_local, o.rap, o.retain_handling, o.sub_id]
             for o in session.subscriptions.values()
         ]
         will_json = None
         if will is not None:
-            will_json = json.dumps(
-                [
-                    will.topic,
-                    will.payload.hex(),
-                    will.qos,
-                    will.retain,
-                    dump_props(will.props),
-                    will_delay,
-                ]
-            )
-        self.persister.op(
-            (
-                "sess",
-                session.client_id,
-                session.expiry_interval,
-                json.dumps(subs),
-                will_json,
-                None if connected else self.wall(),
-            )
-        )
+            will_json = json.dumps([will.topic, will.payload.hex(), will.qos, will.retain,
+                                    dump_props(will.props), will_delay])  # fmt: skip
+        return ("sess", session.client_id, session.expiry_interval, json.dumps(subs), will_json,
+                None if connected else self.wall())  # fmt: skip
+
+    def _message_op(self, msg: Message) -> tuple[Any, ...]:
+        return ("msg", msg.mid, msg.topic, msg.payload, msg.qos, msg.retain,
+                dump_props(msg.props), msg.sender, self._wall(msg.expires_at))  # fmt: skip
+
+    def session_ops(self, session: Session) -> list[tuple[Any, ...]]:
+        """The whole stored state of a session as operations (for a new replica)."""
+        cid = session.client_id
+        ops: list[tuple[Any, ...]] = [("sess_del", cid),
+                                      self._session_op(session, None, 0, session.connected)]
+        for pid, d in session.inflight.items():
+            if d.seq:
+                ops += [self._message_op(d.msg), ("dlv", cid, d.seq, d.msg.mid, d.qos,
+                        d.retain, json.dumps(d.sub_ids)), ("dlv_pid", cid, d.seq, pid, d.state)]
+        for d in session.queue:
+            if d.seq:
+                ops += [self._message_op(d.msg), ("dlv", cid, d.seq, d.msg.mid, d.qos,
+                        d.retain, json.dumps(d.sub_ids))]  # fmt: skip
+        ops += [("rel_add", cid, pid) for pid in session.awaiting_rel]
+        return ops
 
     def delete_session(self, client_id: str) -> None:
-        self.persister.op(("sess_del", client_id))
+        self._op(client_id, ("sess_del", client_id))
 
     # ------------------------------------------------------------------------- deliveries
 
     def add_delivery(self, session: Session, d: Delivery) -> None:
         msg = d.msg
-        if not msg.mid:
+        fresh = not msg.mid
+        if fresh:
             msg.mid = self._next_mid
             self._next_mid += 1
-            self.persister.op(
-                (
-                    "msg",
-                    msg.mid,
-                    msg.topic,
-                    msg.payload,
-                    msg.qos,
-                    msg.retain,
-                    dump_props(msg.props),
-                    msg.sender,
-                    self._wall(msg.expires_at),
-                )
-            )
+        if fresh or self.replicate is not None:
+            # Every session's store cores need the message, not only the first session's.
+            op = self._message_op(msg)
+            if fresh:
+                self.persister.op(op)
+            if self.replicate is not None:
+                self.replicate(session.client_id, op)
         session.seq += 1
         d.seq = session.seq
-        self.persister.op(
-            ("dlv", session.client_id, d.seq, msg.mid, d.qos, d.retain, json.dumps(d.sub_ids))
-        )
+        cid = session.client_id
+        self._op(cid, ("dlv", cid, d.seq, msg.mid, d.qos, d.retain, json.dumps(d.sub_ids)))
 
     def delivery_sent(self, session: Session, d: Delivery, pid: int) -> None:
-        self.persister.op(("dlv_pid", session.client_id, d.seq, pid, d.state))
+        self._op(session.client_id, ("dlv_pid", session.client_id, d.seq, pid, d.state))
 
     def delivery_done(self, session: Session, d: Delivery) -> None:
-        self.persister.op(("dlv_del", session.client_id, d.seq))
+        self._op(session.client_id, ("dlv_del", session.client_id, d.seq))
 
     def rel_add(self, session: Session, pid: int) -> None:
-        self.persister.op(("rel_add", session.client_id, pid))
+        self._op(session.client_id, ("rel_add", session.client_id, pid))
 
     def rel_del(self, session: Session, pid: int) -> None:
-        self.persister.op(("rel_del", session.client_id, pid))
+        self._op(session.client_id, ("rel_del", session.client_id, pid))
 
     # --------------------------------------------------------------------------- retained
 

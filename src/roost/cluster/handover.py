@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from roost.broker.message import Message
 from roost.broker.router import SubOpts
 from roost.broker.session import AWAIT_ACK, AWAIT_COMP, Delivery, Session
-from roost.store.sqlite import dump_props, load_props
+from roost.store.sqlite import StoredDelivery, StoredSession, dump_props, load_props
 
 if TYPE_CHECKING:
     from roost.broker.node import Broker
@@ -123,3 +123,23 @@ def parse_entry(value: bytes) -> dict[str, Any]:
     except ValueError:
         return {"node": ""}
     return entry if isinstance(entry, dict) else {"node": ""}
+
+
+def stored_to_state(s: StoredSession, wall_now: float) -> bytes:
+    """A session kept by a store core (SQLite rows) in the hand-over format of
+    :func:`dump_session`, for :func:`load_session` on the node that takes it."""
+
+    def msg(d: StoredDelivery) -> list[Any]:
+        left = None if d.expires_at is None else max(0.0, d.expires_at - wall_now)
+        return [d.topic, _b64(d.payload), d.msg_qos, False, dump_props(d.props), d.sender, left]
+
+    inflight, queue = [], []
+    for d in s.deliveries:
+        item = [msg(d), d.qos, d.retain, list(d.sub_ids), d.state]
+        if d.packet_id is not None:
+            inflight.append([d.packet_id, *item])
+        else:
+            queue.append(item)
+    state = {"client_id": s.client_id, "expiry": s.expiry_interval, "subs": s.subscriptions,
+             "inflight": inflight, "queue": queue, "rel": list(s.awaiting_rel)}  # fmt: skip
+    return json.dumps(state, separators=(",", ":")).encode()

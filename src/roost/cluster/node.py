@@ -35,8 +35,10 @@ from roost.cluster.handover import (
     parse_entry,
     registry_entry,
     restore_subscriptions,
+    stored_to_state,
 )
 from roost.cluster.link import Forward, LinkError, Links
+from roost.cluster.replication import ReplicaStore, Replicator, store_cores
 from roost.cluster.routes import BatchWriter, Progress, RemoteTable, RouteSync
 from roost.config import parse_bind
 from roost.mqtt import reason_codes as RC
@@ -113,8 +115,12 @@ class Cluster:
         self.registry = Progress()
         self._registry_task: asyncio.Task[None] | None = None
         self._retained_rev: dict[str, int] = {}
+        self.replicator: Replicator | None = None
+        self.replicas: ReplicaStore | None = None  # cores: the replicas of others' sessions
+        self._core_set: tuple[str, ...] = ()
         self.stats = {"forwards_out": 0, "forwards_in": 0, "takeovers_in": 0,
-                      "takeovers_out": 0, "adopted": 0, "etcd_failures": 0}  # fmt: skip
+                      "takeovers_out": 0, "adopted": 0, "etcd_failures": 0,
+                      "rereplicated": 0}  # fmt: skip
 
     # ------------------------------------------------------------------------- lifecycle
 
@@ -145,6 +151,7 @@ class Cluster:
             ack_gate=self.broker.durable.after if self.broker.durable is not None else None,
         )  # fmt: skip
         await links.start(self.config.link.bind)
+        self._start_replication(links)
         # A restarted node's routes from its previous life are stale: gone in one range.
         await etcd.delete_prefix(f"routes/{self.me}/")
         await self._put_node_key()
@@ -173,6 +180,7 @@ class Cluster:
                 self.routes.shared_changed(g.name, entry.topic_filter, len(g.members))
         await self._claim_restored_sessions()
         broker.cluster = self
+        await self._recover_lost_sessions()
         self.joined = True
         self._spawn(self._refresh_loop())
         log.info("joined cluster %s as %s (%s), link %s, %d nodes", self.config.name, self.me,
@@ -192,6 +200,8 @@ class Cluster:
             await asyncio.wait_for(self.lease.stop(revoke=True), 2.0)
         if self.links is not None:
             await self.links.close()
+        if self.replicas is not None:
+            await self.replicas.close()
         await self.etcd.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -199,6 +209,111 @@ class Cluster:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    # ----------------------------------------------------------------------- replication
+
+    def _start_replication(self, links: Links) -> None:
+        durable = self.broker.durable
+        if durable is None:
+            return  # persistence off: nothing is promised across a restart, nor a node loss
+        cfg = self.broker.config
+        if self.role == "core":
+            self.replicas = ReplicaStore(cfg.node.data_dir, cfg.persistence.fsync)
+            self.replicas.load_known()
+
+        def epoch_of(cid: str) -> int:
+            s = self.broker.sessions.get(cid)
+            return s.epoch if s is not None else 0
+
+        self.replicator = Replicator(self.me, links, lambda: list(self._core_set), epoch_of)
+        durable.replicate = self.replicator.op
+        durable.new_mid_space(secrets.randbits(30) << 32)
+        self.broker.commits.add(self.replicator)
+
+    def _cores_changed(self) -> None:
+        """New store cores for the sessions whose pair changed: the new ones get a snapshot
+        (catch-up), the old ones are told to drop it."""
+        cores = tuple(self._cores())
+        if cores == self._core_set:
+            return
+        self._core_set = cores
+        rep, durable = self.replicator, self.broker.durable
+        if rep is None or durable is None:
+            return
+        for cid, (before, after) in rep.cores_changed().items():
+            session = self.broker.sessions.get(cid)
+            if session is None or session.durable is None:
+                continue
+            for t in set(after) - set(before):
+                rep.send_to(t, [(cid, session.epoch, op) for op in durable.session_ops(session)])
+                self.stats["rereplicated"] += 1
+            for t in set(before) - set(after):
+                if t in cores:
+                    rep.send_to(t, [(cid, session.epoch, ("sess_del", cid))])
+
+    async def _fetch_replica(self, cid: str, origin: str, epoch: int) -> bytes | None:
+        """The session's state from one of its store cores (its home is dead)."""
+        request = json.dumps({"client_id": cid, "origin": origin, "epoch": epoch}).encode()
+        for core in store_cores(cid, self._cores()):
+            if core == self.me:
+                state = await self._take_replica(cid, origin, epoch)
+            elif self.links is not None:
+                try:
+                    state = await self.links.request(core, "fetch", request, _TAKEOVER_TIMEOUT)
+                except LinkError as e:
+                    log.warning("store core %s could not give session %s: %s", core, cid, e)
+                    continue
+            else:
+                state = b""
+            if state:
+                return state
+        return None
+
+    async def _take_replica(self, cid: str, origin: str, epoch: int) -> bytes:
+        if self.replicas is None:
+            return b""
+        taken = await self.replicas.take(origin, lambda s: s.client_id == cid, epoch)
+        return stored_to_state(taken[0], time.time()) if taken else b""
+
+    async def _recover_lost_sessions(self) -> None:
+        """Sessions the registry puts on this node that its store does not have (the node
+        came back with an empty disk): their store cores give them back."""
+        if self.replicator is None:
+            return
+        kvs, _ = await self.etcd.get_prefix("sessions/")
+        for kv in kvs:
+            entry = parse_entry(kv.value)
+            cid = kv.key[len("sessions/") :]
+            if entry.get("node") != self.me or cid in self.broker.sessions:
+                continue
+            if not entry.get("expiry"):
+                with contextlib.suppress(EtcdError):
+                    await self.etcd.cas_delete(kv.key, kv.mod_revision)
+                continue
+            async with self._lock(cid):
+                value = registry_entry(self.me, None, int(entry["expiry"]), None, 0, False,
+                                       self.broker.clock())  # fmt: skip
+                ok, new = await self.etcd.cas(kv.key, value, kv.mod_revision)
+                if not ok or new is None:
+                    continue
+                state = await self._fetch_replica(cid, self.me, new.mod_revision)
+                if state is None:
+                    state = self._state_from_entry(cid, entry)
+                if state is None:
+                    continue
+                session = load_session(self.broker, state)
+                session.epoch = new.mod_revision
+                self.broker.sessions[cid] = session
+                self._offline(session, int(entry["expiry"]))
+                log.info("session %s recovered from its store cores", cid)
+
+    def _offline(self, session: Session, expiry: int) -> None:
+        """A session that arrived here with no client: stored, and its expiry running."""
+        broker = self.broker
+        if broker.durable is not None and session.durable is not None:
+            broker.durable.save_session(session, None, 0, False)
+        if expiry < 0xFFFFFFFF:
+            broker.schedule_expiry(session.client_id, broker.clock() + expiry)
 
     # ------------------------------------------------------------------------ membership
 
@@ -261,6 +376,7 @@ class Cluster:
     def _update_peers(self) -> None:
         if self.links is None:
             return
+        self._cores_changed()
         peers = {n: str(i.get("link", "")) for n, i in self.members.items() if n != self.me}
         self.links.set_peers({n: a for n, a in peers.items() if a})
 
@@ -442,13 +558,22 @@ class Cluster:
                 self.stats["takeovers_in"] += 1
                 request = json.dumps({"client_id": client_id, "epoch": new.mod_revision,
                                       "clean": clean_start}).encode()  # fmt: skip
-                state = await self.links.request(home, "takeover", request,  # type: ignore[union-attr]
-                                                 _TAKEOVER_TIMEOUT)  # fmt: skip
-                return new.mod_revision, state or None
-            # The old home is dead and nobody adopted the session yet: rebuild what the registry
-            # knows (subscriptions); its queued messages died with that node.
+                try:
+                    state = await self.links.request(home, "takeover", request,  # type: ignore[union-attr]
+                                                     _TAKEOVER_TIMEOUT)  # fmt: skip
+                    return new.mod_revision, state or None
+                except LinkError as e:
+                    # Unreachable (dead before its lease says so): its store cores have the
+                    # session, and our new epoch fences whatever the old home still writes.
+                    log.warning("old home %s of %s unreachable (%s): from its store cores",
+                                home, client_id, e)  # fmt: skip
+            # The old home is dead and nobody adopted the session yet: its store cores have it
+            # (else what the registry knows: the subscriptions).
             entry = parse_entry(kv.value) if kv is not None else {}
-            return new.mod_revision, self._state_from_entry(client_id, entry)
+            if clean_start:
+                return new.mod_revision, None
+            state = await self._fetch_replica(client_id, str(home), new.mod_revision)
+            return new.mod_revision, state or self._state_from_entry(client_id, entry)
         raise EtcdError(f"session {client_id}: registry entry changed 10 times in a row")
 
     def _state_from_entry(self, client_id: str, entry: dict[str, Any]) -> bytes | None:
@@ -463,6 +588,13 @@ class Cluster:
             return await self._hand_over(origin, json.loads(payload))
         if kind == "adopt":
             return await self._adopt_pushed(origin, payload)
+        if kind == "repl":
+            if self.replicas is None:
+                raise ValueError("not a store core")
+            return await self.replicas.apply(origin, payload)
+        if kind == "fetch":
+            req = json.loads(payload)
+            return await self._take_replica(req["client_id"], req["origin"], req["epoch"])
         raise ValueError(f"unknown request {kind!r}")
 
     def _cores(self, exclude: str | None = None) -> list[str]:
@@ -664,18 +796,22 @@ class Cluster:
         except EtcdError as e:
             log.warning("cannot list sessions of %s to adopt them: %s", dead, e)
             return
-        cores = sorted(n for n, i in self.members.items() if i.get("role") == "core")
+        cores = self._cores()
         broker = self.broker
         for kv in kvs:
             entry = parse_entry(kv.value)
             if entry.get("node") != dead:
                 continue
             cid = kv.key[len("sessions/") :]
-            if rendezvous(cid, cores) != self.me:
+            # The first live store core adopts: it holds a replica (the second one too).
+            owners = store_cores(cid, cores)
+            if not owners or owners[0] != self.me:
                 continue
-            await self._adopt(cid, kv, entry, broker)
+            await self._adopt(cid, kv, entry, broker, dead)
 
-    async def _adopt(self, cid: str, kv: KV, entry: dict[str, Any], broker: Broker) -> None:
+    async def _adopt(
+        self, cid: str, kv: KV, entry: dict[str, Any], broker: Broker, dead: str
+    ) -> None:
         now = broker.clock()
         will = load_message(entry["will"], now) if entry.get("will") else None
         expiry = int(entry.get("expiry", 0))
@@ -688,17 +824,17 @@ class Cluster:
             ok, new = await self.etcd.cas(kv.key, value, kv.mod_revision)
             if not ok or new is None or cid in broker.sessions:
                 return
-            session = broker.new_session(cid)
-            session.expiry_interval = expiry
-            if broker.durable is not None:
+            state = await self._take_replica(cid, dead, new.mod_revision)
+            if state:
+                session = load_session(broker, state)
+            else:  # no replica (persistence off, or it never reached us): the subscriptions
+                session = broker.new_session(cid)
+                session.expiry_interval = expiry
                 session.durable = broker.durable
-            restore_subscriptions(broker, session, entry.get("subs", []))
+                restore_subscriptions(broker, session, entry.get("subs", []))
             session.epoch = new.mod_revision
             broker.sessions[cid] = session
-            if broker.durable is not None:
-                broker.durable.save_session(session, None, 0, False)
-            if expiry < 0xFFFFFFFF:
-                broker.schedule_expiry(cid, now + expiry)
+            self._offline(session, expiry)
             if will is not None:
                 broker.schedule_will(cid, will, min(int(entry.get("will_delay", 0)), expiry))
             self.stats["adopted"] += 1
