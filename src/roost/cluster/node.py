@@ -148,7 +148,7 @@ class Cluster:
         links = self.links = Links(
             self.me, self.config.name, secret, self._on_forward, self._on_request,
             window=self.config.link.window, max_queue=self.config.link.max_queue,
-            ack_gate=self.broker.durable.after if self.broker.durable is not None else None,
+            ack_gate=self._forward_ack_gate if self.broker.durable is not None else None,
         )  # fmt: skip
         await links.start(self.config.link.bind)
         self._start_replication(links)
@@ -211,6 +211,16 @@ class Cluster:
         return task
 
     # ----------------------------------------------------------------------- replication
+
+    def _forward_ack_gate(self, callback: Callable[[], None]) -> None:
+        """A forward is acknowledged on the link once what it stored is committed here and
+        on the sessions' store cores: its publisher's PUBACK waits for that."""
+        durable, rep = self.broker.durable, self.replicator
+        assert durable is not None
+        if rep is None:
+            durable.after(callback)
+        else:
+            durable.after(lambda: rep.after(callback))
 
     def _start_replication(self, links: Links) -> None:
         durable = self.broker.durable
