@@ -17,6 +17,7 @@ from roost.broker.durable import Durable
 from roost.broker.node import Broker
 from roost.config import Config, ConfigError, ListenerBase, load_config
 from roost.logs import setup_logging
+from roost.mgmt import hotconfig
 from roost.mgmt.api import Management
 from roost.mgmt.listeners import ListenerSet
 from roost.store.persister import Persister
@@ -67,6 +68,9 @@ async def _join_cluster(broker: Broker, mgmt: Management) -> Cluster | None:
     await cluster.start()
     mgmt.cluster_nodes = cluster.nodes
     mgmt.cluster_check = cluster.check
+    # The cluster's config replaces the file's cluster-wide sections before listeners open.
+    await cluster.state.attach(lambda new: hotconfig.apply_config(broker, mgmt.listeners, new))
+    mgmt.cluster_state = cluster.state
     return cluster
 
 
