@@ -17,6 +17,7 @@ from roost.broker.durable import Durable
 from roost.broker.node import Broker
 from roost.config import Config, ConfigError, ListenerBase, load_config
 from roost.logs import setup_logging
+from roost.mgmt import hotconfig
 from roost.mgmt.api import Management
 from roost.mgmt.listeners import ListenerSet
 from roost.store.persister import Persister
@@ -71,6 +72,9 @@ async def _join_cluster(broker: Broker, mgmt: Management) -> Cluster | None:
     evacuation.session_mover = lambda n: cluster.move_sessions(n, evacuation.params.get(
         "redirect_to") or None)
     evacuation.server_reference = cluster.server_reference
+    # The cluster's config replaces the file's cluster-wide sections before listeners open.
+    await cluster.state.attach(lambda new: hotconfig.apply_config(broker, mgmt.listeners, new))
+    mgmt.cluster_state = cluster.state
     return cluster
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -26,16 +27,25 @@ class Ban:
 
 
 class Bans:
-    """Kept in memory per node; the cluster layer may replicate it."""
+    """Kept in memory per node; the cluster layer replicates it (``on_add``, ``put``)."""
 
     def __init__(self, clock: Any = time.time) -> None:
         self._bans: dict[tuple[str, str], Ban] = {}
         self.clock = clock
+        #: Told of each ban this node makes by itself (flapping detection): set by the cluster
+        #: layer, which shares it with the other nodes (REST API bans go through that layer).
+        self.on_add: Callable[[Ban], None] | None = None
 
     def __len__(self) -> int:
         return len(self._bans)
 
     def add(self, ban: Ban) -> None:
+        self.put(ban)
+        if self.on_add is not None:
+            self.on_add(ban)
+
+    def put(self, ban: Ban) -> None:
+        """Add or replace a ban without telling ``on_add`` (one that came from the cluster)."""
         if ban.kind not in KINDS:
             raise ValueError(f"unknown ban kind {ban.kind!r}")
         ban.at = ban.at or self.clock()

@@ -168,6 +168,13 @@ class Cluster:
         self._load_retained(kvs, rev)
         self._watches.append(etcd.watch_prefix("retained/", rev + 1, self._on_retained_events,
                                                self._load_retained))  # fmt: skip
+        # Cluster-wide bans and config (cluster/state.py); close() ends its watches and loop.
+        from roost.cluster.state import SharedState
+
+        self.state = SharedState(etcd, self.broker)
+        await self.state.start()
+        self._watches.extend(self.state.watches)
+        self._spawn(self.state.run())
         broker = self.broker
         broker.commits.add(links)
         broker.commits.add(self.writer)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -29,7 +29,7 @@ from roost.broker.message import Message
 from roost.broker.node import Broker
 from roost.broker.router import SubOpts
 from roost.broker.session import Session
-from roost.config import ConfigError, explain, parse_bind
+from roost.config import Config, ConfigError, explain, parse_bind
 from roost.mgmt import hotconfig, metrics
 from roost.mgmt.evacuation import Evacuation
 from roost.mgmt.listeners import ListenerSet
@@ -37,6 +37,7 @@ from roost.mqtt import reason_codes as RC
 from roost.mqtt.topics import matches, parse_shared, valid_topic_filter, valid_topic_name
 
 log = logging.getLogger("roost.mgmt")
+T = TypeVar("T")
 
 STATIC = Path(__file__).parent / "static"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -287,6 +288,7 @@ NODE = _obj(
         "topics": _I,
         "retained": _I,
         "pid": _I,
+        "cluster_config": {"type": "object"},
     },
 )
 STATUS = _obj(
@@ -537,6 +539,26 @@ class _MalformedRequestFilter(logging.Filter):
         return True
 
 
+class SharedStateHooks(Protocol):
+    """What the handlers ask of the cluster layer for bans and config that belong to the
+    whole cluster (``roost.cluster.state.SharedState``). Writes raise ConnectionError when
+    the cluster's store cannot take them."""
+
+    async def ban_add(self, ban: Ban) -> None:
+        """Ban on every node (this one at once, kicking matching clients)."""
+
+    async def ban_lift(self, kind: str, who: str) -> bool:
+        """Lift a ban on every node; True when there was one."""
+
+    async def config_put(self, new: Config) -> list[str]:
+        """Apply a validated config here (ConfigError refuses it), then on every node for
+        its cluster-wide sections; the sections that changed here."""
+
+    def status(self) -> dict[str, Any]:
+        """``config``: this node's view of the cluster's config (revision, in_sync, error,
+        counters); ``bans``: counters of ban writes."""
+
+
 class Management:
     """Everything the handlers need; one per node."""
 
@@ -556,6 +578,8 @@ class Management:
         self.remove_node: Callable[[str], Awaitable[None]] | None = None
         #: Set by the cluster layer: (in the cluster and not fenced, detail) for readiness.
         self.cluster_check: Callable[[], tuple[bool, str]] | None = None
+        #: Set by the cluster layer: bans and config changes go through it to every node.
+        self.cluster_state: SharedStateHooks | None = None
 
     # -- auth ---------------------------------------------------------------------------
 
@@ -623,7 +647,7 @@ class Management:
         b = self.broker
         cfg = b.config
         connections = sum(1 for ch in b.channels if ch.connected)
-        return {
+        info = {
             "name": cfg.node.name,
             "role": cfg.node.role,
             "version": __version__,
@@ -637,6 +661,15 @@ class Management:
             "retained": len(b.retainer),
             "pid": os.getpid(),
         }
+        if self.cluster_state is not None:  # does this node run the cluster's config?
+            info["cluster_config"] = self.cluster_state.status()["config"]
+        return info
+
+    async def apply_config(self, new: Config) -> list[str]:
+        """Run ``new`` on this node, and its cluster-wide sections on every node."""
+        if self.cluster_state is not None:
+            return await _in_cluster(self.cluster_state.config_put(new))
+        return await hotconfig.apply_config(self.broker, self.listeners, new)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         ls = self.listeners
@@ -695,6 +728,13 @@ def _iso(t: float) -> str:
 
 def _mgmt(request: web.Request) -> Management:
     return request.app["mgmt"]
+
+
+async def _in_cluster(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except ConnectionError as e:  # etcd could not take a cluster-wide change
+        raise ApiError(503, "CLUSTER_UNAVAILABLE", str(e)) from None
 
 
 async def _json_body(request: web.Request, model: type[BaseModel] | None = None) -> Any:
@@ -858,7 +898,8 @@ async def live(request: web.Request) -> web.Response:
 @route("GET", "/metrics", "Prometheus metrics", "health")
 async def prometheus(request: web.Request) -> web.Response:
     m = _mgmt(request)
-    text = metrics.render(m.broker, m.listeners, m.lag)
+    shared = m.cluster_state.status() if m.cluster_state is not None else None
+    text = metrics.render(m.broker, m.listeners, m.lag, shared)
     return web.Response(body=text.encode(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
@@ -974,7 +1015,7 @@ async def _set_listener(request: web.Request, enabled: bool) -> web.Response:
         raise ApiError(404, "LISTENER_NOT_FOUND", f"no listener {label!r}")
     group[name]["enabled"] = enabled
     new = hotconfig.parse_new_config(m.broker.config, raw)[0]
-    await hotconfig.apply_config(m.broker, m.listeners, new)
+    await m.apply_config(new)
     lst = getattr(new.listeners, kind)[name]
     return web.json_response(_listener_view(m, kind, name, lst))
 
@@ -1400,7 +1441,7 @@ async def config_put(request: web.Request) -> web.Response:
     m = _mgmt(request)
     raw = await _json_body(request)
     new, restart = hotconfig.parse_new_config(m.broker.config, raw)
-    changed = await hotconfig.apply_config(m.broker, m.listeners, new)
+    changed = await m.apply_config(new)
     body = {"changed": changed, "restart_required": restart}
     body["config"] = hotconfig.public_config(m.broker.config)
     return web.json_response(body)
@@ -1442,7 +1483,10 @@ async def ban_add(request: web.Request) -> web.Response:
     if body.until is not None and body.until <= time.time():
         raise ApiError(400, "BAD_REQUEST", "until: must be in the future")
     ban = Ban(body.as_, body.who, body.reason, str(request.get("user", "")), 0.0, body.until)
-    m.broker.bans.add(ban)
+    if m.cluster_state is not None:
+        await _in_cluster(m.cluster_state.ban_add(ban))  # every node refuses and kicks
+    else:
+        m.broker.bans.add(ban)
     from roost.broker.bans import peer_host
 
     for ch in list(m.broker.channels):
@@ -1464,7 +1508,11 @@ async def ban_delete(request: web.Request) -> web.Response:
     kind, who = request.match_info["as"], request.match_info["who"]
     if kind not in KINDS:
         raise ApiError(400, "BAD_REQUEST", f"as: must be one of {', '.join(KINDS)}")
-    if not m.broker.bans.remove(kind, who):
+    if m.cluster_state is not None:
+        found = await _in_cluster(m.cluster_state.ban_lift(kind, who))
+    else:
+        found = m.broker.bans.remove(kind, who)
+    if not found:
         raise ApiError(404, "NOT_FOUND", f"no ban on {kind} {who!r}")
     return web.Response(status=204)
 

@@ -125,6 +125,23 @@ def _cluster_metrics(w: _Writer, st: dict[str, Any]) -> None:
                  [({"peer": peer}, v[key]) for peer, v in sorted(links.items())])  # fmt: skip
 
 
+def _shared_metrics(w: _Writer, shared: dict[str, Any]) -> None:
+    """The cluster's bans and config as this node has them (roost.cluster.state)."""
+    st = shared["config"]
+    w.one("roost_cluster_config_in_sync", "gauge",
+          "1 when this node runs the cluster's latest config, 0 when applying it failed.",
+          int(st["in_sync"]))  # fmt: skip
+    w.one("roost_cluster_config_revision", "gauge",
+          "etcd revision of the cluster's config last seen (0: none, each node its file).",
+          st["revision"])  # fmt: skip
+    w.one("roost_cluster_config_apply_failures", "counter",
+          "Revisions of the cluster's config this node could not apply.",
+          st["failures"])  # fmt: skip
+    w.one("roost_cluster_ban_write_failures", "counter",
+          "Writes of bans made on this node (flapping) to etcd that failed and were retried.",
+          shared["bans"]["write_failures"])  # fmt: skip
+
+
 def _num(v: float) -> str:
     if isinstance(v, int):
         return str(v)
@@ -149,7 +166,10 @@ def _process() -> dict[str, float]:
     return out
 
 
-def render(broker: Broker, listeners: ListenerSet | None, lag: LoopLag | None) -> str:
+def render(
+    broker: Broker, listeners: ListenerSet | None, lag: LoopLag | None,
+    shared: dict[str, Any] | None = None,
+) -> str:  # fmt: skip
     w = _Writer()
     s = broker.stats
     cfg = broker.config
@@ -288,6 +308,8 @@ def render(broker: Broker, listeners: ListenerSet | None, lag: LoopLag | None) -
         w.one("roost_store_up", "gauge", "0 after a failed store write.", int(not pst.failed))
     if broker.cluster is not None:
         _cluster_metrics(w, broker.cluster.status())
+    if shared is not None:
+        _shared_metrics(w, shared)
     p = _process()
     w.one("process_cpu_seconds", "counter", "User and system CPU time.", round(p["cpu"], 3))
     w.one("process_resident_memory_bytes", "gauge", "Resident memory.", int(p["rss"]))
