@@ -785,6 +785,18 @@ class Cluster:
             if ok and kv is not None:
                 session.epoch = kv.mod_revision
             elif self.broker.sessions.get(cid) is session:
+                # Another node made itself the home after our epoch: it is asking us for the
+                # session right now (takeover), so keep it for that; drop it only if nobody
+                # came for it (the new home got it from the store cores).
+                self._spawn(self._drop_if_unclaimed(cid, session))
+
+    async def _drop_if_unclaimed(self, cid: str, session: Session) -> None:
+        await asyncio.sleep(_TAKEOVER_TIMEOUT * 2)
+        async with self._lock(cid):
+            if self.broker.sessions.get(cid) is not session or session.channel is not None:
+                return
+            kv = await self.etcd.get(f"sessions/{cid}")
+            if kv is None or parse_entry(kv.value).get("node") != self.me:
                 log.info("session %s belongs to another node now: dropping this copy", cid)
                 self.broker.take_session(cid)
 
