@@ -25,7 +25,11 @@ from roost.store.sqlite import SqliteStore
 from roost.transport.listeners import start_listener
 
 if TYPE_CHECKING:
-    from roost.cluster.node import Cluster
+    try:
+        from roost.cluster.node import Cluster
+    except ImportError as e:  # the etcd client is the `cluster` extra
+        raise ConfigError(f"cluster.etcd.endpoints is set but {e.name} is not installed: "
+                          "pip install 'roost[cluster]'") from None
 
 log = logging.getLogger("roost")
 
@@ -59,7 +63,11 @@ async def _join_cluster(broker: Broker, mgmt: Management) -> Cluster | None:
     """Join the cluster named in the config (before any client is accepted), or None."""
     if not broker.config.cluster.enabled:
         return None
-    from roost.cluster.node import Cluster
+    try:
+        from roost.cluster.node import Cluster
+    except ImportError as e:  # the etcd client is the `cluster` extra
+        raise ConfigError(f"cluster.etcd.endpoints is set but {e.name} is not installed: "
+                          "pip install 'roost[cluster]'") from None
 
     try:
         cluster = Cluster(broker, mgmt.node_info)
@@ -72,6 +80,7 @@ async def _join_cluster(broker: Broker, mgmt: Management) -> Cluster | None:
     evacuation.session_mover = lambda n: cluster.move_sessions(n, evacuation.params.get(
         "redirect_to") or None)
     evacuation.server_reference = cluster.server_reference
+    mgmt.cluster_rebalance = cluster.rebalance
     # The cluster's config replaces the file's cluster-wide sections before listeners open.
     await cluster.state.attach(lambda new: hotconfig.apply_config(broker, mgmt.listeners, new))
     mgmt.cluster_state = cluster.state

@@ -242,3 +242,26 @@ def test_cluster_status_lists_every_node_from_any_node(cluster3: LocalCluster) -
         assert all(n["role"] == "core" and n["status"] == "running" for n in nodes)
         links = {n["name"]: n["link"] for n in nodes}
         assert links == {x.name: f"127.0.0.1:{x.link_port}" for x in cluster3.nodes}
+
+
+def test_roost_ctl_cluster_status_and_rebalance(cluster3: LocalCluster) -> None:
+    import json
+    import subprocess
+    import sys
+
+    node = cluster3.nodes[1]
+    base = [sys.executable, "-m", "roost", "ctl", "--url", f"http://127.0.0.1:{node.api_port}",
+            "--api-key", node.api_key]  # fmt: skip
+    out = subprocess.run([*base, "cluster", "status"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout  # fmt: skip
+    lines = out.strip().splitlines()
+    assert lines[0].split()[:2] == ["NODE", "ROLE"] and "LINK" in lines[0]
+    assert [ln.split()[0] for ln in lines[1:]] == ["core0", "core1", "core2"]
+    data = json.loads(subprocess.run([*base, "--json", "cluster", "status"], capture_output=True,
+                                     text=True, timeout=30, check=True).stdout)  # fmt: skip
+    assert {n["name"]: n["link"] for n in data} == {
+        n.name: f"127.0.0.1:{n.link_port}" for n in cluster3.nodes
+    }
+    out = subprocess.run([*base, "cluster", "rebalance"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout  # fmt: skip
+    assert "balanced: nothing to move" in out

@@ -118,3 +118,35 @@ def test_evacuation_sends_a_server_reference_and_can_be_cancelled() -> None:
         time.sleep(1.0)
         assert 20 - refs.qsize() - 1 == left, "nobody else was evicted after the cancel"
         assert a.ready() and b.ready()
+
+
+def test_rebalance_moves_connections_from_the_busiest_node() -> None:
+    with LocalCluster(cores=2, extra={"cluster": {"lease_ttl": 3}}) as cluster:
+        a, b = cluster.nodes
+        refs: queue.Queue[str] = queue.Queue()
+        clients = []
+        for i in range(20):
+            cl = PahoClient(a.port, f"rebal-{i}", protocol=V5)
+            cl.c.reconnect_delay_set(120, 120)
+
+            def on_disconnect(c, u, f, rc, p, cl=cl):  # type: ignore[no-untyped-def]
+                cl.disconnects.put(rc)
+                refs.put(getattr(p, "ServerReference", "") if p is not None else "")
+
+            cl.c.on_disconnect = on_disconnect
+            cl.connect()
+            clients.append(cl)
+        plan = b.api("POST", "/api/v1/cluster/rebalance", {"conn_evict_rate": 100})
+        assert plan["connections"] == {"core0": 20, "core1": 0}
+        assert plan["moves"] == [{"from": "core0", "to": "core1", "count": 10}]
+        moved = [refs.get(timeout=5) for _ in range(10)]
+        assert moved == [f"127.0.0.1:{b.port}"] * 10, "sent to the least busy node"
+        time.sleep(0.5)
+        assert refs.empty(), "exactly the planned share moved"
+        for cl in clients:
+            if not cl.disconnects.empty():
+                assert cl.disconnects.get() == 0x9C
+                again = PahoClient(b.port, cl.c._client_id.decode(), protocol=V5)
+                again.connect()
+        nodes = {n["name"]: n for n in b.api("GET", "/api/v1/cluster/nodes")["nodes"]}
+        assert nodes["core1"]["connections"] == 10

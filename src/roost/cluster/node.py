@@ -56,6 +56,26 @@ _TAKEOVER_TIMEOUT = 5.0
 _INFO_INTERVAL = 5.0  # seconds between refreshes of this node's key (connection counts)
 
 
+def plan_moves(counts: dict[str, int], tolerance: float) -> list[tuple[str, str, int]]:
+    """(from, to, how many) that bring every node to within ``tolerance`` of the mean."""
+    if not counts:
+        return []
+    mean = sum(counts.values()) / len(counts)
+    high = mean * (1 + tolerance)
+    excess = {n: c - round(mean) for n, c in counts.items() if c > high}
+    room = {n: round(mean) - c for n, c in counts.items() if c < mean}
+    moves = []
+    for src in sorted(excess, key=lambda n: -excess[n]):
+        for dst in sorted(room, key=lambda n: -room[n]):
+            n = min(excess[src], room[dst])
+            if n <= 0:
+                continue
+            moves.append((src, dst, n))
+            excess[src] -= n
+            room[dst] -= n
+    return moves
+
+
 class ClusterJoinError(RuntimeError):
     """etcd could not be reached in time; the message says which endpoints and why."""
 
@@ -605,6 +625,12 @@ class Cluster:
             return await self._hand_over(origin, json.loads(payload))
         if kind == "adopt":
             return await self._adopt_pushed(origin, payload)
+        if kind == "count":
+            return str(self._connections()).encode()
+        if kind == "shed":
+            req = json.loads(payload)
+            self._spawn(self._shed(int(req["count"]), int(req["rate"]), req["to"]))
+            return b"ok"
         if kind == "repl":
             if self.replicas is None:
                 raise ValueError("not a store core")
@@ -910,6 +936,59 @@ class Cluster:
             msg = self._retained_message(ev.value)
             if msg is not None:
                 retainer.store(msg)
+
+    # ------------------------------------------------------------------------ rebalance
+
+    async def rebalance(self, rate: int, tolerance: float) -> dict[str, Any]:
+        """Plan which nodes above the mean connection count send how many clients to which
+        nodes below it, and tell the busy ones to start (each at ``rate`` per second)."""
+        counts = {n: int(i.get("connections", 0)) for n, i in self.members.items()
+                  if i.get("status") == "running"}  # fmt: skip
+        counts[self.me] = self._connections()
+        for n in list(counts):  # fresh figures (the node keys are up to 5 s old)
+            if n != self.me and self.links is not None:
+                with contextlib.suppress(LinkError, ValueError):
+                    counts[n] = int(await self.links.request(n, "count", b"", 2.0))
+        moves = plan_moves(counts, tolerance)
+        for src, dst, n in moves:
+            ref = self._reference_of(dst)
+            request = json.dumps({"count": n, "rate": rate, "to": ref}).encode()
+            if src == self.me:
+                self._spawn(self._shed(n, rate, ref))
+            elif self.links is not None:
+                await self.links.request(src, "shed", request, _TAKEOVER_TIMEOUT)
+        return {"connections": counts,
+                "moves": [{"from": a, "to": b, "count": n} for a, b, n in moves]}  # fmt: skip
+
+    def _connections(self) -> int:
+        return sum(1 for ch in self.broker.channels if ch.connected)
+
+    def _reference_of(self, node: str) -> str:
+        info = self.members.get(node, {})
+        for label, addr in sorted(info.get("listeners", {}).items()):
+            if label.startswith("tcp:") and not addr.startswith(("0.0.0.0:", "[::]:")):
+                return str(addr)
+        return ""
+
+    async def _shed(self, count: int, rate: int, reference: str) -> None:
+        """Disconnect ``count`` clients at ``rate`` per second with 0x9C (and a Server
+        Reference on MQTT 5); persistent ones take their sessions to where they reconnect."""
+        from roost.mqtt.packets import Disconnect
+
+        done = 0
+        while done < count:
+            victims = [ch for ch in self.broker.channels if ch.connected and not ch.closed]
+            for ch in victims[: min(rate, count - done)]:
+                if ch.v5 and reference:
+                    ch.send(Disconnect(RC.USE_ANOTHER_SERVER, {"server_reference": reference}))
+                    ch.close()
+                else:
+                    ch.disconnect(RC.USE_ANOTHER_SERVER, "rebalancing")
+                done += 1
+            if not victims:
+                break
+            await asyncio.sleep(1.0)
+        log.info("rebalance: %d connections sent to %s", done, reference or "another node")
 
     # --------------------------------------------------------------------------- status
 

@@ -291,6 +291,10 @@ NODE = _obj(
         "cluster_config": {"type": "object"},
     },
 )
+REBALANCE = _obj(
+    {"connections": {"type": "object", "additionalProperties": _I},
+     "moves": {"type": "array", "items": _obj({"from": _S, "to": _S, "count": _I})}},
+)  # fmt: skip
 STATUS = _obj(
     {"status": {"type": "string", "enum": ["running", "evacuating", "stopping", "not_ready"]},
      "ready": _B, "live": _B},
@@ -333,6 +337,7 @@ RESPONSES: dict[tuple[str, str], dict[int, Any]] = {
     ("GET", "/api/v1/stats"): {200: STATS},
     ("GET", "/api/v1/cluster/nodes"): {200: _obj({"nodes": {"type": "array", "items": NODE}})},
     ("DELETE", "/api/v1/cluster/nodes/{name}"): {204: None, 409: _ERROR_SCHEMA},
+    ("POST", "/api/v1/cluster/rebalance"): {202: REBALANCE, 409: _ERROR_SCHEMA},
     ("GET", "/api/v1/listeners"): {200: _obj({"data": {"type": "array", "items": LISTENER}})},
     ("POST", "/api/v1/listeners/{id}/enable"): {200: LISTENER},
     ("POST", "/api/v1/listeners/{id}/disable"): {200: LISTENER},
@@ -503,6 +508,13 @@ class BanBody(_Body):
     until: float | None = Field(None, ge=0)
 
 
+class RebalanceBody(_Body):
+    #: Connections each busy node disconnects per second (0x9C with a Server Reference).
+    conn_evict_rate: int = Field(50, ge=1, le=100_000)
+    #: Nodes within this fraction of the mean are left alone.
+    tolerance: float = Field(0.1, ge=0, le=10)
+
+
 class EvacuationBody(_Body):
     #: Connections disconnected per second.
     conn_evict_rate: int = Field(500, ge=1, le=1_000_000)
@@ -578,6 +590,8 @@ class Management:
         self.remove_node: Callable[[str], Awaitable[None]] | None = None
         #: Set by the cluster layer: (in the cluster and not fenced, detail) for readiness.
         self.cluster_check: Callable[[], tuple[bool, str]] | None = None
+        #: Set by the cluster layer: plan and start a rebalance (rate, tolerance) -> the plan.
+        self.cluster_rebalance: Callable[[int, float], Awaitable[dict[str, Any]]] | None = None
         #: Set by the cluster layer: bans and config changes go through it to every node.
         self.cluster_state: SharedStateHooks | None = None
 
@@ -960,6 +974,22 @@ async def cluster_remove(request: web.Request) -> web.Response:
         await m.remove_node(name)
     # On a single node (no cluster layer) every other node is already absent.
     return web.Response(status=204)
+
+
+@route(
+    "POST",
+    "/api/v1/cluster/rebalance",
+    "Move connections from the busiest nodes to the least busy, at a bounded rate",
+    "cluster",
+    body=RebalanceBody,
+)
+async def cluster_rebalance(request: web.Request) -> web.Response:
+    m = _mgmt(request)
+    body: RebalanceBody = await _json_body(request, RebalanceBody)
+    if m.cluster_rebalance is None:
+        raise ApiError(409, "NOT_CLUSTERED", "this node runs alone: nothing to rebalance")
+    plan = await m.cluster_rebalance(body.conn_evict_rate, body.tolerance)
+    return web.json_response(plan, status=202)
 
 
 # -- listeners ---------------------------------------------------------------------------

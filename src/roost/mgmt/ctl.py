@@ -56,6 +56,8 @@ def add_parser(sub: Any) -> None:
         dest="action", required=True
     )
     _leaf(cluster, "status", help="table of nodes: role, version, status, connections")
+    rb = _leaf(cluster, "rebalance", help="move connections from the busiest nodes")
+    rb.add_argument("--rate", type=int, default=50, help="connections per second per node")
 
     clients = cmds.add_parser("clients", help="connected and offline clients").add_subparsers(
         dest="action", required=True
@@ -288,6 +290,11 @@ def _dispatch(c: Client, a: argparse.Namespace) -> tuple[str, Any, int] | None:
         for name, check in st.get("checks", {}).items():
             info[name] = f"{'ok' if check['ok'] else 'FAILING'} {_fmt(check['detail'])}"
         return keyvalues(info), data, 0 if st.get("ready") else 1
+    if cmd == "cluster" and action == "rebalance":
+        plan = c.call("POST", "/api/v1/cluster/rebalance", {"conn_evict_rate": a.rate})
+        rows = plan["moves"]
+        text = table(rows, [("from", "FROM"), ("to", "TO"), ("count", "CONNECTIONS")])
+        return text if rows else "balanced: nothing to move", plan, 0
     if cmd == "cluster":
         nodes = c.call("GET", "/api/v1/cluster/nodes")["nodes"]
         return table(nodes, NODE_COLS), nodes, 0
