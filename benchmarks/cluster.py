@@ -918,7 +918,13 @@ class TakeRun:
     old_told: int = 0  # hops whose old connection got DISCONNECT 0x8E
     complete: int = 0  # hops that got every queued message
     broker_ms_per_hop: float = 0.0  # CPU of all nodes per hop (publishing the queue included)
+    # inflight + queued in the session on its node just before the takeover, as the REST API
+    # shows it, for the first CHECK_HOPS hops: that the messages really wait in the session.
+    held: list[tuple[int, int]] = field(default_factory=list)
     error: str = ""
+
+
+CHECK_HOPS = 3  # hops whose queued session is looked at through the REST API first
 
 
 def _expect_puback(conn: Conn, n: int, timeout: float) -> None:
@@ -967,6 +973,9 @@ def _hops(cluster: LocalCluster, queued: int, run: int, args: argparse.Namespace
                 )
                 pubs[home].send(frames)
                 _expect_puback(pubs[home], queued, 10)
+                if hop <= CHECK_HOPS:
+                    view = nodes[home].api("GET", f"/api/v1/clients/{cid}")
+                    res.held.append((int(view["inflight_cnt"]), int(view["mqueue_len"])))
             target = hop % len(nodes)
             new = Conn(nodes[target].port)
             t0 = time.perf_counter()
@@ -1031,6 +1040,8 @@ def print_take_run(r: TakeRun) -> None:
     )
     if r.queued:
         d = r.drain_ms or [0.0]
+        held = " ".join(f"{a}+{b}" for a, b in r.held)
+        line += f"  session held inflight+queued {held} before hops 1-{len(r.held)}"
         line += (
             f"  all {r.queued} queued received {r.complete}/{r.hops}, CONNACK->last p50 "
             f"{pct(d, 50):.1f} p99 {pct(d, 99):.1f} ms"
