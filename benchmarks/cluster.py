@@ -3,7 +3,7 @@
 Exact commands (repository root; the editable install may point at another tree, so set
 ``PYTHONPATH`` to this one)::
 
-    PYTHONPATH=src:. python benchmarks/cluster.py all          # the three below, ~7 minutes
+    PYTHONPATH=src:. python benchmarks/cluster.py all          # the three below, ~3 minutes
     PYTHONPATH=src:. python benchmarks/cluster.py throughput   # cross-node vs one node
     PYTHONPATH=src:. python benchmarks/cluster.py subscribe    # SUBSCRIBEs into the route table
     PYTHONPATH=src:. python benchmarks/cluster.py takeover     # session hops between nodes
@@ -17,8 +17,10 @@ process of the case over the window, divided by the messages delivered in it), m
 runs, the ratios cross/local and cross/lone, and PASS/FAIL against the goals.
 
 ``subscribe``: ``--clients`` clients spread over the nodes each send ``--filters`` SUBSCRIBEs
-one after the other (all clients at once); SUBACK latency, SUBSCRIBEs per second, and the etcd
-transactions that wrote the routes (distinct mod revisions of the new ``routes/`` keys).
+one after the other (all clients at once); SUBACK latency, SUBSCRIBEs per second, CPU per
+SUBSCRIBE and the etcd transactions that wrote the routes (distinct mod revisions of the new
+``routes/`` keys). Modes: every filter distinct, every client the same filters, and the distinct
+load on a lone node without etcd for reference.
 
 ``takeover``: an MQTT 5 client with session expiry 600 and one subscription hops between nodes
 (``--hops`` times, round robin over ``--nodes``) while its previous connection is still open;
@@ -509,6 +511,7 @@ def report_pipe(results: list[PipeRun], qos_list: list[int]) -> dict[str, Any]:
             "qos",
             "msg/s",
             "broker µs/msg",
+            "per node",
             "broker cpu",
             "runnable",
             "gen cpu",
@@ -535,12 +538,20 @@ def report_pipe(results: list[PipeRun], qos_list: list[int]) -> dict[str, Any]:
             def m(attr: str, rs: list[PipeRun] = rs) -> float:
                 return med([getattr(r, attr) for r in rs]) or 0.0
 
+            # µs per message on each node (A+B): where the cost of crossing lands.
+            split = [
+                med([r.node_cpu[i] / 100 / r.rate * 1e6 for r in rs if r.rate]) or 0.0
+                for i in range(ncol)
+            ]
+            if case == "local":
+                split = split[:1]  # B idles (its CPU still counts in the total)
             rows.append(
                 [
                     case,
                     str(qos),
                     fmt_spread([r.rate for r in rs]),
                     fmt_spread([r.cpu_us for r in rs], 1),
+                    "+".join(f"{x:.1f}" for x in split),
                     cpu + " %",
                     runn + " %",
                     f"{m('gen_cpu'):.0f} %",
@@ -559,7 +570,8 @@ def report_pipe(results: list[PipeRun], qos_list: list[int]) -> dict[str, Any]:
     print()
     print_rows(rows)
     print(
-        "\nbroker cpu: % of one core per node (A/B; 'lone' has one node), medians; runnable:"
+        "\nper node: µs/msg on A+B. broker cpu: % of one core per node (A/B; 'lone' has one node),"
+        " medians; runnable:"
         " % of the window\nthe node ran or waited for a CPU. µs/msg: CPU of all broker "
         "processes of the case / messages\ndelivered in the window (etcd not included, shown "
         "apart)."
@@ -733,16 +745,20 @@ class SubRun:
 
 
 def _filters(mode: str, client: int, n: int, run: int) -> list[str]:
-    if mode == "distinct":  # every filter new in the whole cluster: one route key each
+    if mode in ("distinct", "lone"):  # every filter new in the whole cluster: one route key each
         return [f"bench/sub/r{run}/c{client:03d}/f{i:03d}" for i in range(n)]
     return [f"bench/sub/r{run}/same/f{i:03d}" for i in range(n)]  # one key per node and filter
 
 
 async def _subscribe_phase(
-    cluster: LocalCluster, mode: str, run: int, args: argparse.Namespace
+    cluster: LocalCluster | None,
+    nodes: list[NodeProcess],
+    mode: str,
+    run: int,
+    args: argparse.Namespace,
 ) -> SubRun:
+    """One run; ``cluster`` None: a lone node (no etcd, nothing to count there)."""
     res = SubRun(mode, run)
-    nodes = cluster.nodes
     clients = [
         SubClient(
             nodes[c % len(nodes)].port,
@@ -753,7 +769,7 @@ async def _subscribe_phase(
     ]
     readers = await asyncio.wait_for(asyncio.gather(*(c.connect() for c in clients)), 30)
     try:
-        _, rev0 = etcd_range(cluster, "routes/")
+        rev0 = etcd_range(cluster, "routes/")[1] if cluster else 0
         pids, epids = node_pids(nodes), etcd_pids(cluster)
         b0, e0, g0 = procstat.cpu_seconds(pids), procstat.cpu_seconds(epids), self_cpu_seconds()
         go = asyncio.Event()
@@ -768,7 +784,7 @@ async def _subscribe_phase(
         t1 = max(ends)
         b1, e1, g1 = procstat.cpu_seconds(pids), procstat.cpu_seconds(epids), self_cpu_seconds()
         await asyncio.sleep(0.2)  # let a transaction still under way land before counting
-        kvs, rev1 = etcd_range(cluster, "routes/")
+        kvs, rev1 = etcd_range(cluster, "routes/") if cluster else ([], 0)
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
     lat = [x for c in clients for x in c.latencies]
@@ -786,6 +802,8 @@ async def _subscribe_phase(
     res.broker_cpu, res.etcd_cpu, res.gen_cpu = (
         100 * (x / res.wall) for x in (b1 - b0, e1 - e0, g1 - g0)
     )
+    if cluster is None:
+        return res
     # The clients are gone: every route they made must go too (deletes in transactions).
     t_close = time.monotonic()
     while True:
@@ -805,14 +823,18 @@ def print_sub_run(r: SubRun) -> None:
     if r.error:
         print(f"{head} ERROR {r.error}", flush=True)
         return
-    print(
+    line = (
         f"{head} {r.subscribes} SUBSCRIBEs in {r.wall:.2f}s = {r.rate:,.0f}/s  SUBACK p50 "
-        f"{r.p50_ms:.1f} p99 {r.p99_ms:.1f} max {r.max_ms:.1f} ms  {r.route_keys} route keys "
-        f"in {r.route_txns} txns ({r.revisions} etcd revisions)  cpu µs/SUBSCRIBE broker "
-        f"{r.broker_us:.0f} etcd {r.etcd_us:.0f} gen {r.gen_us:.0f}  routes gone "
-        f"{r.cleanup_s:.2f}s after disconnect ({r.cleanup_txns} revisions)",
-        flush=True,
+        f"{r.p50_ms:.1f} p99 {r.p99_ms:.1f} max {r.max_ms:.1f} ms  cpu µs/SUBSCRIBE broker "
+        f"{r.broker_us:.0f} etcd {r.etcd_us:.0f} gen {r.gen_us:.0f}"
     )
+    if r.mode != "lone":
+        line += (
+            f"  {r.route_keys} route keys in {r.route_txns} txns ({r.revisions} etcd "
+            f"revisions)  routes gone {r.cleanup_s:.2f}s after disconnect ({r.cleanup_txns} "
+            "revisions)"
+        )
+    print(line, flush=True)
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
@@ -823,11 +845,16 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
         flush=True,
     )
     results: list[SubRun] = []
-    with LocalCluster(cores=args.nodes) as cluster:
+    with (
+        LocalCluster(cores=args.nodes) as cluster,
+        contextlib.ExitStack() as stack,
+    ):
+        lone = stack.enter_context(lone_node({})) if "lone" in args.mode_list else None
         for run in range(1, args.runs + 1):
             for mode in args.mode_list:
+                where = (None, [lone]) if mode == "lone" and lone else (cluster, cluster.nodes)
                 try:
-                    r = asyncio.run(_subscribe_phase(cluster, mode, run, args))
+                    r = asyncio.run(_subscribe_phase(*where, mode, run, args))
                 except (BenchError, OSError, asyncio.IncompleteReadError, TimeoutError) as e:
                     r = SubRun(mode, run, error=f"{type(e).__name__}: {e}")
                 results.append(r)
@@ -859,6 +886,12 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
             return med([getattr(r, attr) for r in rs]) or 0.0
 
         keys, txns = m("route_keys"), m("route_txns")
+        etcd_cols = [
+            f"{keys:.0f}",
+            f"{txns:.0f}",
+            f"{keys / txns:.1f}" if txns else "n/a",
+        ]
+        lone = mode == "lone"
         rows.append(
             [
                 mode,
@@ -866,14 +899,12 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
                 fmt_spread([r.rate for r in rs]),
                 f"{m('p50_ms'):.1f}",
                 f"{m('p99_ms'):.1f}",
-                f"{keys:.0f}",
-                f"{txns:.0f}",
-                f"{keys / txns:.1f}" if txns else "n/a",
+                *(["-"] * 3 if lone else etcd_cols),
                 f"{m('broker_us'):.0f}",
-                f"{m('etcd_us'):.0f}",
+                "-" if lone else f"{m('etcd_us'):.0f}",
                 f"{m('gen_us'):.0f}",
                 f"{m('broker_cpu'):.0f}+{m('etcd_cpu'):.0f} %",
-                f"{m('cleanup_s'):.2f}",
+                "-" if lone else f"{m('cleanup_s'):.2f}",
                 f"{len(rs)}/{total}",
             ]
         )
@@ -1193,9 +1224,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         sp.add_argument("--filters", type=int, default=100, help="SUBSCRIBEs per client")
         sp.add_argument(
             "--modes",
-            default="distinct,same",
+            default="distinct,same,lone",
             help="distinct: every filter new (clients x filters route keys); "
-            "same: every client the same filters (nodes x filters keys)",
+            "same: every client the same filters (nodes x filters keys); "
+            "lone: distinct, on one node without etcd (the reference)",
         )
         sp.add_argument("--sub-qos", type=int, default=1, choices=(0, 1, 2))
         sp.add_argument("--phase-timeout", type=float, default=120.0, help="seconds per run")
@@ -1237,8 +1269,11 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Nam
             p.error("cases: lone,local,cross; at least 2 nodes")
     elif args.command == "subscribe":
         args.mode_list = [m for m in args.modes.split(",") if m]
-        if any(m not in ("distinct", "same") for m in args.mode_list) or args.filters > 65535:
-            p.error("modes: distinct,same; at most 65535 filters")
+        if (
+            any(m not in ("distinct", "same", "lone") for m in args.mode_list)
+            or args.filters > 65535
+        ):
+            p.error("modes: distinct,same,lone; at most 65535 filters")
     elif args.command == "takeover":
         args.queued_list = _ints(args.queued)
         if args.nodes < 2 or args.hops < 1:
