@@ -570,11 +570,11 @@ def report_pipe(results: list[PipeRun], qos_list: list[int]) -> dict[str, Any]:
     print()
     print_rows(rows)
     print(
-        "\nper node: µs/msg on A+B. broker cpu: % of one core per node (A/B; 'lone' has one node),"
-        " medians; runnable:"
-        " % of the window\nthe node ran or waited for a CPU. µs/msg: CPU of all broker "
-        "processes of the case / messages\ndelivered in the window (etcd not included, shown "
-        "apart)."
+        "\nmedians of the runs. broker µs/msg: CPU of all broker processes of the case / messages"
+        "\ndelivered in the window (etcd not included: shown apart); per node: the same on A+B"
+        "\n('local': A; idle B counts in the total). broker cpu: % of one core per node (A/B);"
+        "\nrunnable: % of"
+        "\nthe window the node ran or waited for a CPU. other: the rest of the host."
     )
     ratio_rows = [["qos", "ratio", "msg/s", "broker µs/msg"]]
     for qos in qos_list:
