@@ -25,6 +25,25 @@ class Stats:
         "sent_qos",
         "subscribe_denied",
     )
+    auth_denied: int
+    bytes_received: int
+    bytes_sent: int
+    connect_rate_refused: int
+    connections_refused: int
+    connections_total: int
+    dropped_expired: int
+    dropped_no_subscribers: int
+    dropped_qos0_offline: int
+    dropped_queue_full: int
+    dropped_too_large: int
+    flapping_banned: int
+    messages_received: int
+    messages_sent: int
+    publish_denied: int
+    publish_rate_exceeded: int
+    received_qos: list[int]
+    sent_qos: list[int]
+    subscribe_denied: int
 
     def __init__(self) -> None:
         for name in self.__slots__:

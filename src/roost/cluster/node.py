@@ -945,10 +945,10 @@ class Cluster:
         counts = {n: int(i.get("connections", 0)) for n, i in self.members.items()
                   if i.get("status") == "running"}  # fmt: skip
         counts[self.me] = self._connections()
-        for n in list(counts):  # fresh figures (the node keys are up to 5 s old)
-            if n != self.me and self.links is not None:
+        for peer in list(counts):  # fresh figures (the node keys are up to 5 s old)
+            if peer != self.me and self.links is not None:
                 with contextlib.suppress(LinkError, ValueError):
-                    counts[n] = int(await self.links.request(n, "count", b"", 2.0))
+                    counts[peer] = int(await self.links.request(peer, "count", b"", 2.0))
         moves = plan_moves(counts, tolerance)
         for src, dst, n in moves:
             ref = self._reference_of(dst)

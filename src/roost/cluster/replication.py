@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -218,7 +218,12 @@ class ReplicaStore:
             persister.op(op)
             self.ops_applied += 1
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        persister.after(lambda: done.done() or done.set_result(None))
+
+        def committed() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        persister.after(committed)
         await done
         if persister.failed:
             raise RuntimeError("replica store write failed")
@@ -251,5 +256,3 @@ class ReplicaStore:
             await persister.drain()
             persister.close()
 
-
-Fetch = Callable[[str, str, int], Awaitable[bytes]]
