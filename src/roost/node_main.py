@@ -18,7 +18,7 @@ from roost.broker.node import Broker
 from roost.config import Config, ConfigError, ListenerBase, load_config
 from roost.logs import setup_logging
 from roost.mgmt import hotconfig
-from roost.mgmt.api import Management
+from roost.mgmt.api import Management, local_op
 from roost.mgmt.listeners import ListenerSet
 from roost.store.persister import Persister
 from roost.store.sqlite import SqliteStore
@@ -81,6 +81,8 @@ async def _join_cluster(broker: Broker, mgmt: Management) -> Cluster | None:
         "redirect_to") or None)
     evacuation.server_reference = cluster.server_reference
     mgmt.cluster_rebalance = cluster.rebalance
+    mgmt.cluster_fanout = cluster.fanout
+    cluster.mgmt_op = lambda op, args: local_op(mgmt, op, args)
     # The cluster's config replaces the file's cluster-wide sections before listeners open.
     await cluster.state.attach(lambda new: hotconfig.apply_config(broker, mgmt.listeners, new))
     mgmt.cluster_state = cluster.state

@@ -265,3 +265,22 @@ def test_roost_ctl_cluster_status_and_rebalance(cluster3: LocalCluster) -> None:
     out = subprocess.run([*base, "cluster", "rebalance"], capture_output=True, text=True,
                          timeout=30, check=True).stdout  # fmt: skip
     assert "balanced: nothing to move" in out
+
+
+def test_rest_api_on_any_node_lists_and_kicks_every_nodes_clients(cluster3: LocalCluster) -> None:
+    a, b, c = cluster3.nodes
+    on_b = PahoClient(b.port, "listed-on-b")
+    on_b.c.reconnect_delay_set(120, 120)
+    on_b.connect()
+    on_c = PahoClient(c.port, "listed-on-c")
+    on_c.connect()
+    page = a.api("GET", "/api/v1/clients?like_clientid=listed-on")
+    assert [(d["clientid"], d["node"]) for d in page["data"]] == [
+        ("listed-on-b", "core1"), ("listed-on-c", "core2")]  # fmt: skip
+    detail = a.api("GET", "/api/v1/clients/listed-on-b")
+    assert detail["node"] == "core1" and detail["connected"]
+    a.api("DELETE", "/api/v1/clients/listed-on-b")
+    assert on_b.disconnects.get(timeout=5) == 0x98  # Administrative action
+    page = c.api("GET", "/api/v1/clients?like_clientid=listed-on")
+    assert [d["clientid"] for d in page["data"]] == ["listed-on-c"]
+    on_c.disconnect()

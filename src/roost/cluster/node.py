@@ -22,7 +22,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from roost.broker.message import Message
@@ -136,6 +136,8 @@ class Cluster:
         self._registry_task: asyncio.Task[None] | None = None
         self._retained_rev: dict[str, int] = {}
         self.replicator: Replicator | None = None
+        #: Set by the node runner: answers a management question about this node's clients.
+        self.mgmt_op: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None
         self.replicas: ReplicaStore | None = None  # cores: the replicas of others' sessions
         self._core_set: tuple[str, ...] = ()
         self.stats = {"forwards_out": 0, "forwards_in": 0, "takeovers_in": 0,
@@ -625,6 +627,11 @@ class Cluster:
             return await self._hand_over(origin, json.loads(payload))
         if kind == "adopt":
             return await self._adopt_pushed(origin, payload)
+        if kind == "mgmt":
+            if self.mgmt_op is None:
+                raise ValueError("no management layer on this node")
+            req = json.loads(payload)
+            return json.dumps(await self.mgmt_op(req["op"], req["args"])).encode()
         if kind == "count":
             return str(self._connections()).encode()
         if kind == "shed":
@@ -936,6 +943,24 @@ class Cluster:
             msg = self._retained_message(ev.value)
             if msg is not None:
                 retainer.store(msg)
+
+    async def fanout(self, op: str, args: dict[str, Any]) -> list[Any]:
+        """Ask every other live node the management question ``op``; their answers (nodes
+        that cannot answer in time are left out, and logged)."""
+        if self.links is None:
+            return []
+        request = json.dumps({"op": op, "args": args}).encode()
+        peers = [n for n in sorted(self.members) if n != self.me]
+
+        async def ask(peer: str) -> Any:
+            try:
+                return json.loads(await self.links.request(peer, "mgmt", request, 3.0))
+            except (LinkError, ValueError) as e:
+                log.warning("node %s did not answer %s: %s", peer, op, e)
+                return None
+
+        answers = await asyncio.gather(*(ask(p) for p in peers))
+        return [a for a in answers if a is not None]
 
     # ------------------------------------------------------------------------ rebalance
 

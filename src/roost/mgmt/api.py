@@ -590,6 +590,8 @@ class Management:
         self.remove_node: Callable[[str], Awaitable[None]] | None = None
         #: Set by the cluster layer: (in the cluster and not fenced, detail) for readiness.
         self.cluster_check: Callable[[], tuple[bool, str]] | None = None
+        #: Set by the cluster layer: ask every other node (op, args) -> their answers.
+        self.cluster_fanout: Callable[[str, dict[str, Any]], Awaitable[list[Any]]] | None = None
         #: Set by the cluster layer: plan and start a rebalance (rate, tolerance) -> the plan.
         self.cluster_rebalance: Callable[[int, float], Awaitable[dict[str, Any]]] | None = None
         #: Set by the cluster layer: bans and config changes go through it to every node.
@@ -1122,9 +1124,20 @@ def _client_view(m: Management, s: Session) -> dict[str, Any]:
 )
 async def clients(request: web.Request) -> web.Response:
     m = _mgmt(request)
-    q = request.query
     state = _choice(request, "conn_state", ("connected", "disconnected"))
-    proto = _int_param(request, "proto_ver", 0, 3, 5) if "proto_ver" in q else None
+    proto = _int_param(request, "proto_ver", 0, 3, 5) if "proto_ver" in request.query else None
+    query = dict(request.query)
+    out = _local_clients(m, query, state, proto)
+    if m.cluster_fanout is not None:  # every node's clients, as one broker's
+        for views in await m.cluster_fanout("clients", {"query": query}):
+            out.extend(views)
+        out.sort(key=lambda v: (v["clientid"], v["node"]))
+    return web.json_response(_page(request, out))
+
+
+def _local_clients(
+    m: Management, q: dict[str, str], state: str | None, proto: int | None
+) -> list[dict[str, Any]]:
     out = []
     for cid in sorted(m.broker.sessions):
         s = m.broker.sessions[cid]
@@ -1146,14 +1159,44 @@ async def clients(request: web.Request) -> web.Response:
         if proto is not None and view.get("proto_ver") != proto:
             continue
         out.append(view)
-    return web.json_response(_page(request, out))
+    return out
+
+
+async def local_op(m: Management, op: str, args: dict[str, Any]) -> Any:
+    """What another node asks of this one for a cluster-wide view (see ``cluster_fanout``)."""
+    if op == "clients":
+        q = args["query"]
+        state = q.get("conn_state")
+        proto = int(q["proto_ver"]) if "proto_ver" in q else None
+        return _local_clients(m, q, state, proto)
+    s = m.broker.sessions.get(args["clientid"])
+    if s is None:
+        return None
+    if op == "client":
+        d = _client_view(m, s)
+        d["subscriptions"] = [_sub_view(m, o) for o in s.subscriptions.values()]
+        return d
+    if op == "kick":
+        _kick(m, s, args.get("by"))
+        return True
+    raise ValueError(f"unknown operation {op!r}")
+
+
+async def _remote(m: Management, op: str, cid: str, by: Any = None) -> Any:
+    """The answer of the node that holds client ``cid``, or None."""
+    if m.cluster_fanout is None:
+        return None
+    for answer in await m.cluster_fanout(op, {"clientid": cid, "by": by}):
+        if answer is not None:
+            return answer
+    return None
 
 
 def _session(m: Management, request: web.Request) -> Session:
     cid = request.match_info["clientid"]
     s = m.broker.sessions.get(cid)
     if s is None:
-        raise ApiError(404, "CLIENTID_NOT_FOUND", f"no client {cid!r} on this node")
+        raise ApiError(404, "CLIENTID_NOT_FOUND", f"no client {cid!r}")
     return s
 
 
@@ -1162,6 +1205,11 @@ def _session(m: Management, request: web.Request) -> Session:
 )
 async def client(request: web.Request) -> web.Response:
     m = _mgmt(request)
+    cid = request.match_info["clientid"]
+    if cid not in m.broker.sessions:
+        remote = await _remote(m, "client", cid)
+        if remote is not None:
+            return web.json_response(remote)
     s = _session(m, request)
     d = _client_view(m, s)
     d["subscriptions"] = [_sub_view(m, o) for o in s.subscriptions.values()]
@@ -1177,13 +1225,19 @@ async def client(request: web.Request) -> web.Response:
 )
 async def client_kick(request: web.Request) -> web.Response:
     m = _mgmt(request)
-    s = _session(m, request)
+    cid = request.match_info["clientid"]
+    if cid not in m.broker.sessions and await _remote(m, "kick", cid, request.get("user")):
+        return web.Response(status=204)
+    _kick(m, _session(m, request), request.get("user"))
+    return web.Response(status=204)
+
+
+def _kick(m: Management, s: Session, by: Any) -> None:
     ch = s.channel
     if ch is not None:
         ch.disconnect(RC.ADMINISTRATIVE_ACTION, "kicked by an administrator")
     m.broker.discard_session(s.client_id)
-    log.info("client %s kicked by %s", s.client_id, request.get("user"))
-    return web.Response(status=204)
+    log.info("client %s kicked by %s", s.client_id, by)
 
 
 # -- subscriptions -----------------------------------------------------------------------
