@@ -525,6 +525,9 @@ class Links:
         self._conns: set[_Link] = set()  # every open connection, authenticated or not
         self._seen: dict[str, _Seen] = {}
         self._gate = _Gate()
+        #: The commit source for the broker's output gate (``submitted`` and ``after``), the
+        #: gate itself rather than this object's properties: it is read once per packet.
+        self.commit_source = self._gate
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._calls: dict[bytes, tuple[asyncio.Future[bytes], _Link]] = {}

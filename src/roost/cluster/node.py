@@ -198,7 +198,7 @@ class Cluster:
         self._watches.extend(self.state.watches)
         self._spawn(self.state.run())
         broker = self.broker
-        broker.commits.add(links)
+        broker.commits.add(links.commit_source)
         broker.commits.add(self.writer)
         broker.commits.add(self.registry)
         broker.router.listener = self.routes
