@@ -260,7 +260,18 @@ class Channel:
             self.write(data)
         self.close()
 
+    def _withheld(self, topic: str) -> bool:
+        """A message on a topic this client may not subscribe to, come through a wildcard
+        filter that was granted: not sent (counted), whatever queue it waited in."""
+        acl = self.broker.acl
+        if acl.may_receive(topic, self.username, self.client_id, self.peer):
+            return False
+        self.broker.stats.delivery_denied += 1
+        return True
+
     def send_qos0(self, msg: Message, retain: bool, sub_ids: tuple[int, ...]) -> None:
+        if self.broker.acl.filters_deliveries and self._withheld(msg.topic):
+            return
         if self.v5 and (sub_ids or self.alias_max or msg.expires_at is not None):
             self.send_publish(msg, 0, retain, sub_ids, None, False)
             return
@@ -282,7 +293,10 @@ class Channel:
         pid: int | None,
         dup: bool,
     ) -> bool:
-        """Encode one delivery for this client; False when it exceeds the client's limit."""
+        """Encode one delivery for this client; False when it exceeds the client's limit or
+        the ACL withholds it (the session then drops it as acknowledged)."""
+        if self.broker.acl.filters_deliveries and self._withheld(msg.topic):
+            return False
         topic = msg.topic_wire
         props = None
         new_alias = False
