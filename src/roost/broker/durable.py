@@ -49,8 +49,15 @@ class Durable:
     # --------------------------------------------------------------------------- sessions
 
     def save_session(
-        self, session: Session, will: Message | None, will_delay: int, connected: bool
+        self,
+        session: Session,
+        will: Message | None,
+        will_delay: int,
+        connected: bool,
+        gate: bool = True,
     ) -> None:
+        """Write the session's row; ``gate=False`` when no reply need wait for it (a resumed
+        session, already in the store: its CONNACK promises nothing new)."""
         subs = [
             [o.topic_filter, o.qos, o.no_local, o.rap, o.retain_handling, o.sub_id]
             for o in session.subscriptions.values()
@@ -75,7 +82,8 @@ class Durable:
                 json.dumps(subs),
                 will_json,
                 None if connected else self.wall(),
-            )
+            ),
+            gate,
         )
 
     def delete_session(self, client_id: str) -> None:

@@ -166,8 +166,10 @@ class Broker:
         session.expiry_interval = expiry
         session.channel = channel
         if self.durable is not None and (expiry or session.durable is not None):
+            # A resumed session is already stored: its CONNACK need not wait for this write.
+            stored = present and session.durable is not None
             session.durable = self.durable
-            self.durable.save_session(session, channel.will, channel.will_delay, True)
+            self.durable.save_session(session, channel.will, channel.will_delay, True, not stored)
         self.stats.connections_total += 1
         return session, present
 
