@@ -88,6 +88,18 @@ class SslListener(ListenerBase):
 class WsListener(ListenerBase):
     bind: str = "0.0.0.0:8083"
     path: str = "/mqtt"
+    #: Browser origins (``https://app.example.com``) allowed to open a WebSocket here; a
+    #: handshake with another ``Origin`` is refused with 403. Empty: any origin. A handshake
+    #: without ``Origin`` (not a browser) is always allowed.
+    check_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("check_origins")
+    @classmethod
+    def _check_origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if not origin.startswith(("http://", "https://")) or origin.rstrip("/") != origin:
+                raise ValueError(f"{origin!r} is not an origin like https://host[:port]")
+        return v
 
 
 class WssListener(WsListener):
