@@ -218,6 +218,9 @@ class Authorization(_Model):
     rules: list[AclRule] = Field(default_factory=list)
     #: YAML file holding a list of rules (same fields as ``rules``); empty: none.
     acl_file: str = ""
+    #: The MQTT 5 SUBACK code of a subscription the rules refuse: 0x87 Not authorized, or 0x80
+    #: Unspecified error (what MQTT 3.1.1 always gets, and the Paho interop suite expects).
+    subscribe_refusal: Literal["not_authorized", "unspecified_error"] = "not_authorized"
 
 
 class HttpAuth(_Model):

@@ -772,6 +772,8 @@ class Channel:
         ):
             broker.stats.subscribe_denied += 1
             log.info("subscription of %s to %r denied", self.client_id, f)
+            if broker.config.authorization.subscribe_refusal == "unspecified_error":
+                return RC.UNSPECIFIED_ERROR
             return RC.NOT_AUTHORIZED
         return None
 
