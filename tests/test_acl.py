@@ -97,8 +97,9 @@ def test_subscribe_rules_v5(acl_broker):
     codes = _sub(alice, "users/alice/#", "users/bob/x", "#", "devices/+/out", "devices/#",
                  "public/news", "public/+", "public/secret", "local/#", "remote/#", "$SYS/#",
                  "sensors/one", "nothing/here", "$share/g/users/alice/x")  # fmt: skip
+    # public/+ is granted: the deny public/secret only overlaps it (withheld at delivery).
     assert codes == [1, DENIED_V5, DENIED_V5, 1, DENIED_V5,
-                     1, DENIED_V5, DENIED_V5, 1, DENIED_V5, DENIED_V5,
+                     1, 1, DENIED_V5, 1, DENIED_V5, DENIED_V5,
                      DENIED_V5, DENIED_V5, 1]  # fmt: skip
     alice.close()
     admin = _client(acl_broker.port, "admin-c", "admin")
@@ -224,13 +225,23 @@ def _acl(rules: list, no_match: str = "deny") -> Acl:
     return Acl(Authorization.model_validate({"no_match": no_match, "rules": rules}))
 
 
-def test_allow_must_cover_the_filter_and_deny_applies_on_overlap():
+def test_a_rule_decides_a_filter_it_covers_and_an_overlapping_deny_filters_delivery():
     acl = _acl([{"permission": "deny", "topics": ["a/secret"]},
                 {"permission": "allow", "topics": ["a/+"]}])  # fmt: skip
     sub = lambda f: acl.check("subscribe", f, "u", "c")  # noqa: E731
     assert sub("a/x") and not sub("a/secret")
-    assert not sub("a/+")  # would receive a/secret
-    assert not sub("a/#") and not sub("#") and not sub("+/x")
+    assert sub("a/+")  # granted; a/secret is withheld when delivered
+    assert acl.filters_deliveries
+    assert acl.may_receive("a/x", "u", "c") and not acl.may_receive("a/secret", "u", "c")
+    assert not sub("a/#") and not sub("#") and not sub("+/x")  # no allow covers them
+    acl = _acl([{"permission": "deny", "action": "subscribe", "topics": ["a/#"]}], "allow")
+    assert not acl.check("subscribe", "a/+", "u", "c")  # covered by the deny
+    assert acl.check("subscribe", "#", "u", "c") and acl.check("subscribe", "+/x", "u", "c")
+    assert not acl.may_receive("a/x", "u", "c") and acl.may_receive("b", "u", "c")
+    assert not _acl([{"permission": "allow", "topics": ["a/#"]}]).filters_deliveries
+    # eq grants the literal filter; a topic it does not name is still delivered through it.
+    acl = _acl([{"permission": "allow", "action": "subscribe", "topics": ["eq #"]}])
+    assert acl.check("subscribe", "#", "u", "c") and acl.may_receive("x", "u", "c")
     acl = _acl([{"permission": "allow", "topics": ["a/#"]}])
     assert acl.check("subscribe", "a", "u", "c")  # a/# matches a itself
     assert acl.check("subscribe", "a/+/b", "u", "c") and acl.check("subscribe", "a/#", "u", "c")
@@ -309,3 +320,38 @@ def test_acl_cache_follows_reload(tmp_path):
     _write(path, [{"permission": "deny", "topics": ["a"]}])
     acl.reload()
     assert not acl.check("publish", "a", "u", "c", "127.0.0.1:1")
+
+
+# ---------------------------------------------- a deny rule that overlaps a wildcard filter
+
+#: The README's sample authorization section.
+README_AUTHZ = {"authorization": {"no_match": "allow", "rules": [
+    {"permission": "deny", "action": "subscribe", "topics": ["test/nosubscribe"]}]}}  # fmt: skip
+
+
+@pytest.mark.parametrize("version", ["mqttv311", "mqttv5"])
+def test_readme_sample_grants_hash_and_withholds_only_the_denied_topic(make_broker, version):
+    """As mosquitto and EMQX do: ``#`` is granted; the denied topic is not delivered to it."""
+    b = make_broker(README_AUTHZ)
+    common = ["-h", "127.0.0.1", "-p", str(b.port), "-V", version]
+    for topic in ("test/nosubscribe", "readme/ok"):
+        subprocess.run(["mosquitto_pub", *common, "-t", topic, "-m", topic, "-r", "-q", "1"],
+                       check=True, timeout=10)  # fmt: skip
+    sub = subprocess.run(["mosquitto_sub", *common, "-t", "#", "-v", "-W", "2"],
+                         capture_output=True, text=True, timeout=10)  # fmt: skip
+    assert "denied" not in sub.stderr.lower(), sub.stderr
+    assert sub.stdout.split() == ["readme/ok", "readme/ok"], sub
+
+
+def test_wildcard_subscription_is_granted_and_filtered_at_delivery(make_broker):
+    b = make_broker(README_AUTHZ)
+    c = _client(b.port, "wild-v5")
+    assert _sub(c, "#", "test/+", "test/nosubscribe", "$share/g/test/nosubscribe") == [
+        1, 1, DENIED_V5, DENIED_V5]  # fmt: skip
+    pub = _client(b.port, "wild-pub")
+    for topic in ("test/nosubscribe", "test/ok", "other"):
+        assert _pub(pub, topic, 1) == 0
+    # Once per message (overlapping subscriptions give one copy), never the denied topic.
+    assert sorted(_received(c)) == ["other", "test/ok"]
+    c.close()
+    pub.close()

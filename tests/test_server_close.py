@@ -1,4 +1,5 @@
-"""A server-initiated DISCONNECT reaches a client that is still writing when it is sent.
+"""A server-initiated DISCONNECT reaches a client that is still writing when it is sent; a
+client's DISCONNECT does not swallow the replies produced before it.
 
 The broker must not close its socket at once after a DISCONNECT: bytes the client sends next
 would hit a closed socket, the kernel would answer with a reset, and the client could lose the
@@ -122,3 +123,45 @@ def test_the_broker_closes_a_silent_client_after_lingering(rm_broker, tls):
         assert time.monotonic() - t0 < 5
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "connect_kw"),
+    [(4, {"clean_start": False}), (5, {"properties": {"session_expiry_interval": 60}}),
+     (5, {})],
+    ids=["v311-persistent", "v5-persistent", "v5-clean-retained"],
+)  # fmt: skip
+def test_replies_pending_at_disconnect_are_sent_before_closing(broker, version, connect_kw):
+    """Pipelined CONNECT, PUBLISH 1, PUBLISH 2, PINGREQ, UNSUBSCRIBE, DISCONNECT: every reply
+    comes back, as mosquitto sends them, although some wait for a store commit."""
+    from roost.mqtt import Decoder, encode
+    from roost.mqtt.packets import (
+        Connack,
+        Connect,
+        Disconnect,
+        Pingreq,
+        Pingresp,
+        Puback,
+        Publish,
+        Pubrec,
+        Unsuback,
+        Unsubscribe,
+    )  # fmt: skip
+
+    retain = not connect_kw  # a clean session has nothing durable but a retained message
+    cid = f"pipelined-{version}-{len(connect_kw)}"
+    packets = [Connect(cid, version, **connect_kw),
+               Publish("pipe/1", b"one", 1, retain, packet_id=1),
+               Publish("pipe/2", b"two", 2, retain, packet_id=2),
+               Pingreq(), Unsubscribe(3, ["pipe/#"]), Disconnect()]  # fmt: skip
+    sock = socket.create_connection(("127.0.0.1", broker.port), timeout=5)
+    try:
+        sock.sendall(b"".join(encode(p, version) for p in packets))
+        data = bytearray()
+        while chunk := sock.recv(65536):
+            data += chunk
+    finally:
+        sock.close()
+    got = Decoder(version=version, server_side=False).feed(bytes(data))
+    assert [type(p) for p in got] == [Connack, Puback, Pubrec, Pingresp, Unsuback], got
+    assert [getattr(p, "packet_id", None) for p in got[1:]] == [1, 2, None, 3]

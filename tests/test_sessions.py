@@ -215,3 +215,23 @@ def test_takeover_of_clean_session_starts_fresh(broker):
     again = RawClient(broker.port, 4)  # the persistent session the new client made is kept
     assert again.connect("takeover-clean", clean_start=False).session_present
     again.close()
+
+
+def test_session_past_its_expiry_is_not_resumed_before_the_timer_runs(broker):
+    """Expiry is checked when the session is looked up, not only on the broker's 0.5 s tick:
+    reconnecting just after the interval never finds the session."""
+    present = []
+    for i in range(6):
+        cid = f"sess-just-expired-{i}"
+        raw = RawClient(broker.port)
+        ack = raw.connect(cid, properties={"session_expiry_interval": 1})
+        assert ack.reason_code == 0
+        raw.send(Disconnect())
+        assert raw.closed()  # the broker has handled the DISCONNECT: expiry runs from here
+        time.sleep(1.05)
+        again = RawClient(broker.port)
+        ack = again.connect(cid, clean_start=False, properties={"session_expiry_interval": 0})
+        present.append(ack.session_present)
+        again.close()
+        raw.close()
+    assert present == [False] * 6

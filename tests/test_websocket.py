@@ -261,3 +261,36 @@ def test_refusals_leave_others_alone(wsbroker):
     assert live.recv().payload == b"fine"
     live.disconnect()
     pub.disconnect()
+
+
+def _ws_status(port: int, origin: str | None) -> str:
+    """The status line a WebSocket handshake (with this Origin header, if any) gets."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    extra = f"Origin: {origin}\r\n" if origin is not None else ""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall((f"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                   f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n{extra}\r\n"
+                   ).encode())  # fmt: skip
+        return s.recv(4096).decode("latin-1").split("\r\n", 1)[0]
+
+
+def test_check_origins_refuses_other_sites_pages():
+    from tests.http import Api
+
+    ws = free_port()
+    cfg = {"listeners": {"ws": {"default": {
+        "enabled": True, "bind": f"127.0.0.1:{ws}",
+        "check_origins": ["https://app.example.com", "http://localhost:8080"]}}}}  # fmt: skip
+    with BrokerProcess(cfg) as b:
+        wait_listening(b, "ws:default")
+        assert _ws_status(ws, "https://evil.example.net") == "HTTP/1.1 403 Forbidden"
+        assert _ws_status(ws, "https://app.example.com").startswith("HTTP/1.1 101")
+        assert _ws_status(ws, "http://LOCALHOST:8080").startswith("HTTP/1.1 101")  # case-blind
+        assert _ws_status(ws, None).startswith("HTTP/1.1 101")  # not a browser
+        # A config change applies to the next handshake.
+        api = Api(b.api_url, key=b.api_key)
+        cfg_now = api.ok("GET", "/api/v1/config")
+        cfg_now["listeners"]["ws"]["default"]["check_origins"] = []
+        api.ok("PUT", "/api/v1/config", cfg_now)
+        assert _ws_status(ws, "https://evil.example.net").startswith("HTTP/1.1 101")

@@ -88,6 +88,18 @@ class SslListener(ListenerBase):
 class WsListener(ListenerBase):
     bind: str = "0.0.0.0:8083"
     path: str = "/mqtt"
+    #: Browser origins (``https://app.example.com``) allowed to open a WebSocket here; a
+    #: handshake with another ``Origin`` is refused with 403. Empty: any origin. A handshake
+    #: without ``Origin`` (not a browser) is always allowed.
+    check_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("check_origins")
+    @classmethod
+    def _check_origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if not origin.startswith(("http://", "https://")) or origin.rstrip("/") != origin:
+                raise ValueError(f"{origin!r} is not an origin like https://host[:port]")
+        return v
 
 
 class WssListener(WsListener):
@@ -206,6 +218,9 @@ class Authorization(_Model):
     rules: list[AclRule] = Field(default_factory=list)
     #: YAML file holding a list of rules (same fields as ``rules``); empty: none.
     acl_file: str = ""
+    #: The MQTT 5 SUBACK code of a subscription the rules refuse: 0x87 Not authorized, or 0x80
+    #: Unspecified error (what MQTT 3.1.1 always gets, and the Paho interop suite expects).
+    subscribe_refusal: Literal["not_authorized", "unspecified_error"] = "not_authorized"
 
 
 class HttpAuth(_Model):
@@ -284,8 +299,19 @@ class LogSettings(_Model):
     levels: dict[str, Literal["debug", "info", "warning", "error"]] = Field(default_factory=dict)
 
 
+#: What a management API caller may do: ``viewer`` reads; ``operator`` also acts (kick, ban,
+#: publish, listeners, evacuation, config changes that neither send credentials elsewhere nor
+#: read other files); ``admin`` may do everything.
+ApiRole = Literal["viewer", "operator", "admin"]
+
+
 class ApiSettings(_Model):
-    """The management listener: REST API, dashboard, ``/status`` and ``/metrics``."""
+    """The management listener: REST API, dashboard, ``/status`` and ``/metrics``.
+
+    Nothing under ``/api/v1`` answers without a credential, and none is known in advance: with
+    no ``admin`` in ``users`` the admin's password is read from ``admin_password_file``, else
+    from ``<data_dir>/admin.password``, generated (random, mode 0600) on first start.
+    """
 
     enabled: bool = True
     bind: str = "0.0.0.0:18083"
@@ -293,9 +319,32 @@ class ApiSettings(_Model):
     #: Empty: the file named by ``ROOSTOP_API_KEY_FILE`` (set by the operator), if any.
     bootstrap_keys_file: str = ""
     #: Basic-auth users (name -> password) for the dashboard and ``roost ctl``.
-    users: dict[str, str] = Field(default_factory=lambda: {"admin": "public"})
+    users: dict[str, str] = Field(default_factory=dict)
+    #: Role of a user or of a bootstrap key, by name (a bare key on line N is ``keyN``); a name
+    #: not listed is ``admin`` (the operator's key among them).
+    roles: dict[str, ApiRole] = Field(default_factory=dict)
+    #: The ``admin`` user's password when ``users`` has no ``admin``: the first line of this file
+    #: (e.g. a mounted Secret). Empty: ``<data_dir>/admin.password``, generated if missing.
+    admin_password_file: str = ""
     #: Serve ``/metrics`` without credentials (Prometheus scrapes usually carry none).
     public_metrics: bool = True
+    #: Failed logins one address may make in ``login_lockout`` seconds; past them its requests
+    #: are refused (429) for ``login_lockout`` seconds, right credentials included.
+    max_login_failures: int = Field(10, ge=1)
+    login_lockout: float = Field(60.0, gt=0)
+
+    @field_validator("users")
+    @classmethod
+    def _check_users(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, password in v.items():
+            if not name or ":" in name:
+                raise ValueError(f"{name!r}: a user name is not empty and holds no ':'")
+            if not password:
+                raise ValueError(f"{name}: empty password")
+        return v
+
+    def role(self, name: str) -> str:
+        return self.roles.get(name, "admin")
 
     @field_validator("bind")
     @classmethod

@@ -16,6 +16,7 @@ from roost import __version__
 from roost.broker.durable import Durable
 from roost.broker.node import Broker
 from roost.config import Config, ConfigError, ListenerBase, load_config
+from roost.datadir import ensure_data_dir
 from roost.logs import setup_logging
 from roost.mgmt import hotconfig
 from roost.mgmt.api import Management, local_op
@@ -90,6 +91,7 @@ async def _join_cluster(broker: Broker, mgmt: Management) -> Cluster | None:
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
+    ensure_data_dir(config.node.data_dir)  # 0700: the store and credentials live there
     broker = Broker(config)
     persister = _open_store(config, broker)
     listeners = ListenerSet(broker, _open_listener)

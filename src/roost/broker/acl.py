@@ -4,13 +4,15 @@ A rule matches a client by ``username``, ``clientid`` and ``ipaddress`` (CIDR), 
 one of its ``topics``: MQTT filters where ``%u``/``%c`` stand for the client's username and
 client id, or ``eq <filter>`` for that literal filter (``eq #`` is the subscription to ``#``).
 
-A SUBSCRIBE filter is itself a set of topics, so the two permissions compare differently:
-an ``allow`` rule must *cover* the filter (every topic it can match), while a ``deny`` rule
-applies when it *overlaps* the filter (some topic matches both). An allow ``a/+`` therefore
-does not let a client subscribe to ``a/#``, and a deny ``a/secret`` refuses ``a/+``. For a
-PUBLISH topic both are ordinary matching. As in MQTT, ``+``/``#`` at the first level never
-reach ``$`` topics. A placeholder whose value is missing (``%u`` of an anonymous client) makes
-the pattern match nothing, and its value is compared literally (a username ``#`` is no wildcard).
+A SUBSCRIBE filter is itself a set of topics. A rule decides a subscription when it *covers*
+the filter (every topic the filter can match): an allow ``a/+`` does not grant ``a/#``, and a
+deny ``a/secret`` does not refuse ``a/+``. A deny rule that only *overlaps* a granted filter
+(some topic matches both) withholds those topics at delivery instead, as mosquitto and EMQX do:
+``#`` is granted next to a deny ``a/secret``, and a message on ``a/secret`` is not sent to it
+(``may_receive``). For a PUBLISH topic both are ordinary matching. As in MQTT, ``+``/``#`` at
+the first level never reach ``$`` topics. A placeholder whose value is missing (``%u`` of an
+anonymous client) makes the pattern match nothing, and its value is compared literally (a
+username ``#`` is no wildcard).
 """
 
 from __future__ import annotations
@@ -90,6 +92,14 @@ class Acl:
             self.file_rules = [_Rule(r, config.acl_file) for r in load_acl_file(config.acl_file)]
         self.rules = self.inline + self.file_rules
         self._cache: dict[tuple[str, str, str | None, str, str], bool] = {}
+        self._update()
+
+    def _update(self) -> None:
+        # Only a deny rule on subscriptions can withhold a message from a granted filter: without
+        # one, deliveries skip the check entirely.
+        self.filters_deliveries = any(
+            not r.allow and "subscribe" in r.actions for r in self.rules
+        )
 
     @property
     def active(self) -> bool:
@@ -103,6 +113,7 @@ class Acl:
             self.file_rules = [_Rule(r, self.config.acl_file) for r in rules]
             self.rules = self.inline + self.file_rules
             self._cache = {}
+            self._update()
         return len(self.rules)
 
     def check(
@@ -118,10 +129,26 @@ class Acl:
             self._cache[key] = verdict
         return verdict
 
+    def may_receive(self, topic: str, username: str | None, client_id: str, peer: str = "") -> bool:
+        """May a message on ``topic`` go to this client through a subscription it was granted?
+        Only a deny rule can say no here: the first subscribe rule matching the topic decides,
+        and with none the grant stands (``no_match`` was applied to the filter)."""
+        key = ("receive", topic, username, client_id, peer)
+        verdict = self._cache.get(key)
+        if verdict is None:
+            verdict = self._check("receive", topic, username, client_id, peer)
+            if len(self._cache) >= CACHE_SIZE:
+                self._cache.clear()
+            self._cache[key] = verdict
+        return verdict
+
     def _check(
         self, action: str, topic: str, username: str | None, client_id: str, peer: str
     ) -> bool:
-        if action == "subscribe":
+        receive = action == "receive"
+        if receive:
+            action = "subscribe"
+        elif action == "subscribe":
             topic = parse_shared(topic)[1]
         levels = topic.split("/")
         for rule in self.rules:
@@ -142,13 +169,12 @@ class Acl:
                     subst = _substitute(pattern, username, client_id)
                     if subst is None:
                         continue
-                    if subst is _UNSAFE:
-                        hit = not rule.allow  # a deny still applies; an allow never does
-                    else:
-                        hit = (_covers if rule.allow else _overlaps)(subst, levels)
+                    # An unsafe value: a deny still applies, an allow never does. For a topic
+                    # (publish, receive) covering is matching.
+                    hit = not rule.allow if subst is _UNSAFE else _covers(subst, levels)
                 if hit:
                     return rule.allow
-        return self.config.no_match == "allow"
+        return receive or self.config.no_match == "allow"
 
     def describe(self) -> list[dict[str, Any]]:
         """The rules in force, in order, with where each came from (for the REST API)."""
@@ -215,24 +241,3 @@ def _covers(pattern: list[str], target: list[str]) -> bool:
         if p != t:
             return False
     return len(pattern) == len(target)
-
-
-def _overlaps(pattern: list[str], target: list[str]) -> bool:
-    """Is there a topic matched by both ``pattern`` and ``target`` (a topic or a filter)?"""
-    for i in range(max(len(pattern), len(target))):
-        p = pattern[i] if i < len(pattern) else None
-        t = target[i] if i < len(target) else None
-        if p == "#" or t == "#":
-            other = t if p == "#" else p
-            # ``#`` at the first level never matches a ``$`` topic.
-            return not (i == 0 and other is not None and other.startswith("$"))
-        if p is None or t is None:
-            return False
-        if p == "+" or t == "+":
-            other = t if p == "+" else p
-            if i == 0 and other.startswith("$"):
-                return False
-            continue
-        if p != t:
-            return False
-    return True

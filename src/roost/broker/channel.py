@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("roost.channel")
 
 _PINGRESP = b"\xd0\x00"
+#: Seconds a client's DISCONNECT may wait for the commits its earlier replies wait for.
+DRAIN_TIMEOUT = 5.0
 _STRIP_PROPS = ("topic_alias", "subscription_identifier")
 
 
@@ -105,6 +107,9 @@ class Channel:
         self.paused = False
         self._gate: list[bytes | _Barrier] | None = None
         self._connack: bytes | None = None  # the CONNACK sent (it may wait in the gate)
+        # Set (to the time) when a client's DISCONNECT closed the channel while replies still
+        # waited in the gate: the transport closes once they are out.
+        self._draining: float | None = None
         self.pub_limiter = broker.limits.publish_limiter()
         # While an asynchronous authentication runs: the packets that came after the CONNECT.
         self._held: list[Packet] | None = None
@@ -157,6 +162,7 @@ class Channel:
     def connection_lost(self) -> None:
         """The transport is gone (closed by either side)."""
         self.broker.channels.discard(self)
+        self._draining = None  # nobody left to send the held replies to
         if self.closed and not self.connected:
             return
         self.closed = True
@@ -174,6 +180,9 @@ class Channel:
 
     def tick(self, now: float) -> None:
         if self.closed:
+            if self._draining is not None and now - self._draining > DRAIN_TIMEOUT:
+                log.info("%s: replies still waiting for the store at close", self.client_id)
+                self._finish_drain()
             return
         if not self.connected:
             if now - self.created_at > self.broker.config.mqtt.connect_timeout:
@@ -232,24 +241,40 @@ class Channel:
             i = len(gate)
         rest = gate[i:]
         self._gate = rest or None
-        if out and not self.closed:
+        if out and (not self.closed or self._draining is not None):
             self.transport.write(b"".join(out))
+        if self._draining is not None and self._gate is None:
+            self._finish_drain()
 
     def send(self, packet: Packet) -> None:
         self.write(encode(packet, self.version))
 
-    def close(self) -> None:
+    def close(self, drain: bool = False) -> None:
+        """Close; with ``drain`` (the client's DISCONNECT) the replies still waiting for a
+        commit go out first, as they would have without the DISCONNECT."""
         if not self.closed:
             self.closed = True
-            self.broker.channels.discard(self)
-            self.transport.close()
+            if drain and self._gate is not None:
+                # Still in broker.channels, so that tick() bounds the wait.
+                self._draining = self.now()
+            else:
+                self.broker.channels.discard(self)
+                self.transport.close()
             if self.connected:
                 self.connected = False
                 self.broker.channel_closed(self)
 
+    def _finish_drain(self) -> None:
+        self._draining = None
+        self._gate = None
+        self.broker.channels.discard(self)
+        self.transport.close()
+
     def disconnect(self, reason: int, reason_string: str = "") -> None:
         """Server-initiated close: DISCONNECT with a reason on MQTT 5, then close."""
         if self.closed:
+            if self._draining is not None:  # e.g. shutdown: stop waiting
+                self._finish_drain()
             return
         gate, connack = self._gate, self._connack
         if gate is not None and connack is not None and any(x is connack for x in gate):
@@ -265,7 +290,18 @@ class Channel:
             self.write(data)
         self.close()
 
+    def _withheld(self, topic: str) -> bool:
+        """A message on a topic this client may not subscribe to, come through a wildcard
+        filter that was granted: not sent (counted), whatever queue it waited in."""
+        acl = self.broker.acl
+        if acl.may_receive(topic, self.username, self.client_id, self.peer):
+            return False
+        self.broker.stats.delivery_denied += 1
+        return True
+
     def send_qos0(self, msg: Message, retain: bool, sub_ids: tuple[int, ...]) -> None:
+        if self.broker.acl.filters_deliveries and self._withheld(msg.topic):
+            return
         if self.v5 and (sub_ids or self.alias_max or msg.expires_at is not None):
             self.send_publish(msg, 0, retain, sub_ids, None, False)
             return
@@ -287,7 +323,10 @@ class Channel:
         pid: int | None,
         dup: bool,
     ) -> bool:
-        """Encode one delivery for this client; False when it exceeds the client's limit."""
+        """Encode one delivery for this client; False when it exceeds the client's limit or
+        the ACL withholds it (the session then drops it as acknowledged)."""
+        if self.broker.acl.filters_deliveries and self._withheld(msg.topic):
+            return False
         topic = msg.topic_wire
         props = None
         new_alias = False
@@ -739,6 +778,8 @@ class Channel:
         ):
             broker.stats.subscribe_denied += 1
             log.info("subscription of %s to %r denied", self.client_id, f)
+            if broker.config.authorization.subscribe_refusal == "unspecified_error":
+                return RC.UNSPECIFIED_ERROR
             return RC.NOT_AUTHORIZED
         return None
 
@@ -769,7 +810,7 @@ class Channel:
         if d.reason_code != RC.DISCONNECT_WITH_WILL:
             self.graceful = True
             self.will = None
-        self.close()
+        self.close(drain=True)
 
 
 def _ack(first: int, pid: int, code: int) -> bytes:

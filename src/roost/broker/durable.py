@@ -38,12 +38,12 @@ class Durable:
         self._next_mid = 1
         #: Set by the cluster layer: also called with every session operation (client id, op)
         #: so that the session's store cores on other nodes apply it too.
-        self.replicate: Callable[[str, tuple[Any, ...]], None] | None = None
+        self.replicate: Callable[[str, tuple[Any, ...], bool], None] | None = None
 
-    def _op(self, client_id: str, op: tuple[Any, ...]) -> None:
-        self.persister.op(op)
+    def _op(self, client_id: str, op: tuple[Any, ...], gate: bool = True) -> None:
+        self.persister.op(op, gate)
         if self.replicate is not None:
-            self.replicate(client_id, op)
+            self.replicate(client_id, op, gate)
 
     def new_mid_space(self, base: int) -> None:
         """Draw message ids from ``base`` on (unless already past it): a cluster node starts
@@ -62,9 +62,16 @@ class Durable:
     # --------------------------------------------------------------------------- sessions
 
     def save_session(
-        self, session: Session, will: Message | None, will_delay: int, connected: bool
+        self,
+        session: Session,
+        will: Message | None,
+        will_delay: int,
+        connected: bool,
+        gate: bool = True,
     ) -> None:
-        self._op(session.client_id, self._session_op(session, will, will_delay, connected))
+        """Write the session's row; ``gate=False`` when no reply need wait for it (a resumed
+        session, already in the store: its CONNACK promises nothing new)."""
+        self._op(session.client_id, self._session_op(session, will, will_delay, connected), gate)
 
     def _session_op(
         self, session: Session, will: Message | None, will_delay: int, connected: bool
@@ -117,7 +124,7 @@ class Durable:
             if fresh:
                 self.persister.op(op)
             if self.replicate is not None:
-                self.replicate(session.client_id, op)
+                self.replicate(session.client_id, op, True)
         session.seq += 1
         d.seq = session.seq
         cid = session.client_id

@@ -138,6 +138,13 @@ class Broker:
         """Attach a channel to this node's session, taking over an older local connection;
         (session, present)."""
         session = self.sessions.get(client_id)
+        due = self._expiring.get(client_id)
+        if session is not None and due is not None and self.clock() >= due:
+            # Expired, though the timer has not reached it yet: it is not resumed.
+            del self._expiring[client_id]
+            log.info("session %s expired", client_id)
+            self._end_session(session)
+            session = None
         if session is not None and session.channel is not None:
             old = session.channel
             log.info("client %s taken over by a new connection", client_id)
@@ -159,8 +166,10 @@ class Broker:
         session.expiry_interval = expiry
         session.channel = channel
         if self.durable is not None and (expiry or session.durable is not None):
+            # A resumed session is already stored: its CONNACK need not wait for this write.
+            stored = present and session.durable is not None
             session.durable = self.durable
-            self.durable.save_session(session, channel.will, channel.will_delay, True)
+            self.durable.save_session(session, channel.will, channel.will_delay, True, not stored)
         self.stats.connections_total += 1
         return session, present
 

@@ -11,6 +11,7 @@ class Stats:
         "connect_rate_refused",
         "connections_refused",
         "connections_total",
+        "delivery_denied",
         "dropped_expired",
         "dropped_no_subscribers",
         "dropped_qos0_offline",

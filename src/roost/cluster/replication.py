@@ -111,7 +111,7 @@ class Replicator:
                 changed[cid] = (before, after)
         return changed
 
-    def op(self, client_id: str, op: tuple[Any, ...]) -> None:
+    def op(self, client_id: str, op: tuple[Any, ...], gate: bool = True) -> None:
         targets = self.targets(client_id)
         if not targets:
             return
@@ -125,7 +125,8 @@ class Replicator:
                     continue
                 seen.add(op[1])
             self._pending.setdefault(t, []).append((client_id, epoch, op))
-        self.submitted += 1
+        if gate:  # else written in order with the rest, but no reply waits for it
+            self.submitted += 1
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 

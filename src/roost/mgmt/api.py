@@ -30,6 +30,7 @@ from roost.broker.node import Broker
 from roost.broker.router import SubOpts
 from roost.broker.session import Session
 from roost.config import Config, ConfigError, explain, parse_bind
+from roost.datadir import admin_password
 from roost.mgmt import hotconfig, metrics
 from roost.mgmt.evacuation import Evacuation
 from roost.mgmt.listeners import ListenerSet
@@ -38,6 +39,9 @@ from roost.mqtt.topics import matches, parse_shared, valid_topic_filter, valid_t
 
 log = logging.getLogger("roost.mgmt")
 T = TypeVar("T")
+
+#: Every change made through the API, with who made it and from where.
+audit = logging.getLogger("roost.audit")
 
 STATIC = Path(__file__).parent / "static"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -66,7 +70,11 @@ _HTTP_CODES = {
     409: "CONFLICT",
     413: "PAYLOAD_TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
+    429: "TOO_MANY_REQUESTS",
 }
+
+#: Roles in increasing power; a route names the least one it needs.
+ROLES = ("viewer", "operator", "admin")
 
 # ----------------------------------------------------------------------- OpenAPI routes
 
@@ -92,6 +100,8 @@ class Route:
     body: type[BaseModel] | dict[str, Any] | None = None
     responses: dict[int, Any] = field(default_factory=dict)
     public: bool = False
+    #: The least role that may call it: reads need viewer, changes operator (see ROLES).
+    role: str = "viewer"
 
 
 ROUTES: list[Route] = []
@@ -106,6 +116,7 @@ def route(
     body: type[BaseModel] | dict[str, Any] | None = None,
     responses: dict[int, Any] | None = None,
     public: bool = False,
+    role: str | None = None,
 ) -> Callable[[Handler], Handler]:
     def deco(fn: Handler) -> Handler:
         ROUTES.append(
@@ -119,6 +130,7 @@ def route(
                 body,
                 responses or RESPONSES.get((method, path)) or {200: {"type": "object"}},
                 public,
+                role or ("viewer" if method == "GET" else "operator"),
             )
         )
         return fn
@@ -427,6 +439,8 @@ def openapi_document() -> dict[str, Any]:
         errors = {"400": "Bad request", "404": "Not found"}
         if not r.public:
             errors["401"] = "Missing or wrong credentials"
+            errors["403"] = "The caller's role may not do this"
+            errors["429"] = "Too many failed logins from this address; retry later"
         for status, text in errors.items():
             op["responses"].setdefault(
                 status,
@@ -439,6 +453,8 @@ def openapi_document() -> dict[str, Any]:
             )
         if r.public:
             op["security"] = []
+        else:
+            op["x-roost-role"] = r.role
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",
@@ -447,7 +463,8 @@ def openapi_document() -> dict[str, Any]:
             "version": __version__,
             "description": "Manage one Roost MQTT broker node. Errors are JSON "
             '{"code", "message"}. Authenticate with an API key (Authorization: Bearer KEY) '
-            "or HTTP basic auth (a dashboard user, or key name and key).",
+            "or HTTP basic auth (a dashboard user, or key name and key). Each operation "
+            "names the least role it needs in x-roost-role (viewer < operator < admin).",
         },
         "servers": [{"url": "/"}],
         "paths": paths,
@@ -571,6 +588,67 @@ class SharedStateHooks(Protocol):
         counters); ``bans``: counters of ban writes."""
 
 
+class LoginGuard:
+    """Failed logins per source address: past ``max_failures`` within ``window`` seconds the
+    address is locked out for ``window`` seconds (credentials are not even checked then), so a
+    password cannot be guessed at network speed."""
+
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._failures: dict[str, list[float]] = {}  # address -> times of recent failures
+        self._locked: dict[str, float] = {}  # address -> locked until
+
+    def locked_for(self, addr: str) -> float:
+        """Seconds this address stays locked out (0: not locked)."""
+        until = self._locked.get(addr)
+        if until is None:
+            return 0.0
+        left = until - self.clock()
+        if left <= 0:
+            del self._locked[addr]
+            return 0.0
+        return left
+
+    def failed(self, addr: str, max_failures: int, window: float) -> int:
+        """Count one failure; the failures within the window (> max_failures: now locked)."""
+        now = self.clock()
+        if len(self._failures) >= self.MAX_ADDRESSES:
+            self._purge(now, window)
+        times = [t for t in self._failures.get(addr, ()) if now - t < window]
+        times.append(now)
+        self._failures[addr] = times
+        if len(times) >= max_failures:
+            self._locked[addr] = now + window
+            del self._failures[addr]
+        return len(times)
+
+    def succeeded(self, addr: str) -> None:
+        self._failures.pop(addr, None)
+
+    def _purge(self, now: float, window: float) -> None:
+        for addr in [a for a, ts in self._failures.items() if now - ts[-1] >= window]:
+            del self._failures[addr]
+        if len(self._failures) >= self.MAX_ADDRESSES:  # a flood of addresses: forget the oldest
+            for addr in list(self._failures)[: self.MAX_ADDRESSES // 10]:
+                del self._failures[addr]
+        for addr in [a for a, until in self._locked.items() if until <= now]:
+            del self._locked[addr]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who made an API request: a user or key name, its role, and how it authenticated."""
+
+    name: str
+    role: str
+    via: Literal["user", "key"]
+
+    def may(self, role: str) -> bool:
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+
 class Management:
     """Everything the handlers need; one per node."""
 
@@ -582,6 +660,9 @@ class Management:
         self.runner: web.AppRunner | None = None
         self._keys: dict[str, str] = {}  # key -> name
         self._keys_src: tuple[str, float] | None = None
+        self.logins = LoginGuard()
+        #: The admin's password when api.users has none (resolved at start, see roost.datadir).
+        self.admin_password: str | None = None
         self.started = time.time()
         self.stopping = False
         #: Set by the cluster layer: every node of the cluster as node_info() dicts, and the
@@ -632,15 +713,40 @@ class Management:
             self._keys, self._keys_src = keys, (path, mtime)
         return self._keys
 
-    def authenticate(self, header: str) -> str | None:
-        """The caller's name for a valid Authorization header, else None."""
+    def users(self) -> dict[str, tuple[str, str]]:
+        """name -> (password, role): api.users, plus admin with its own password if not there."""
+        api = self.broker.config.api
+        users = {name: (pw, api.role(name)) for name, pw in api.users.items()}
+        if "admin" not in users and self.admin_password is not None:
+            users["admin"] = (self.admin_password, api.role("admin"))
+        return users
+
+    def _key_caller(self, name: str) -> Caller:
+        if not self.broker.config.api.bootstrap_keys_file:
+            # The operator's key (ROOSTOP_API_KEY_FILE): it reconfigures, evacuates and removes
+            # nodes, so no api.roles entry may take that away.
+            return Caller(name, "admin", "key")
+        return Caller(name, self.broker.config.api.role(name), "key")
+
+    def claimed_user(self, header: str) -> str:
+        """The user name an Authorization header claims, for the log ("a key" for a bearer)."""
+        scheme, _, cred = header.partition(" ")
+        if scheme.lower() != "basic":
+            return "an API key"
+        try:
+            return repr(base64.b64decode(cred.strip(), validate=True).decode().partition(":")[0])
+        except (binascii.Error, UnicodeDecodeError):
+            return "a malformed basic credential"
+
+    def authenticate(self, header: str) -> Caller | None:
+        """The caller for a valid Authorization header, else None."""
         scheme, _, cred = header.partition(" ")
         scheme = scheme.lower()
         cred = cred.strip()
         if scheme == "bearer" and cred:
             for key, name in self.api_keys().items():
                 if hmac.compare_digest(key.encode(), cred.encode()):
-                    return name
+                    return self._key_caller(name)
             return None
         if scheme == "basic":
             try:
@@ -649,12 +755,12 @@ class Management:
                 return None
             if not sep:
                 return None
-            want = self.broker.config.api.users.get(user)
-            if want is not None and hmac.compare_digest(want.encode(), pw.encode()):
-                return user
+            want = self.users().get(user)
+            if want is not None and hmac.compare_digest(want[0].encode(), pw.encode()):
+                return Caller(user, want[1], "user")
             for key, name in self.api_keys().items():  # EMQX style: key name and key
                 if name == user and hmac.compare_digest(key.encode(), pw.encode()):
-                    return name
+                    return self._key_caller(name)
         return None
 
     # -- views ----------------------------------------------------------------------------
@@ -713,6 +819,8 @@ class Management:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> web.AppRunner:
+        if "admin" not in self.broker.config.api.users:
+            self.admin_password = admin_password(self.broker.config)
         app = make_app(self)
         server_log = logging.getLogger("aiohttp.server")
         if not any(isinstance(f, _MalformedRequestFilter) for f in server_log.filters):
@@ -725,9 +833,12 @@ class Management:
         self.runner = runner
         self.lag.start()
         log.info("management API and dashboard on http://%s:%d/", host, port)
-        api = self.broker.config.api
-        if api.users.get("admin") == "public":
-            log.warning("the dashboard user admin still has the default password")
+        for name, pw in self.broker.config.api.users.items():
+            if pw == "public" or len(pw) < 8:
+                log.warning("the management API user %s has a weak password (api.users)", name)
+        if host in ("0.0.0.0", "::", ""):
+            log.info("the management API listens on every interface; every path but /status,"
+                     " /metrics and the dashboard's static files needs a credential")  # fmt: skip
         return runner
 
     async def close(self) -> None:
@@ -841,6 +952,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(500, "INTERNAL_ERROR", "internal error; see the node's log")
 
 
+def _route_role(request: web.Request) -> str:
+    handler = request.match_info.handler
+    return _ROLE_BY_HANDLER.get(handler, "viewer")
+
+
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path
@@ -848,16 +964,41 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     public = path == "/" or path.startswith(_PUBLIC_PREFIXES)
     if path == "/metrics" and m.broker.config.api.public_metrics:
         public = True
-    if not public:
-        who = m.authenticate(request.headers.get("Authorization", ""))
-        if who is None:
-            resp = error_response(
-                401, "UNAUTHORIZED", "an API key or a user and password is needed"
-            )
-            resp.headers["WWW-Authenticate"] = 'Bearer realm="roost"'
-            return resp
-        request["user"] = who
-    return await handler(request)
+    if public:
+        return await handler(request)
+    api = m.broker.config.api
+    addr = request.remote or "?"
+    locked = m.logins.locked_for(addr)
+    if locked:
+        resp = error_response(429, "TOO_MANY_REQUESTS",
+                              f"too many failed logins from {addr}; retry in {locked:.0f} s")
+        resp.headers["Retry-After"] = str(max(1, round(locked)))  # fmt: skip
+        return resp
+    header = request.headers.get("Authorization", "")
+    who = m.authenticate(header)
+    if who is None:
+        if header:  # no header is no login attempt (a browser's first request)
+            n = m.logins.failed(addr, api.max_login_failures, api.login_lockout)
+            log.warning("failed API login from %s (%s, %d in %g s)", addr,
+                        m.claimed_user(header), n, api.login_lockout)  # fmt: skip
+            if n >= api.max_login_failures:
+                log.warning("API logins from %s locked for %g s after %d failures", addr,
+                            api.login_lockout, n)  # fmt: skip
+        resp = error_response(401, "UNAUTHORIZED", "an API key or a user and password is needed")
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="roost"'
+        return resp
+    m.logins.succeeded(addr)
+    need = _route_role(request)
+    if not who.may(need):
+        return error_response(403, "FORBIDDEN", f"{request.method} {path} needs the {need} role;"
+                              f" {who.name} has {who.role}")  # fmt: skip
+    request["user"] = who.name
+    request["caller"] = who
+    resp = await handler(request)
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        audit.info("audit: %s %s by %s %s (%s) from %s: %d", request.method, path, who.via,
+                   who.name, who.role, addr, resp.status)  # fmt: skip
+    return resp
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -966,6 +1107,7 @@ async def cluster_nodes(request: web.Request) -> web.Response:
     "Remove a departed node from the cluster",
     "cluster",
     params=[_pp("name")],
+    role="admin",
 )
 async def cluster_remove(request: web.Request) -> web.Response:
     m = _mgmt(request)
@@ -1334,6 +1476,14 @@ async def client_subscribe(request: web.Request) -> web.Response:
         raise ApiError(400, "BAD_TOPIC", f"topic: {body.topic!r} is not a valid topic filter")
     if group is not None and body.nl:
         raise ApiError(400, "BAD_TOPIC", "nl: no local is not allowed on a shared subscription")
+    # The client's own ACL decides, as for its SUBSCRIBE: the API is no way around it.
+    ch = s.channel
+    username = ch.username if ch is not None else None
+    peer = ch.peer if ch is not None else ""
+    if m.broker.acl_active and not m.broker.acl.check(
+        "subscribe", body.topic, username, s.client_id, peer
+    ):
+        raise ApiError(403, "NOT_AUTHORIZED", f"{s.client_id} may not subscribe to {body.topic!r}")
     opts = SubOpts(s, body.topic, min(body.qos, cfg.max_qos_allowed), body.nl, body.rap, body.rh)
     existed = m.broker.subscribe(opts)
     # As at SUBSCRIBE: retained messages unless shared, rh 2, or rh 1 and it already existed.
@@ -1471,7 +1621,8 @@ async def retained_delete(request: web.Request) -> web.Response:
 @route(
     "POST",
     "/api/v1/publish",
-    "Publish a message as the broker",
+    "Publish a message, authorized by the ACL as the caller (username: the user or key name,"
+    " client id: api:<name>)",
     "publish",
     body=PublishBody,
 )
@@ -1481,6 +1632,12 @@ async def publish(request: web.Request) -> web.Response:
     cfg = m.broker.config.mqtt
     if not valid_topic_name(body.topic, cfg.max_topic_levels) or body.topic.startswith("$"):
         raise ApiError(400, "BAD_TOPIC", f"topic: {body.topic!r} is not a topic one may publish to")
+    name = request["user"]
+    if m.broker.acl_active and not m.broker.acl.check(
+        "publish", body.topic, name, f"api:{name}", f"{request.remote}:0"
+    ):
+        m.broker.stats.publish_denied += 1
+        raise ApiError(403, "NOT_AUTHORIZED", f"{name} may not publish to {body.topic!r}")
     if body.payload_encoding == "base64":
         try:
             payload = base64.b64decode(body.payload, validate=True)
@@ -1525,7 +1682,18 @@ async def config_put(request: web.Request) -> web.Response:
     m = _mgmt(request)
     raw = await _json_body(request)
     new, restart = hotconfig.parse_new_config(m.broker.config, raw)
+    caller: Caller = request["caller"]
+    # Checked before anything is applied: applying reads the files these keys name.
+    guarded = hotconfig.admin_only_changes(m.broker.config, new)
+    if guarded and not caller.may("admin"):
+        audit.warning("audit: %s %s (%s) from %s refused a config change of %s", caller.via,
+                      caller.name, caller.role, request.remote, ", ".join(guarded))  # fmt: skip
+        raise ApiError(403, "FORBIDDEN", "changing " + ", ".join(guarded) + " needs the admin"
+                       f" role; {caller.name} has {caller.role}")  # fmt: skip
     changed = await m.apply_config(new)
+    if guarded:
+        audit.warning("audit: %s %s (admin) from %s changed %s", caller.via, caller.name,
+                      request.remote, ", ".join(guarded))  # fmt: skip
     body = {"changed": changed, "restart_required": restart}
     body["config"] = hotconfig.public_config(m.broker.config)
     return web.json_response(body)
@@ -1660,8 +1828,13 @@ async def _dashboard(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
 
+_ROLE_BY_HANDLER: dict[Any, str] = {}
+
+
 def make_app(m: Management) -> web.Application:
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=4 * 1024 * 1024)
+    # Errors inside _auth so that a refused handler's error response is audited too.
+    app = web.Application(middlewares=[_auth, _errors], client_max_size=4 * 1024 * 1024)
+    _ROLE_BY_HANDLER.update({r.handler: r.role for r in ROUTES})
     app["mgmt"] = m
     for r in ROUTES:
         # Path parameters may hold "/" (topics): match the rest of the path for the last one.

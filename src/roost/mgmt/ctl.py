@@ -2,7 +2,11 @@
 
 Human tables by default, ``--json`` for scripts. Credentials: ``--api-key`` (or ROOSTCTL_API_KEY,
 or the first key of the file named by ROOSTOP_API_KEY_FILE, as inside an operator-run pod), or
-``--user``/``--password`` (ROOSTCTL_USER/ROOSTCTL_PASSWORD). Exit status: 0 ok, 1 the API refused,
+``--user``/``--password`` (ROOSTCTL_USER/ROOSTCTL_PASSWORD); with none of them, what the node's
+own config gives on this machine (``--config``, else ROOST_CONFIG, else the defaults, with the
+ROOST_* overrides): its first bootstrap key, else the admin's password from ``api.users``, or
+from the file the node keeps it in (``<data_dir>/admin.password``). The URL defaults to
+ROOSTCTL_URL, else that config's ``api.bind`` on loopback. Exit status: 0 ok, 1 the API refused,
 2 bad usage, 3 the node cannot be reached.
 """
 
@@ -42,8 +46,14 @@ def add_parser(sub: Any) -> None:
     ctl = sub.add_parser("ctl", help="manage a running node over its REST API")
     ctl.add_argument(
         "--url",
-        default=os.environ.get("ROOSTCTL_URL", DEFAULT_URL),
-        help=f"management API (default: ROOSTCTL_URL or {DEFAULT_URL})",
+        default=os.environ.get("ROOSTCTL_URL"),
+        help=f"management API (default: ROOSTCTL_URL, else the local config's api.bind, else"
+        f" {DEFAULT_URL})",
+    )
+    ctl.add_argument(
+        "--config",
+        default=os.environ.get("ROOST_CONFIG"),
+        help="the local node's config file, for its URL and credentials (default: ROOST_CONFIG)",
     )
     ctl.add_argument("--api-key", default=os.environ.get("ROOSTCTL_API_KEY"))
     ctl.add_argument("--user", default=os.environ.get("ROOSTCTL_USER"))
@@ -130,17 +140,63 @@ def add_parser(sub: Any) -> None:
 # ----------------------------------------------------------------------------- HTTP
 
 
+def _local_config(path: str | None) -> Any:
+    """The local node's config (None when it cannot be read: then there is nothing local)."""
+    from roost.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError:
+        return None
+
+
+def _local_url(config: Any) -> str:
+    if config is None:
+        return DEFAULT_URL
+    from roost.config import parse_bind
+
+    host, port = parse_bind(config.api.bind)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _local_credentials(config: Any) -> tuple[str, str | tuple[str, str]] | None:
+    """("bearer", key) or ("basic", (user, password)) the local node's config leads to."""
+    if config is None:
+        return None
+    from roost.datadir import admin_password_path, read_admin_password
+
+    api = config.api
+    keyfile = api.bootstrap_keys_file or os.environ.get("ROOSTOP_API_KEY_FILE", "")
+    key = _first_key(keyfile) if keyfile else None
+    if key:
+        return "bearer", key
+    if "admin" in api.users:
+        return "basic", ("admin", api.users["admin"])
+    pw = read_admin_password(admin_password_path(config))
+    return ("basic", ("admin", pw)) if pw else None
+
+
 class Client:
     def __init__(self, args: argparse.Namespace) -> None:
-        self.base = args.url.rstrip("/")
+        explicit = args.api_key or args.user or os.environ.get("ROOSTOP_API_KEY_FILE")
+        config = _local_config(args.config) if not (explicit and args.url) else None
+        self.base = (args.url or _local_url(config)).rstrip("/")
         self.headers: dict[str, str] = {}
         key = args.api_key
         if key is None and not args.user and os.environ.get("ROOSTOP_API_KEY_FILE"):
             key = _first_key(os.environ["ROOSTOP_API_KEY_FILE"])
+        user, password = args.user, args.password
+        if not key and not user:
+            local = _local_credentials(config)
+            if local is not None and local[0] == "bearer":
+                key = local[1]  # type: ignore[assignment]
+            elif local is not None:
+                user, password = local[1]  # type: ignore[misc]
         if key:
             self.headers["Authorization"] = f"Bearer {key}"
-        elif args.user:
-            cred = base64.b64encode(f"{args.user}:{args.password or ''}".encode()).decode()
+        elif user:
+            cred = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
             self.headers["Authorization"] = f"Basic {cred}"
 
     def call(self, method: str, path: str, body: Any = None, ok404: bool = False) -> Any:

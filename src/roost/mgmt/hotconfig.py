@@ -28,9 +28,80 @@ MASK = "******"
 
 
 def public_config(config: Config) -> dict[str, Any]:
+    """The config as the API shows it: passwords and the auth hook's header values masked."""
     data = config.model_dump(mode="json")
     data["api"]["users"] = {name: MASK for name in data["api"]["users"]}
+    http = data["authentication"].get("http")
+    if http:
+        http["headers"] = {k: MASK for k in http["headers"]}
     return data
+
+
+def _unmask(raw: dict[str, Any], current: Config) -> None:
+    """Put back the secrets a client sent as ``MASK`` (it got them masked)."""
+    api = raw.get("api")
+    if isinstance(api, dict) and isinstance(api.get("users"), dict):
+        for name, pw in api["users"].items():
+            if pw == MASK and name in current.api.users:
+                api["users"][name] = current.api.users[name]
+    auth = raw.get("authentication")
+    http = auth.get("http") if isinstance(auth, dict) else None
+    old_http = current.authentication.http
+    if isinstance(http, dict) and isinstance(http.get("headers"), dict) and old_http is not None:
+        for k, v in http["headers"].items():
+            if v == MASK and k in old_http.headers:
+                http["headers"][k] = old_http.headers[k]
+
+
+#: Keys only an admin may change, and every key under them (dotted, ``*`` any one level): they
+#: send credentials or data elsewhere (the auth hook, the cluster), make the broker read other
+#: files (password file, ACL file, certificates, data directory), or decide who manages it.
+ADMIN_ONLY = (
+    "authentication.http", "authentication.password_file", "authorization.acl_file",
+    "listeners.*.*.ssl_options.certfile", "listeners.*.*.ssl_options.keyfile",
+    "listeners.*.*.ssl_options.cacertfile", "listeners.quic.*.certfile",
+    "listeners.quic.*.keyfile", "api", "cluster", "node",
+)  # fmt: skip
+
+
+def _leaves(old: Any, new: Any, path: str) -> list[tuple[str, Any]]:
+    """(dotted key, new value) of every leaf that differs; a dict present on one side only is
+    compared with an empty one."""
+    if isinstance(old, dict) or isinstance(new, dict):
+        a = old if isinstance(old, dict) else {}
+        b = new if isinstance(new, dict) else {}
+        out: list[tuple[str, Any]] = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _leaves(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        if not out and old != new:  # {} against None
+            out.append((path, new))
+        return out
+    return [] if old == new else [(path, new)]
+
+
+def _guarded(key: str) -> bool:
+    parts = key.split(".")
+    return any(
+        len(pp) <= len(parts) and all(p in ("*", k) for p, k in zip(pp, parts, strict=False))
+        for pp in (pattern.split(".") for pattern in ADMIN_ONLY)
+    )
+
+
+def admin_only_changes(current: Config, new: Config) -> list[str]:
+    """The keys that ``new`` changes and only an admin may change; a file or URL key set to
+    nothing (back to a self-signed certificate, no hook) is not among them."""
+    keys = []
+    for key, value in _leaves(current.model_dump(mode="json"), new.model_dump(mode="json"), ""):
+        top = key.split(".")[0]
+        if not _guarded(key):
+            continue
+        if top not in ("api", "cluster", "node") and value in (None, "", {}, []):
+            continue
+        if key.startswith("authentication.http."):
+            key = "authentication.http"
+        if key not in keys:
+            keys.append(key)
+    return keys
 
 
 def parse_new_config(current: Config, raw: Any) -> tuple[Config, list[str]]:
@@ -43,11 +114,7 @@ def parse_new_config(current: Config, raw: Any) -> tuple[Config, list[str]]:
         raise ConfigError("invalid config: (top level): must be a JSON object")
     raw = copy.deepcopy(raw)
     raw.setdefault("node", current.node.model_dump(mode="json"))
-    api = raw.get("api")
-    if isinstance(api, dict) and isinstance(api.get("users"), dict):
-        for name, pw in api["users"].items():
-            if pw == MASK and name in current.api.users:
-                api["users"][name] = current.api.users[name]
+    _unmask(raw, current)
     try:
         new = Config.model_validate(raw)
     except ValidationError as e:

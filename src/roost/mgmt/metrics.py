@@ -288,7 +288,7 @@ def render(
         "too_large": s.dropped_too_large,
         "expired": s.dropped_expired,
         "qos0_offline": s.dropped_qos0_offline,
-        "not_authorized": s.publish_denied,
+        "not_authorized": s.publish_denied + s.delivery_denied,
     }
     w.metric(
         "roost_messages_dropped",

@@ -39,9 +39,12 @@ class Persister:
         self.ops_written = 0
         self.failed = False
 
-    def op(self, op: tuple[Any, ...]) -> None:
+    def op(self, op: tuple[Any, ...], gate: bool = True) -> None:
+        """Submit one change. ``gate=False``: no reply waits for it (it is not counted in
+        ``submitted``), though it is written in order with the rest, before anything later."""
         self._ops.append(op)
-        self.submitted += 1
+        if gate:
+            self.submitted += 1
         self._schedule()
 
     def after(self, callback: Callable[[], None]) -> None:

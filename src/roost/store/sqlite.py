@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from roost.datadir import ensure_data_dir, private_file
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     client_id TEXT PRIMARY KEY,
@@ -125,7 +127,9 @@ def dump_props(props: dict[str, Any] | None) -> str | None:
 
 class SqliteStore:
     def __init__(self, path: str | Path, fsync: bool = True) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(path)
+        ensure_data_dir(path.parent)
+        private_file(path)  # SQLite gives its -wal and -shm files the database's mode
         # One connection, used by one writer thread at a time (the persister serializes).
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")

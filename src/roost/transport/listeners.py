@@ -31,7 +31,14 @@ async def start_listener(
         from roost.transport.ws import start_ws_listener
 
         assert isinstance(lst, WsListener)
-        server = await start_ws_listener(broker, label, host, port, maxc, lst.path, ctx, as_cn)
+
+        def origins() -> list[str]:
+            current = getattr(broker.config.listeners, kind).get(label.partition(":")[2], lst)
+            return current.check_origins
+
+        server = await start_ws_listener(
+            broker, label, host, port, maxc, lst.path, ctx, as_cn, origins
+        )
     else:
         server = await start_tcp_listener(broker, label, host, port, maxc, ctx, as_cn)
     addrs = [sock.getsockname()[:2] for sock in server.sockets]

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import ssl
 import struct
+from collections.abc import Callable
 
 from roost.broker.channel import Channel
 from roost.broker.node import Broker
@@ -65,10 +66,17 @@ def unmask(data: bytes, mask: bytes) -> bytes:
 
 
 class WsProtocol(CoalescedWrites, asyncio.Protocol):
-    def __init__(self, broker: Broker, listener: ListenerState, path: str) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        listener: ListenerState,
+        path: str,
+        origins: Callable[[], list[str]] = list,
+    ) -> None:
         self.broker = broker
         self.listener = listener
         self.path = path
+        self.origins = origins  # read at each handshake: a hot config change applies at once
         self.transport: asyncio.Transport | None = None
         self.channel: Channel | None = None
         self.peer = ""
@@ -160,6 +168,17 @@ class WsProtocol(CoalescedWrites, asyncio.Protocol):
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
         if parts[1].split("?", 1)[0] != self.path:
             self._http_error(404, "Not Found")
+            return False
+        allowed = self.origins()
+        origin = headers.get("origin")
+        if allowed and origin is not None and origin.rstrip("/").lower() not in {
+            o.lower() for o in allowed
+        }:
+            # A page from another site would use the visitor's network position (and any
+            # credentials the page holds) to reach this broker.
+            log.info("WebSocket from %s refused: origin %r not in check_origins", self.peer,
+                     origin)  # fmt: skip
+            self._http_error(403, "Forbidden")
             return False
         connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
         key = headers.get("sec-websocket-key", "")
@@ -305,12 +324,13 @@ async def start_ws_listener(
     path: str = "/mqtt",
     ssl_context: ssl.SSLContext | None = None,
     cert_as_username: bool = False,
+    origins: Callable[[], list[str]] = list,
 ) -> asyncio.Server:
     state = ListenerState(name, max_connections, cert_as_username)
     broker.listener_states[name] = state
     loop = asyncio.get_running_loop()
     kw = {"ssl_handshake_timeout": 10.0} if ssl_context is not None else {}
     return await loop.create_server(
-        lambda: WsProtocol(broker, state, path), host, port, ssl=ssl_context,
+        lambda: WsProtocol(broker, state, path, origins), host, port, ssl=ssl_context,
         reuse_address=True, backlog=1024, **kw,
     )  # fmt: skip

@@ -30,7 +30,12 @@ $("#login-form").addEventListener("submit", async (ev) => {
   const user = $("#login-user").value, pass = $("#login-pass").value;
   state.auth = user === "key" ? "Bearer " + pass : "Basic " + btoa(user + ":" + pass);
   const r = await fetch("/api/v1/node", { headers: { Authorization: state.auth } });
-  if (!r.ok) { state.auth = null; showLogin("wrong user or password"); return; }
+  if (!r.ok) {
+    state.auth = null;
+    showLogin(r.status === 429 ? "too many failed logins from here: wait, then retry"
+      : "wrong user or password");
+    return;
+  }
   sessionStorage.setItem("roost-auth", state.auth);
   $("#login").hidden = true;
   $("#who").textContent = user === "key" ? "API key" : user;
