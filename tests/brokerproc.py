@@ -21,6 +21,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: each socket stays bound until all are picked."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 class BrokerProcess:
     """A broker subprocess with its own data dir and config; use as a context manager."""
 
@@ -31,9 +43,11 @@ class BrokerProcess:
         env: dict[str, str] | None = None,
     ) -> None:
         """``env``: ROOST_* variables for the process (the caller's own are never passed on)."""
-        self.port = port or free_port()
+        mqtt_port, self.api_port = free_ports(2)  # distinct: picked while both are held
+        self.port = port or mqtt_port
+        if self.api_port == self.port:
+            self.api_port = mqtt_port
         self.env = env or {}
-        self.api_port = free_port()
         self.tmp = tempfile.TemporaryDirectory(prefix="roost-test-")
         #: Bearer key for the management API (bootstrap key file), and basic-auth admin.
         self.api_key = "test-key-" + os.urandom(8).hex()

@@ -27,9 +27,19 @@ from roost.cluster.etcdproc import EtcdCluster
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (held open together, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _die_with_parent() -> None:
@@ -60,9 +70,7 @@ class NodeProcess:
         self.role = role
         self.dir = base / name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.api_port = free_port()
-        self.link_port = free_port()
+        self.port, self.api_port, self.link_port = free_ports(3)
         self.api_key = "dev-" + os.urandom(8).hex()
         keys = self.dir / "api-keys"
         keys.write_text(f"dev:{self.api_key}\n")
@@ -86,6 +94,14 @@ class NodeProcess:
         self.log_path = self.dir / "roost.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
+
+    def repick_ports(self) -> None:
+        """New ports (one was taken by someone else before the node bound it)."""
+        self.port, self.api_port, self.link_port = free_ports(3)
+        listeners, api = self.config["listeners"], self.config["api"]
+        listeners["tcp"]["default"]["bind"] = f"127.0.0.1:{self.port}"
+        api["bind"] = f"127.0.0.1:{self.api_port}"
+        self.config["cluster"]["link"]["bind"] = f"127.0.0.1:{self.link_port}"
 
     def set_endpoints(self, endpoints: list[str]) -> None:
         self.config["cluster"]["etcd"]["endpoints"] = endpoints
@@ -112,8 +128,15 @@ class NodeProcess:
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
+        retried = False
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
+                if not retried and "address already in use" in self.log(5):
+                    retried = True  # a port picked as free was taken meanwhile: once more
+                    self.stop()
+                    self.repick_ports()
+                    self.spawn()
+                    continue
                 raise RuntimeError(f"node {self.name} exited early:\n{self.log()}")
             if self.ready():
                 return
