@@ -284,3 +284,29 @@ def test_rest_api_on_any_node_lists_and_kicks_every_nodes_clients(cluster3: Loca
     page = c.api("GET", "/api/v1/clients?like_clientid=listed-on")
     assert [d["clientid"] for d in page["data"]] == ["listed-on-c"]
     on_c.disconnect()
+
+
+def test_five_nodes_are_one_broker() -> None:
+    with LocalCluster(cores=3, replicants=2, extra={"cluster": {"lease_ttl": 3}}) as cluster:
+        nodes = cluster.nodes
+        subs = []
+        for i, node in enumerate(nodes):
+            s = PahoClient(node.port, f"five-{i}")
+            s.connect()
+            # Overlapping filters on every node: each client still gets one copy.
+            s.subscribe("five/#", 1)
+            s.subscribe("five/+/x", 1)
+            subs.append(s)
+        for i, node in enumerate(nodes):
+            publish_seq(node.port, f"five/{i}/x", 20, 1, prefix=f"p{i}")
+        for s in subs:
+            got = s.recv_all(100, timeout=20)
+            s.assert_nothing(0.3)
+            by_pub: dict[bytes, list[int]] = {}
+            for m in got:
+                p, _, n = m.payload.partition(b":")
+                by_pub.setdefault(p, []).append(int(n))
+            assert by_pub == {f"p{i}".encode(): list(range(20)) for i in range(5)}
+            s.disconnect()
+        names = [n["name"] for n in nodes[4].api("GET", "/api/v1/cluster/nodes")["nodes"]]
+        assert names == ["core0", "core1", "core2", "replicant0", "replicant1"]
