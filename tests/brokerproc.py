@@ -70,6 +70,8 @@ class BrokerProcess:
             },
         }
         _merge(cfg, config or {})
+        self._cfg = cfg
+        self._fixed_port = port is not None
         self.config_path = Path(self.tmp.name) / "roost.yaml"
         self.config_path.write_text(yaml.safe_dump(cfg))
         self.log_path = Path(self.tmp.name) / "roost.log"
@@ -87,6 +89,9 @@ class BrokerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if self._repick_ports():
+                    self._log.close()
+                    return self.start(timeout)
                 raise RuntimeError(f"broker exited early:\n{self.log()}")
             with (
                 contextlib.suppress(OSError),
@@ -96,6 +101,24 @@ class BrokerProcess:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"broker did not listen within {timeout}s:\n{self.log()}")
+
+    def _repick_ports(self) -> bool:
+        """Once, when a port picked as free was taken by another process before the broker
+        bound it (tests run beside other work): new ports for its TCP listener and API."""
+        if getattr(self, "_repicked", False) or "address already in use" not in self.log():
+            return False
+        listeners, api = self._cfg["listeners"]["tcp"]["default"], self._cfg["api"]
+        if self._fixed_port or listeners.get("bind") != f"127.0.0.1:{self.port}" or (
+            api.get("bind") != f"127.0.0.1:{self.api_port}"
+        ):
+            return False  # the test chose its ports: not ours to change
+        self._repicked = True
+        self.port, self.api_port = free_ports(2)
+        listeners["bind"] = f"127.0.0.1:{self.port}"
+        api["bind"] = f"127.0.0.1:{self.api_port}"
+        self.config_path.write_text(yaml.safe_dump(self._cfg))
+        self.log_path.write_text("")
+        return True
 
     def kill(self) -> None:
         """SIGKILL, as a crash or an OOM kill would: nothing gets to flush."""
