@@ -183,9 +183,20 @@ def test_node_cut_off_from_etcd_fences_itself_and_comes_back(tmp_path) -> None: 
             client = PahoClient(cut.port, "fenced-client")
             client.c.reconnect_delay_set(120, 120)
             client.connect()
+            watcher = PahoClient(cluster.nodes[0].port, "fence-watcher")
+            watcher.connect()
+            watcher.subscribe("fence/pub", 1)
+            pub = SeqPublisher(cut.port, "fence/pub", "fence-publisher").start()
+            time.sleep(0.5)
             proxy.cut()
             # Within 2/3 of the 3 s lease (plus a renewal period): DISCONNECT, not ready.
             assert client.disconnects.get(timeout=6) == 0x9C
+            acked = pub.stop()  # it was disconnected too: nothing acknowledged after that
+            assert pub.client.disconnects.get(timeout=1) == 0x9C
+            got = set(received(watcher))
+            lost = sorted(acked - got)
+            assert acked and not lost, f"acknowledged by the fencing node, never delivered: {lost}"
+            watcher.disconnect()
             wait_until(lambda: not cut.ready(), 3, "/status to say not ready")
             refused = PahoClient(cut.port, "fenced-new")
             _flags, rc, _ = refused.connect(expect_ok=False)
