@@ -150,3 +150,60 @@ def test_rebalance_moves_connections_from_the_busiest_node() -> None:
                 again.connect()
         nodes = {n["name"]: n for n in b.api("GET", "/api/v1/cluster/nodes")["nodes"]}
         assert nodes["core1"]["connections"] == 10
+
+
+@pytest.mark.stress
+def test_evacuation_under_load_loses_no_acknowledged_message() -> None:
+    """Known to fail about 1 run in 6 (1 to 10 of ~1,500 acknowledged messages missing for one
+    of the 30 persistent clients, around its takeover): a race still open, so this runs with
+    ``-m stress`` and not in the default suite until it is fixed (see docs/cluster.md)."""
+    from tests.cluster.test_failures import SeqPublisher
+
+    with LocalCluster(cores=3, extra={"cluster": {"lease_ttl": 3}}) as cluster:
+        a, b, c = cluster.nodes
+        n_persistent, n_clean = 30, 30
+        clients = []
+        for i in range(n_persistent + n_clean):
+            persistent = i < n_persistent
+            cl = PahoClient(c.port, f"load-{i}", protocol=V5)
+            cl.c.reconnect_delay_set(120, 120)
+            expiry = 600 if persistent else 0
+            cl.connect(clean_start=True, properties=props(SessionExpiryInterval=expiry))
+            cl.subscribe("load/t", 1)
+            clients.append(cl)
+        pub = SeqPublisher(a.port, "load/t", "load-pub").start()
+        time.sleep(0.5)
+        c.api("POST", "/api/v1/node/evacuation",
+              {"conn_evict_rate": 40, "sess_evict_rate": 100, "wait_takeover": 6.0})  # fmt: skip
+        # Each client reconnects elsewhere when told 0x9C (as a client following the Server
+        # Reference or the Service would); persistent ones resume their session there.
+        moved: list[PahoClient] = []
+        for i, cl in enumerate(clients):
+            assert cl.disconnects.get(timeout=20) == 0x9C
+            persistent = i < n_persistent
+            again = PahoClient((a, b)[i % 2].port, f"load-{i}", protocol=V5)
+            flags, _, _ = again.connect(
+                clean_start=not persistent,
+                properties=props(SessionExpiryInterval=600 if persistent else 0))  # fmt: skip
+            if persistent:
+                assert flags.session_present, f"load-{i} lost its session"
+            else:
+                again.subscribe("load/t", 1)
+            moved.append(again)
+        wait_until(lambda: evacuation(c)["status"] == "done", 30, "evacuation to finish")
+        assert evacuation(c)["connections"] == 0 and evacuation(c)["sessions"] == 0
+        time.sleep(0.5)
+        acked = pub.stop()
+        assert len(acked) > 200
+        time.sleep(1.0)  # the last acknowledged messages are still on their way to clients
+        for i, (old, new) in enumerate(zip(clients, moved, strict=True)):
+            if i >= n_persistent:
+                break
+            got = set()
+            for source in (old, new):
+                while not source.messages.empty():
+                    got.add(int(source.messages.get().payload.split(b":")[1]))
+            lost = sorted(acked - got)
+            assert not lost, f"load-{i}: {len(lost)} acknowledged messages lost, e.g. {lost[:5]}"
+        for cl in moved:
+            cl.disconnect()

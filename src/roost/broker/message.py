@@ -22,6 +22,7 @@ class Message:
         "_topic_wire",
         "_wire",
         "expires_at",
+        "fwd_id",
         "mid",
         "payload",
         "props",
@@ -55,6 +56,8 @@ class Message:
         self._props_wire: bytes | None = None
         self._wire: dict[int, bytes] | None = None
         self.mid = 0  # id in the store, once a persistent session holds it
+        #: (origin node, message id) when another node forwarded it here (cluster only).
+        self.fwd_id: tuple[str, int] | None = None
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at

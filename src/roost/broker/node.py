@@ -177,10 +177,14 @@ class Broker:
         cfg = self.config.mqtt
         return Session(client_id, self.stats, cfg.max_mqueue_len, cfg.mqueue_store_qos0)
 
-    def take_session(self, client_id: str) -> Session | None:
+    def take_session(
+        self, client_id: str, relay: Callable[[Message, int], None] | None = None
+    ) -> Session | None:
         """Hand this node's session to another node: its connection (if any) is told 0x8E and
-        closed without its will, and the session leaves this node with its state (routes,
-        timers, store) but is not ended; the caller serializes it."""
+        closed without its will, and the session leaves this node with its state (timers,
+        store) but is not ended; the caller serializes it. With ``relay`` its subscriptions
+        stay in the router for now and what they match goes to ``relay`` (``drop_relay``
+        ends that), else they go at once."""
         session = self.sessions.get(client_id)
         if session is None:
             self._wills.pop(client_id, None)
@@ -194,13 +198,21 @@ class Broker:
             ch.disconnect(RC.SESSION_TAKEN_OVER)
         self._wills.pop(client_id, None)
         self._expiring.pop(client_id, None)
-        for f in list(session.subscriptions):
-            self.router.remove(session.client_id, f)
+        if relay is not None:
+            session.relay = relay
+        else:
+            for f in list(session.subscriptions):
+                self.router.remove(session.client_id, f)
         if session.durable is not None:
             session.durable.delete_session(client_id)
             session.durable = None
         del self.sessions[client_id]
         return session
+
+    def drop_relay(self, session: Session) -> None:
+        """Remove the router entries a moved session still holds (not a newer session's)."""
+        for f in list(session.subscriptions):
+            self.router.remove(session.client_id, f, only=session)
 
     def channel_closed(self, channel: Channel) -> None:
         """A connected channel is gone: publish or schedule its will, keep or end its session."""

@@ -137,11 +137,19 @@ class Router:
             self.count += 1
         return existed
 
-    def remove(self, client_id: str, topic_filter: str) -> SubOpts | None:
+    def remove(
+        self, client_id: str, topic_filter: str, only: Session | None = None
+    ) -> SubOpts | None:
+        """Remove a subscription (with ``only``: if it still belongs to that session)."""
         group, real = parse_shared(topic_filter)
         entry = self._trie.get(real)
         if entry is None:
             return None
+        if only is not None:
+            held = entry.subs.get(client_id) if group is None else (
+                entry.groups[group].members.get(client_id) if group in entry.groups else None)
+            if held is None or held.session is not only:
+                return None
         listener = self.listener
         if group is None:
             opts = entry.subs.pop(client_id, None)

@@ -8,6 +8,7 @@ It sends through the attached channel and does no I/O itself.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class Session:
         "owner",
         "queue",
         "queued_qos0",
+        "relay",
         "seq",
         "stats",
         "store_qos0",
@@ -88,6 +90,9 @@ class Session:
         # The registry entry's revision when this node made itself the session's home (cluster
         # only): writes about the session carry it, and one from an older epoch is refused.
         self.epoch = 0
+        #: Set for a while after the session moved to another node: what still reaches it
+        #: here (routes elsewhere not yet updated) is sent after it instead of being lost.
+        self.relay: Callable[[Message, int], None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -104,6 +109,9 @@ class Session:
         shared: SubOpts | None = None,
     ) -> None:
         """Send now if the window allows, else queue (bounded)."""
+        if self.relay is not None:
+            self.relay(msg, qos)
+            return
         ch = self.channel
         if ch is not None and not self.queue and not ch.paused:
             if qos == 0:

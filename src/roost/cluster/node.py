@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("roost.cluster")
 
 _TAKEOVER_TIMEOUT = 5.0
+_RELAY_GRACE = 5.0  # seconds a moved session's old home keeps sending late arrivals after it
 _INFO_INTERVAL = 5.0  # seconds between refreshes of this node's key (connection counts)
 
 
@@ -130,6 +131,8 @@ class Cluster:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._registry_dirty: set[str] = set()
+        #: Client ids being taken in from another node -> messages relayed meanwhile.
+        self._early: dict[str, list[Message]] = {}
         #: Registry entries written: SUBACK of a persistent session waits for its entry, so a
         #: core adopting the session after this node dies knows the subscription.
         self.registry = Progress()
@@ -142,7 +145,7 @@ class Cluster:
         self._core_set: tuple[str, ...] = ()
         self.stats = {"forwards_out": 0, "forwards_in": 0, "takeovers_in": 0,
                       "takeovers_out": 0, "adopted": 0, "etcd_failures": 0,
-                      "rereplicated": 0}  # fmt: skip
+                      "rereplicated": 0, "relayed": 0}  # fmt: skip
 
     # ------------------------------------------------------------------------- lifecycle
 
@@ -529,6 +532,15 @@ class Cluster:
         self.stats["forwards_in"] += 1
         broker = self.broker
         msg = Message(fwd.topic, fwd.payload, fwd.qos, fwd.retain, fwd.props, "", broker.clock())
+        msg.fwd_id = (fwd.origin, fwd.mid)
+        group = fwd.group
+        if group is not None and group.startswith("\x00"):
+            cid = group[1:]
+            early = self._early.get(cid)
+            if early is not None and cid not in broker.sessions:
+                # Sent after the session by its old home, ahead of our taking it in.
+                early.append(msg)
+                return
         broker.stats.messages_received += 1
         broker.stats.received_qos[msg.qos] += 1
         broker.deliver_forwarded(msg, fwd.group)
@@ -554,9 +566,11 @@ class Cluster:
         lock = self._lock(client_id)
         try:
             async with lock:
+                self._early[client_id] = []
                 try:
                     epoch, state = await self._claim(channel, client_id, clean_start, expiry)
                 except (EtcdError, LinkError, OSError) as e:
+                    self._early.pop(client_id, None)
                     log.warning("cannot open session %s in the cluster: %s", client_id, e)
                     channel.disconnect(RC.SERVER_UNAVAILABLE, "session registry unavailable")
                     return
@@ -569,8 +583,12 @@ class Cluster:
                     broker.sessions[client_id] = load_session(broker, state)
                 session, present = broker.attach_session(channel, client_id, clean_start, expiry)
                 session.epoch = epoch
+                early = self._early.pop(client_id, [])
                 done(session, present)
+                for msg in early:  # after the CONNACK, like anything else sent to it
+                    session.deliver(msg, msg.qos, False)
         finally:
+            self._early.pop(client_id, None)
             if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]
                 self._locks.pop(client_id, None)
 
@@ -717,15 +735,17 @@ class Cluster:
         cid = json.loads(state)["client_id"]
         broker = self.broker
         async with self._lock(cid):
-            key = f"sessions/{cid}"
-            session = load_session(broker, state)
-            value = registry_entry(self.me, session, session.expiry_interval, None, 0, False,
+            if cid in broker.sessions:
+                raise ValueError(f"session {cid} is already here (its client came)")
+            # The registry first: a session that moved on meanwhile must not touch our router
+            # (its client id may have a live session here by then).
+            entry = json.loads(state)
+            value = registry_entry(self.me, None, int(entry["expiry"]), None, 0, False,
                                    broker.clock())  # fmt: skip
-            ok, new = await self.etcd.cas(key, value, header["epoch"])
-            if not ok or new is None:
-                for f in list(session.subscriptions):  # not ours after all: undo its routes
-                    broker.router.remove(cid, f)
+            ok, new = await self.etcd.cas(f"sessions/{cid}", value, header["epoch"])
+            if not ok or new is None or cid in broker.sessions:
                 raise ValueError(f"session {cid} moved on meanwhile")
+            session = load_session(broker, state)
             session.epoch = new.mod_revision
             broker.sessions[cid] = session
             if broker.durable is not None and session.durable is not None:
@@ -750,15 +770,35 @@ class Cluster:
             session = self.broker.sessions.get(client_id)
             if session is not None and session.epoch > req["epoch"]:
                 return b""  # our claim is newer than the asker's
-            session = self.broker.take_session(client_id)
+            session = self.broker.take_session(
+                client_id, relay=lambda msg, qos: self._relay(origin, client_id, msg, qos))
             if session is None:
                 return b""
+            self._spawn(self._end_relay(session))
             self.stats["takeovers_out"] += 1
             log.info("session %s handed over to %s", client_id, origin)
             return b"" if req.get("clean") else dump_session(session, self.broker.clock())
         finally:
             if held:
                 lock.release()
+
+    def _relay(self, home: str, client_id: str, msg: Message, qos: int) -> None:
+        """A message that reached a session after it moved: after it, to its new home. QoS 2
+        keeps the forward's identity (the new home drops it if it got it directly too); below
+        it a fresh one, since a duplicate beats a loss there."""
+        if self.links is None:
+            return
+        fwd_id = msg.fwd_id if (qos == 2 and msg.fwd_id is not None) else None
+        origin, mid = fwd_id if fwd_id is not None else (self.me, self.links.new_mid())
+        self.links.forward(home, Forward(msg.topic, msg.payload, qos, False, msg.props, origin,
+                                         mid, "\x00" + client_id))  # fmt: skip
+        self.stats["relayed"] += 1
+
+    async def _end_relay(self, session: Session) -> None:
+        # Long enough for every node's remote table to have the new home's routes.
+        await asyncio.sleep(_RELAY_GRACE)
+        session.relay = None
+        self.broker.drop_relay(session)
 
     def session_changed(self, session: Session) -> None:
         if (self.role == "replicant" and session.channel is None and session.expiry_interval

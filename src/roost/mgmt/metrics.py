@@ -106,6 +106,8 @@ def _cluster_metrics(w: _Writer, st: dict[str, Any]) -> None:
     for key, help_ in (("takeovers_in", "Sessions taken over from another node."),
                        ("takeovers_out", "Sessions handed to another node."),
                        ("adopted", "Sessions of dead nodes adopted by this node."),
+                       ("relayed", "Messages sent after a session that moved to another node."),
+                       ("rereplicated", "Sessions copied to a new store core."),
                        ("etcd_failures", "etcd writes that failed and were retried.")):  # fmt: skip
         w.one(f"roost_cluster_{key}", "counter", help_, st[key])
     etcd = st["etcd"]
