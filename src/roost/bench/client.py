@@ -28,7 +28,8 @@ MAX_BEHIND = 1.0
 
 
 def backoff(attempt: int) -> float:
-    return min(5.0, 0.5 * 2 ** (attempt - 1))
+    """Seconds before reconnect attempt ``attempt``: short, since -R bounds a storm anyway."""
+    return min(2.0, 0.25 * 2 ** (attempt - 1))
 
 
 class Client:

@@ -120,6 +120,8 @@ def _worker_main(opts: argparse.Namespace, part: dict[str, Any], run_id: int,
     # Ctrl-C reaches the whole process group: the parent decides, workers wait to be told.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if conn.recv() != "go":  # the parent first takes the broker's baseline (--api)
+        return
     _install_loop(opts)
     asyncio.run(_worker(opts, part, run_id, conn))
 
@@ -188,6 +190,12 @@ async def run_async(opts: argparse.Namespace, stop: asyncio.Event | None = None,
     text, json_out = open_outputs(opts.json)
     reporter = Reporter(opts.bench_command, text, json_out, quiet=opts.quiet)
     run_id = run_id if run_id is not None else random.getrandbits(32)
+    sampler = None
+    if opts.api:
+        from roost.bench.brokerapi import BrokerSampler
+
+        sampler = BrokerSampler(opts.api, opts.api_key)
+        await sampler.sample()  # the baseline: what the broker counts from here is ours
     sources: list[Any] = []
     if opts.workers == 1:
         part = partition(opts)[0]
@@ -197,12 +205,9 @@ async def run_async(opts: argparse.Namespace, stop: asyncio.Event | None = None,
     else:
         if workers is None:
             workers = await asyncio.to_thread(start_workers, opts, run_id, "spawn")
-        sources += [WorkerSource(proc, conn) for proc, conn in workers]
-    sampler = None
-    if opts.api:
-        from roost.bench.brokerapi import BrokerSampler
-
-        sampler = BrokerSampler(opts.api, opts.api_key)
+        for proc, conn in workers:
+            conn.send("go")
+            sources.append(WorkerSource(proc, conn))
     t0 = loop.time()
     window = Histogram()
     why = "stopped"

@@ -71,6 +71,11 @@ class QuicConn:
             self.abort()
             raise
         self.data = [self.qc.open_stream() for _ in range(self.client.opts.quic_streams)]
+        quic = self.qc.protocol._quic  # type: ignore[union-attr]
+        for s in self.data:
+            # aioquic wants streams opened in order: a later one used first finishes the
+            # earlier ones. Opening them all now leaves them free to use in any order.
+            quic.send_stream_data(s.stream_id, b"")
         self._watch = asyncio.get_running_loop().create_task(self._watch_close())
         return connack
 
@@ -114,16 +119,23 @@ class QuicConn:
         if qos:
             window = self.client.inflight_max or 65534
             return max(0, window - self.inflight)
+        if self._backlog() < SEND_BUFFER:
+            return 1 << 30
+        # Nothing tells us when aioquic's buffer drains: look again shortly.
+        asyncio.get_running_loop().call_later(0.01, self.client.on_room)
+        return 0
+
+    def _backlog(self) -> int:
+        """Bytes written to our streams that the broker has not acknowledged yet."""
         quic = self.qc.protocol._quic if self.qc.protocol else None  # type: ignore[union-attr]
         if quic is None:
             return 0
-        streams = self.data or [self.qc.control]
         backlog = 0
-        for s in streams:
+        for s in [self.qc.control, *self.data]:
             st = quic._streams.get(s.stream_id)
             if st is not None:
                 backlog += st.sender._buffer_stop - st.sender._buffer_start
-        return 1 << 30 if backlog < SEND_BUFFER else 0
+        return backlog
 
     def publish(self, ts: int, seq0: int, n: int) -> None:
         render, qos, retain, payloads = self.frames
@@ -163,6 +175,13 @@ class QuicConn:
         return self.qc.session_ticket
 
     async def disconnect(self, timeout: float = 2.0) -> None:
+        # QoS 0 messages on data streams must reach the broker before the control stream's
+        # FIN ends the connection (TCP's single stream keeps that order by itself).
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._backlog() and self.qc.terminated is None:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.01)
         try:
             await self.qc.disconnect(timeout=timeout)
         except ConnectionError:

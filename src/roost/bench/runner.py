@@ -54,7 +54,10 @@ class Runner:
         o = self.opts
         kind = socket.SOCK_DGRAM if o.transport == "quic" else socket.SOCK_STREAM
         infos = await self._loop.getaddrinfo(o.host, o.port, type=kind)
-        self.ip = infos[0][4][0]  # resolved once, not per connection
+        # Resolved once, not per connection; IPv4 first, since "localhost" often lists ::1
+        # first and many brokers listen on IPv4 only.
+        infos.sort(key=lambda i: i[0] != socket.AF_INET)
+        self.ip = infos[0][4][0]
         if o.transport in ("ssl", "wss"):
             self.ssl_context = make_ssl_context(o.cafile, o.certfile, o.keyfile)
         self._next_slot = self._loop.time() + self._first_slot
@@ -137,6 +140,8 @@ class Runner:
         _, pending = await asyncio.wait(self._tasks, timeout=5) if self._tasks else (set(), set())
         for t in pending:
             t.cancel()
+        for c in self.clients:
+            c.seqs.settle(self.stats)
 
 
 def make_ssl_context(cafile: str | None, certfile: str | None,

@@ -50,23 +50,51 @@ class Stats:
 
 
 class Sequences:
-    """Per publisher: the next sequence number a subscriber expects.
+    """Per publisher: the next sequence number a subscriber expects, and the numbers skipped.
 
-    The first message of a publisher sets the baseline (a subscriber may join mid-stream); a
-    jump counts the skipped numbers as lost, a step back counts one duplicate.
+    The first message of a publisher sets the baseline (a subscriber may join mid-stream). A
+    skipped number is only missing at first: QUIC data streams (and redeliveries) may bring it
+    late. It counts as lost once ``REORDER`` newer messages of that publisher have arrived, or
+    when the run ends; a number that was neither missing nor new counts as a duplicate.
     """
 
-    __slots__ = ("expect",)
+    __slots__ = ("expect", "missing")
+    REORDER = 1024
 
     def __init__(self) -> None:
         self.expect: dict[int, int] = {}
+        self.missing: dict[int, set[int]] = {}
 
     def check(self, key: int, seq: int, stats: Stats) -> None:
         exp = self.expect.get(key)
         if exp is None or seq == exp:
             self.expect[key] = seq + 1
-        elif seq > exp:
-            stats.lost += seq - exp
+        else:
+            self.out_of_order(key, seq, exp, stats)
+
+    def out_of_order(self, key: int, seq: int, exp: int, stats: Stats) -> None:
+        """``seq`` is not the expected ``exp``: a gap, a late arrival or a duplicate."""
+        if seq > exp:
+            miss = self.missing.setdefault(key, set())
+            floor = seq - self.REORDER
+            if exp < floor:
+                stats.lost += floor - exp
+                exp = floor
+            miss.update(range(exp, seq))
             self.expect[key] = seq + 1
+            old = [m for m in miss if m < floor] if miss and min(miss) < floor else ()
+            if old:
+                stats.lost += len(old)
+                miss.difference_update(old)
+            return
+        miss = self.missing.get(key)
+        if miss and seq in miss:
+            miss.discard(seq)  # late, not lost
         else:
             stats.dup += 1
+
+    def settle(self, stats: Stats) -> None:
+        """At the end of a run: whatever is still missing is lost."""
+        for miss in self.missing.values():
+            stats.lost += len(miss)
+            miss.clear()

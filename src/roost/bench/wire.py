@@ -153,11 +153,8 @@ class TcpConn(asyncio.Protocol):
                     exp = expect.get(key)
                     if exp is None or seq == exp:
                         expect[key] = seq + 1
-                    elif seq > exp:
-                        stats.lost += seq - exp
-                        expect[key] = seq + 1
                     else:
-                        stats.dup += 1
+                        seqs.out_of_order(key, seq, exp, stats)
             elif kind == 4 or kind == 7:  # PUBACK, PUBCOMP: a message of ours is done
                 pid = (data[body] << 8) | data[body + 1]
                 if self.inflight.pop(pid, None) is not None:
