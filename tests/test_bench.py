@@ -357,7 +357,8 @@ def test_tls_with_a_test_ca(roost, pki, run):
 def test_limit_stops_at_the_limit_and_the_broker_view(roost, run):
     """-L with many clients and a window stops at exactly the limit; --api shows the broker's
     connections and counters next to ours."""
-    pub = run("pub", "-h", "127.0.0.1", "-p", roost.port, "-c", 5, "-i", 0, "-I", 2, "-q", 1,
+    # 5 clients x 20 msg/s: 137 messages take over a second, so a tick shows the broker.
+    pub = run("pub", "-h", "127.0.0.1", "-p", roost.port, "-c", 5, "-i", 0, "-I", 50, "-q", 1,
               "-F", 10, "-L", 137, "-t", f"lim/{tag()}/%i", "--api", roost.api_url,
               "--api-key", roost.api_key)  # fmt: skip
     assert pub.wait(20) == 0, pub.text()

@@ -267,7 +267,8 @@ class Client:
             if interval:
                 self._next_due += n * interval
         if r.budget == 0:
-            return  # -L reached: the runner ends the run once the last acks are in
+            r.check_complete()  # -L reached: the run ends once the last acks are in
+            return
         if room < want:
             self.waiting_room = True  # on_room() ticks again
             return

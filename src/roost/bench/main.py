@@ -182,13 +182,17 @@ def start_workers(opts: argparse.Namespace, run_id: int,
 
 async def run_async(opts: argparse.Namespace, stop: asyncio.Event | None = None,
                     workers: list[tuple[Any, Connection]] | None = None,
-                    run_id: int | None = None) -> dict[str, Any]:  # fmt: skip
+                    run_id: int | None = None, silent: bool = False,
+                    records: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
     """Run a bench in this event loop and return its summary record: the library entry
-    point. With -j and no ``workers`` given, they are spawned (not forked) from here."""
+    point. With -j and no ``workers`` given, they are spawned (not forked) from here.
+    ``silent`` prints nothing; ``records`` collects every tick's record and the summary's."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     text, json_out = open_outputs(opts.json)
-    reporter = Reporter(opts.bench_command, text, json_out, quiet=opts.quiet)
+    if silent:
+        text = None
+    reporter = Reporter(opts.bench_command, text, json_out, quiet=opts.quiet, records=records)
     run_id = run_id if run_id is not None else random.getrandbits(32)
     sampler = None
     if opts.api:
@@ -231,12 +235,20 @@ async def run_async(opts: argparse.Namespace, stop: asyncio.Event | None = None,
     try:
         next_tick = t0 + 1.0
         while True:
-            try:
-                await asyncio.wait_for(stop.wait(), max(0.0, next_tick - loop.time()))
+            waits = [loop.create_task(stop.wait())]
+            if opts.workers == 1:
+                waits.append(loop.create_task(runner.complete.wait()))  # end at once after -L
+            await asyncio.wait(waits, timeout=max(0.0, next_tick - loop.time()),
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            for w in waits:
+                w.cancel()
+            if stop.is_set():
                 why = "interrupted"
                 break
-            except TimeoutError:
-                pass
+            if opts.workers == 1 and runner.complete.is_set():
+                counters, _ = merge([runner.snapshot()])
+                why = "publish limit reached"
+                break
             next_tick += 1.0
             snaps, broker = await asyncio.gather(
                 asyncio.gather(*(s.poll() for s in sources)),
@@ -257,6 +269,11 @@ async def run_async(opts: argparse.Namespace, stop: asyncio.Event | None = None,
     finally:
         final = await asyncio.gather(*(s.stop() for s in sources))
         counters, _ = merge(final)
+        firsts = [s["first_pub"] for s in final if s.get("first_pub") is not None]
+        ends = [s["completed_at"] for s in final if s.get("completed_at") is not None]
+        publish_seconds = None  # first publish to last ack, when -L was reached everywhere
+        if firsts and len(ends) == len(final):
+            publish_seconds = round(max(ends) - min(firsts), 6)
         broker = await sampler.sample() if sampler else None
         if broker is not None:
             reporter.broker_last = broker
@@ -264,7 +281,10 @@ async def run_async(opts: argparse.Namespace, stop: asyncio.Event | None = None,
             reporter.total_latency.merge(window)
         if sampler is not None:
             await sampler.close()
-        summary = reporter.summary(loop.time() - t0, counters, why)
+        rss = sum(s.get("maxrss_kb", 0) for s in final) // 1024
+        summary = reporter.summary(loop.time() - t0, counters, why,
+                                   {"publish_seconds": publish_seconds,
+                                    "bench_maxrss_mb": rss})  # fmt: skip
         if json_out is not None and json_out is not sys.stdout:
             json_out.close()
     return summary

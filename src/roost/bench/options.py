@@ -87,6 +87,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="broker management URL (http://host:18083): sample its stats "
                         "every second and print them too")  # fmt: skip
     r.add_argument("--api-key", default=None, help="bearer key for --api")
+    r.add_argument("--max-connecting", type=int, default=128, metavar="N",
+                   help="connections being set up at once per process, whatever -i and -R say: "
+                        "past a broker's accept queue (mosquitto's holds 100) SYNs are dropped "
+                        "and retried a second later [default: 128]")  # fmt: skip
     r.add_argument("--connect-timeout", type=float, default=30.0,
                    help="seconds to wait for a CONNACK [default: 30]")  # fmt: skip
     r.add_argument("--quiet", action="store_true", help="only the final summary")

@@ -155,6 +155,8 @@ class QuicConn:
             self.stats.pub += 1
         if self.client.waiting_room:
             self.client.on_room()
+        if self.client.runner.budget == 0:
+            self.client.runner.check_complete()
 
     def abandoned(self) -> int:
         n, self.inflight = self.inflight, 0

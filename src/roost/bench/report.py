@@ -51,7 +51,9 @@ def latency_text(summary: dict[str, float]) -> str:
 
 class Reporter:
     def __init__(self, command: str, text: IO[str] | None, json_out: IO[str] | None,
-                 quiet: bool = False) -> None:  # fmt: skip
+                 quiet: bool = False,
+                 records: list[dict[str, Any]] | None = None) -> None:  # fmt: skip
+        self.records = records  # every tick and the summary, for library callers
         self.command = command
         self.quiet = quiet
         self.text = text
@@ -71,6 +73,8 @@ class Reporter:
         self._out(line, always=True)
 
     def _json(self, record: dict[str, Any]) -> None:
+        if self.records is not None:
+            self.records.append(record)
         if self.json is not None:
             self.json.write(json.dumps(record) + "\n")
             self.json.flush()
@@ -99,14 +103,16 @@ class Reporter:
         self._json({"type": "tick", "uptime": round(t, 3), "connected": connected,
                     "counters": changed, "latency": lat, "broker": broker})  # fmt: skip
 
-    def summary(self, t: float, counters: dict[str, int], why: str) -> dict[str, Any]:
+    def summary(self, t: float, counters: dict[str, int], why: str,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
         up = uptime(t)
         rates = {n: round(counters.get(n, 0) / t, 2) if t > 0 else 0.0 for n in NAMES}
         lat = self.total_latency.summary() if self.total_latency.count else None
         record = {"type": "summary", "command": self.command, "uptime": round(t, 3),
                   "ended": why, "counters": {n: counters.get(n, 0) for n in NAMES},
                   "rates": rates, "latency": lat, "broker": self.broker_last,
-                  "bench_cpu": round(100 * self.cpu / t, 1) if t > 0 else 0.0}  # fmt: skip
+                  "bench_cpu": round(100 * self.cpu / t, 1) if t > 0 else 0.0,
+                  **(extra or {})}  # fmt: skip
         out = self._summary_line
         out(f"--- summary after {up} ({why}) ---")
         for n in NAMES:
@@ -144,3 +150,18 @@ def open_outputs(json_opt: str | None) -> tuple[IO[str] | None, IO[str] | None]:
     if json_opt:
         return sys.stdout, open(json_opt, "a")  # closed by the caller at exit
     return sys.stdout, None
+
+
+def steady_rate(records: list[dict[str, Any]], counter: str) -> float:
+    """A counter's rate over the seconds it moved, without the first and the last such second
+    (the ramp-up, and the part-second at the end): the figure a benchmark wants."""
+    seen = [(r["uptime"], r["counters"][counter]["total"]) for r in records
+            if r.get("type") == "tick" and counter in r["counters"]]  # fmt: skip
+    if len(seen) < 4:
+        # Too short a run to leave seconds out: the whole of it.
+        if len(seen) >= 2:
+            (t0, n0), (t1, n1) = seen[0], seen[-1]
+            return (n1 - n0) / (t1 - t0)
+        return 0.0
+    (t0, n0), (t1, n1) = seen[1], seen[-2]
+    return (n1 - n0) / (t1 - t0)

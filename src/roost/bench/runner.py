@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import random
+import resource
 import socket
 import ssl
 import sys
@@ -16,9 +17,6 @@ from typing import Any
 from roost.bench.client import Client
 from roost.bench.stats import Stats
 
-#: Connections being set up at once per process, whatever -i and -R say: a storm of a few
-#: thousand TLS or QUIC handshakes at once would only make them all time out.
-MAX_HANDSHAKES = 512
 #: Error lines printed per kind before the rest are only counted.
 MAX_REPORTS = 5
 
@@ -41,11 +39,14 @@ class Runner:
         self.clients: list[Client] = []
         self.finished = 0
         self.all_gone = asyncio.Event()
+        self.complete = asyncio.Event()  # -L published and acknowledged
+        self.first_pub: float | None = None  # time.monotonic(): the same clock in every worker
+        self.completed_at: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._first_slot = first_slot
         self._step = step
         self._next_slot = 0.0
-        self._handshakes = asyncio.Semaphore(MAX_HANDSHAKES)
+        self._handshakes = asyncio.Semaphore(max(1, opts.max_connecting))
         self._reports: dict[str, int] = {}
         self._loop = asyncio.get_running_loop()
         self._sleepers: set[asyncio.Future[None]] = set()
@@ -94,11 +95,19 @@ class Runner:
             self._sleepers.discard(fut)
 
     def take_budget(self, n: int) -> int:
+        if n > 0 and self.first_pub is None:
+            self.first_pub = time.monotonic()
         if self.budget is None or n <= 0:
             return max(n, 0)
         n = min(n, self.budget)
         self.budget -= n
         return n
+
+    def check_complete(self) -> None:
+        """Called once -L is used up, after each ack: notes when the last one came in."""
+        if self.completed_at is None and self.publish_complete:
+            self.completed_at = time.monotonic()
+            self.complete.set()
 
     @property
     def publish_complete(self) -> bool:
@@ -125,7 +134,10 @@ class Runner:
         snap = self.stats.snapshot()
         snap["finished"] = self.all_gone.is_set() and not self.stopping
         snap["complete"] = self.publish_complete
+        snap["first_pub"] = self.first_pub
+        snap["completed_at"] = self.completed_at
         snap["cpu"] = time.process_time()  # this process's CPU seconds, to show it is no bottleneck
+        snap["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return snap
 
     async def stop(self, drain: float = 2.0) -> None:
