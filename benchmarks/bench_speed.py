@@ -56,8 +56,8 @@ SCENARIOS: dict[str, tuple[list[str] | None, list[str], str]] = {
     "sub-fanout": (["sub", "-c", "10", "-t", "f/x"],
                    ["pub", "-c", "1", "-I", "0.1", "-s", str(PAYLOAD), "-t", "f/x"],
                    "QoS 0 received/s by one sub process: 1 publisher x 10,000 msg/s to 10"),
-    "idle": (None, ["conn", "-c", str(IDLE), "-R", "4000"],
-             f"connections held by one process ({IDLE:,} asked, -R 4000)"),
+    "idle": (None, ["conn", "-c", str(IDLE), "-R", "2000"],
+             f"connections held by one process ({IDLE:,} asked, -R 2000)"),
 }  # fmt: skip
 
 
@@ -152,7 +152,7 @@ def run_scenario(name: str, duration: float, tmp: Path) -> dict[str, Any]:
             time.sleep(1.5)  # subscribed before anything is published
         main_out = tmp / f"{name}-{broker.port}.jsonl"
         if name == "idle":
-            duration = max(duration, IDLE / 4000 + 5)  # all connected, then held 5 s
+            duration = max(duration, IDLE / 2000 + 5)  # all connected, then held 5 s
         main = _bench(main_args, broker.port, duration, main_out)
         main_cpu = _wait_cpu(main, duration + 60)
         sub_cpu = _wait_cpu(sub, duration + 60) if sub else 0.0

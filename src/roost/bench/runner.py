@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import random
 import resource
 import socket
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from roost.bench.client import Client
@@ -46,7 +44,7 @@ class Runner:
         self._first_slot = first_slot
         self._step = step
         self._next_slot = 0.0
-        self._handshakes = asyncio.Semaphore(max(1, opts.max_connecting))
+        self.handshakes = asyncio.Semaphore(max(1, opts.max_connecting))
         self._reports: dict[str, int] = {}
         self._loop = asyncio.get_running_loop()
         self._sleepers: set[asyncio.Future[None]] = set()
@@ -70,18 +68,14 @@ class Runner:
         if not self.clients:
             self.all_gone.set()
 
-    @contextlib.asynccontextmanager
-    async def connect_slot(self) -> AsyncIterator[None]:
+    async def wait_slot(self) -> None:
+        """Wait for this connection attempt's turn (-i / -R); then take ``handshakes``."""
         if self._step > 0:
             now = self._loop.time()
             at = max(now, self._next_slot)
             self._next_slot = at + self._step
             if at > now:
                 await self.sleep(at - now)
-        async with self._handshakes:
-            if self.stopping:
-                raise ConnectionError("stopping")
-            yield
 
     async def sleep(self, delay: float) -> None:
         """A sleep that ``stop`` cuts short."""
@@ -149,7 +143,14 @@ class Runner:
             if c.opening:
                 task.cancel()
         await asyncio.gather(*(c.close(drain) for c in self.clients), return_exceptions=True)
+        # Each client's task ends when its socket is closed; a broker that does not close
+        # within 5 s gets its connections aborted.
         _, pending = await asyncio.wait(self._tasks, timeout=5) if self._tasks else (set(), set())
+        for c in self.clients:
+            if c.conn is not None:
+                c.conn.abort()
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=1)
         for t in pending:
             t.cancel()
         for c in self.clients:

@@ -237,10 +237,11 @@ class TcpConn(asyncio.Protocol):
 
     # what a client does with it -----------------------------------------------------------
 
-    async def handshake(self, connect: Connect, timeout: float) -> Connack:
+    async def handshake(self, connect: Connect) -> Connack:
+        """CONNECT, and its CONNACK (the caller bounds the wait)."""
         assert self.transport is not None
         self.transport.write(encode(connect, self.version))
-        return await asyncio.wait_for(self.connack, timeout)
+        return await asyncio.shield(self.connack)
 
     async def subscribe(self, filters: list[str], qos: int, timeout: float) -> list[int]:
         assert self.transport is not None
@@ -249,7 +250,8 @@ class TcpConn(asyncio.Protocol):
         self._suback[pid] = fut
         packet = Subscribe(pid, [Subscription(f, qos) for f in filters])
         self.transport.write(encode(packet, self.version))
-        return list((await asyncio.wait_for(fut, timeout)).reason_codes)
+        async with asyncio.timeout(timeout):
+            return list((await fut).reason_codes)
 
     def _pid(self) -> int:
         pid = self._next_pid
@@ -297,15 +299,13 @@ class TcpConn(asyncio.Protocol):
         self.inflight.clear()
         return n
 
-    async def disconnect(self, timeout: float = 2.0) -> None:
+    async def disconnect(self) -> None:
+        """DISCONNECT and close; ``closed`` resolves when the socket is gone (the runner
+        waits for that, for all connections at once)."""
         if self.transport is None or self.transport.is_closing():
             return
         self.transport.write(_DISCONNECT[self.version])
         self.transport.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.closed), timeout)
-        except TimeoutError:
-            self.transport.abort()
 
     def abort(self) -> None:
         if self.transport is not None:
