@@ -386,6 +386,17 @@ def test_conn_rate_bounds_the_storm(roost, run):
     assert any(re.search(r"broker connections=(6\d|[7-9]\d)", x) for x in conn.out), conn.text()
 
 
+def test_json_alone_replaces_the_text(roost):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    cmd = [sys.executable, "-m", "roost", "bench", "conn", "-h", "127.0.0.1", "-p", str(roost.port),
+           "-c", "2", "-i", "0", "--duration", "1.5", "--json"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env)
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["type"] for r in records] == ["tick", "summary"], out.stdout
+    assert records[0]["counters"]["connect_succ"]["total"] == 2
+    assert records[1]["counters"]["connect_succ"] == 2 and records[1]["ended"] == "duration reached"
+
+
 def test_broker_going_away_is_reported_and_rejoined(run, tmp_path):
     port = free_port()
     b = BrokerProcess({"log": {"level": "warning"}}, port=port).start()

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 MIN_STEP = 0.01
 #: Messages a flat-out (``-I 0``) QoS 0 publisher sends per turn of the event loop.
 FLAT_OUT_BATCH = 256
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
 #: A publisher that fell behind (window full, broker slow) catches up at most this much.
 MAX_BEHIND = 1.0
 
@@ -188,6 +189,10 @@ class Client:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ifaddr:
+                # Let connect() pick the port (unique per destination, cheap to find), not
+                # bind() (unique per address, and a slow search once half are taken).
+                with contextlib.suppress(OSError, AttributeError):
+                    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((self.ifaddr, 0))
             await self._loop.sock_connect(sock, (ip, port))
         except BaseException:

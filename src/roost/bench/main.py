@@ -234,20 +234,24 @@ async def run_async(opts: argparse.Namespace, stop: asyncio.Event | None = None,
     cpu0[:] = [s.get("cpu", 0.0) for s in await asyncio.gather(*(s.poll() for s in sources))]
     try:
         next_tick = t0 + 1.0
+        end_at = t0 + opts.duration if opts.duration else float("inf")
         while True:
             waits = [loop.create_task(stop.wait())]
             if opts.workers == 1:
                 waits.append(loop.create_task(runner.complete.wait()))  # end at once after -L
-            await asyncio.wait(waits, timeout=max(0.0, next_tick - loop.time()),
-                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            wake = min(next_tick, end_at)
+            await asyncio.wait(waits, timeout=max(0.0, wake - loop.time()),
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
             for w in waits:
                 w.cancel()
             if stop.is_set():
                 why = "interrupted"
                 break
             if opts.workers == 1 and runner.complete.is_set():
-                counters, _ = merge([runner.snapshot()])
                 why = "publish limit reached"
+                break
+            if loop.time() >= end_at - 0.001 and end_at < next_tick - 0.05:
+                why = "duration reached"  # between ticks: the summary has the rest
                 break
             next_tick += 1.0
             snaps, broker = await asyncio.gather(
