@@ -386,6 +386,23 @@ def test_conn_rate_bounds_the_storm(roost, run):
     assert any(re.search(r"broker connections=(6\d|[7-9]\d)", x) for x in conn.out), conn.text()
 
 
+def test_keepalive_pings_and_persistent_sessions(roost, run):
+    """-k 1: the broker drops a client silent for 1.5 s, so surviving 3 s means PINGREQs went
+    out. -C false -x 60: the session outlives the connection (the broker still lists it)."""
+    t = tag()
+    conn = run("conn", "-h", "127.0.0.1", "-p", roost.port, "-c", 2, "-i", 0, "-k", 1,
+               "-C", "false", "-x", 60, "--prefix", f"ka{t}", "--shortids",
+               "--duration", 3)  # fmt: skip
+    assert conn.wait(20) == 0, conn.text()
+    assert conn.counter("connect_succ") == 2 and conn.counter("conn_lost") == 0, conn.text()
+    import urllib.request
+
+    req = urllib.request.Request(f"{roost.api_url}/api/v1/clients/ka{t}1",
+                                 headers={"Authorization": f"Bearer {roost.api_key}"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert json.loads(resp.read())["connected"] is False  # offline, session kept
+
+
 def test_json_alone_replaces_the_text(roost):
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
     cmd = [sys.executable, "-m", "roost", "bench", "conn", "-h", "127.0.0.1", "-p", str(roost.port),
