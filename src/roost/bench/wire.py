@@ -206,6 +206,9 @@ class TcpConn(asyncio.Protocol):
             if stamps:
                 now = time.time_ns()
                 stats.latency.record_many([(now - ts) // 1000 for ts in stamps])
+        # Refill the window on every ack, however few: waiting for a batch stalls ~40 ms a
+        # time against a broker with Nagle on (mosquitto), whose next PUBACKs wait for our TCP
+        # ACK, which Linux delays while we send nothing (measured: 2k instead of 45k msg/s).
         if self.client.waiting_room and self.room():
             self.client.on_room()
         if self.client.runner.budget == 0:
