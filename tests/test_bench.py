@@ -391,21 +391,21 @@ def test_limit_stops_at_the_limit_and_the_broker_view(roost, run):
 
 @pytest.mark.parametrize("which", ["roost", "mosquitto"])
 def test_conn_rate_bounds_the_storm(request, run, which):
-    """-R 25: about 25 connections a second, not all 60 at once; all held to the end, as the
+    """-R 25: about 25 connections a second, not all 40 at once; all held to the end, as the
     broker saw (Roost's API, mosquitto's $SYS)."""
     port, api, key = broker_port(request, which)
     extra = ["--api", api, "--api-key", key] if api else []
-    conn = run("conn", "-h", "127.0.0.1", "-p", port, "-c", 60, "-R", 25,
-               "--prefix", f"r{tag()}", "--duration", 6, *extra)  # fmt: skip
+    conn = run("conn", "-h", "127.0.0.1", "-p", port, "-c", 40, "-R", 25,
+               "--prefix", f"r{tag()}", "--duration", 4.5, *extra)  # fmt: skip
     if not api:
-        conn.wait_for(r" connect_succ total=60 ", timeout=10)
-        assert mosquitto_counter(port, "clients/connected") >= 60
+        conn.wait_for(r" connect_succ total=40 ", timeout=10)
+        assert mosquitto_counter(port, "clients/connected") >= 40
     assert conn.wait(20) == 0, conn.text()
     first = ticks(conn, "connect_succ")[0]
     assert first[0] == 1 and first[1] <= 30, conn.text()  # 1 s at 25/s (+ the first)
-    assert conn.counter("connect_succ") == 60
+    assert conn.counter("connect_succ") == 40
     if api:  # the broker saw them all at once before the end
-        assert any(re.search(r"broker connections=(6\d|[7-9]\d)", x) for x in conn.out), \
+        assert any(re.search(r"broker connections=([4-9]\d)", x) for x in conn.out), \
             conn.text()  # fmt: skip
 
 
