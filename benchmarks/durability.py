@@ -4,76 +4,48 @@
 
 One publisher sends QoS 1 messages (at most --window unacknowledged) to a topic that an offline
 persistent session subscribes to, so every message must be stored before its PUBACK. The figure
-is acknowledged messages per second; the median of --runs runs is printed for each mode.
+is acknowledged messages per second (`roost bench pub -q 1 -F WINDOW -L N`, first publish to
+last PUBACK); the median of --runs runs is printed for each mode.
 """
 
 from __future__ import annotations
 
 import argparse
-import socket
+import asyncio
 import statistics
-import struct
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.brokerproc import BrokerProcess
 
+from roost.bench import options, run_async
 
-def _connect(port: int, client_id: str, clean: bool, expiry: int | None = None) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port))
-    cid = client_id.encode()
-    props = b"\x00" if expiry is None else b"\x05\x11" + struct.pack("!I", expiry)
-    body = b"\x00\x04MQTT\x05" + bytes([2 if clean else 0]) + b"\x00\x3c" + props
-    body += struct.pack("!H", len(cid)) + cid
-    s.sendall(bytes([0x10, len(body)]) + body)
-    s.recv(64)
-    return s
+TOPIC = "bench/durable"
 
 
-def _subscribe_offline(port: int) -> None:
-    s = _connect(port, "durability-sub", clean=True, expiry=3600)
-    f = b"bench/durable"
-    body = b"\x00\x01\x00" + struct.pack("!H", len(f)) + f + b"\x01"
-    s.sendall(bytes([0x82, len(body)]) + body)
-    s.recv(64)
-    s.sendall(b"\xe0\x00")
-    s.close()
-
-
-def _publish(port: int, n: int, window: int) -> float:
-    s = _connect(port, "durability-pub", clean=True)
-    topic = b"bench/durable"
-    payload = b"x" * 64
-    head = bytes([0x32, 2 + len(topic) + 2 + 1 + len(payload)]) + struct.pack("!H", len(topic))
-    sent = acked = 0
-    buf = b""
-    t0 = time.perf_counter()
-    while acked < n:
-        burst = []
-        while sent - acked < window and sent < n:
-            burst.append(head + topic + struct.pack("!H", sent % 65535 + 1) + b"\x00" + payload)
-            sent += 1
-        if burst:
-            s.sendall(b"".join(burst))
-        buf += s.recv(65536)
-        while len(buf) >= 2 and len(buf) >= 2 + buf[1]:
-            if buf[0] >> 4 == 4:
-                acked += 1
-            buf = buf[2 + buf[1] :]
-    elapsed = time.perf_counter() - t0
-    s.close()
-    return n / elapsed
+async def _load(port: int, n: int, window: int) -> float:
+    """An offline persistent subscriber (session expiry 3600 s), then one `roost bench`
+    publisher: acknowledged QoS 1 messages per second, first publish to last PUBACK."""
+    common = ["-h", "127.0.0.1", "-p", str(port), "-c", "1", "-i", "0", "-q", "1"]
+    # The subscriber leaves when the bench ends; its session stays and must store everything.
+    offline = options.parse(["sub", *common, "-t", TOPIC, "-C", "false", "-x", "3600",
+                             "--prefix", "durability-sub", "--shortids",
+                             "--duration", "1"])  # fmt: skip
+    await run_async(offline, silent=True)
+    pub = options.parse(["pub", *common, "-t", TOPIC, "-I", "0", "-s", "64", "-F", str(window),
+                         "-L", str(n), "--prefix", "durability-pub", "--shortids"])  # fmt: skip
+    summary = await run_async(pub, silent=True)
+    assert summary["counters"]["pub"] == n, summary["counters"]
+    return n / summary["publish_seconds"]
 
 
 def run(mode: str, n: int, window: int) -> float:
     cfg = {"persistence": {"durability": mode}, "sys_topics": {"enabled": False},
            "mqtt": {"max_mqueue_len": n + 10}, "log": {"level": "warning"}}  # fmt: skip
     with BrokerProcess(cfg) as b:
-        _subscribe_offline(b.port)
-        return _publish(b.port, n, window)
+        return asyncio.run(_load(b.port, n, window))
 
 
 def main() -> None:

@@ -25,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     from roost.cluster.dev import add_parser as add_cluster
 
     add_cluster(sub)
+    from roost.bench.options import add_subcommands as add_bench
+
+    bench = sub.add_parser("bench", help="emqtt-bench compatible load generator", add_help=False)
+    bench.add_argument("--help", action="help", help="show this help and exit")
+    add_bench(bench.add_subparsers(dest="bench_command", required=True))
     return parser
 
 
@@ -46,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         from roost.cluster.dev import run as run_cluster
 
         return run_cluster(args)
+    if args.command == "bench":
+        from roost.bench import options
+        from roost.bench.main import run_opts
+
+        return run_opts(options.finish(args, options.build_parser()))
     if args.command == "operator":
         from roost.operator.main import run_operator
 
