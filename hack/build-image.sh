@@ -11,8 +11,9 @@
 #        ${ROOST_IMAGE_CACHE:-$HOME/.cache/roost-image}/images/<source hash>/oci          (tag <version>)
 #        ${ROOST_IMAGE_CACHE:-$HOME/.cache/roost-image}/images/<source hash>/roost-<version>.tar
 #
-#      with `current` beside images/ pointing at the newest. The tarball holds roost:<version>
-#      for `docker load`, `ctr images import` or `kind load image-archive`.
+#      with `current` beside images/ pointing at the newest (the two newest builds are kept).
+#      The tarball holds roost:<version> for `docker load`, `ctr images import` or
+#      `kind load image-archive`.
 #
 # The source hash covers everything the image is made of: deploy/Dockerfile, .dockerignore,
 # pyproject.toml, README.md, LICENSE, src/ (without __pycache__ and *.egg-info) and this script
@@ -183,10 +184,11 @@ echo "$want_stamp" >"$partial/.built"
 rm -rf "$image_dir"
 mv "$partial" "$image_dir"
 ln -sfn "images/$hash" "$cache_root/current"
-# Keep only this build: older image directories, and in buildah's storage the base and this image.
-for d in "$cache_root"/images/*; do
-  [ "$d" = "$image_dir" ] || rm -rf "$d"
-done
+# Keep this build and the one before it (switching back to a branch is then free); in buildah's
+# storage only the base and this image, the image directories being what callers use.
+rm -rf "$cache_root"/images/*.partial
+mapfile -t builds < <(ls -1t "$cache_root"/images/*/.built)
+for s in "${builds[@]:2}"; do rm -rf "$(dirname "$s")"; done
 "${bah[@]}" rmi --prune >>"$log" 2>&1 || true
 t4=$(date +%s)
 
