@@ -783,13 +783,15 @@ class Cluster:
                 lock.release()
 
     def _relay(self, home: str, client_id: str, msg: Message, qos: int) -> None:
-        """A message that reached a session after it moved: after it, to its new home. QoS 2
-        keeps the forward's identity (the new home drops it if it got it directly too); below
-        it a fresh one, since a duplicate beats a loss there."""
+        """A message that reached a session after it moved: after it, to its new home, unless
+        the new home's own route already brings it there. It keeps the identity it came with
+        (the new home drops it if it got it directly too), so a relay never duplicates."""
         if self.links is None:
             return
-        fwd_id = msg.fwd_id if (qos == 2 and msg.fwd_id is not None) else None
-        origin, mid = fwd_id if fwd_id is not None else (self.me, self.links.new_mid())
+        for entry in self.remote.match(msg.topic):
+            if home in entry.nodes:
+                return
+        origin, mid = msg.fwd_id if msg.fwd_id is not None else (self.me, self.links.new_mid())
         self.links.forward(home, Forward(msg.topic, msg.payload, qos, False, msg.props, origin,
                                          mid, "\x00" + client_id))  # fmt: skip
         self.stats["relayed"] += 1
