@@ -9,11 +9,13 @@ mark before handling a packet and, if any source moved, gates its output until t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from operator import attrgetter
 from typing import Protocol
 
 _submitted = attrgetter("submitted")
+log = logging.getLogger("roost.broker")
 
 
 class CommitSource(Protocol):
@@ -58,3 +60,32 @@ def _chain(sources: list[CommitSource], callback: Callable[[], None]) -> None:
         first.after(callback)
     else:
         first.after(lambda: _chain(rest, callback))
+
+
+class Progress:
+    """A commit source for work done elsewhere: ``submit()`` counts an operation, ``done(n)``
+    says the first ``n`` are committed; ``after`` waiters run in order as they are covered."""
+
+    def __init__(self) -> None:
+        self.submitted = 0
+        self._done = 0
+        self._waiters: list[tuple[int, Callable[[], None]]] = []
+
+    def submit(self) -> int:
+        self.submitted += 1
+        return self.submitted
+
+    def after(self, callback: Callable[[], None]) -> None:
+        if self._done >= self.submitted and not self._waiters:
+            callback()
+            return
+        self._waiters.append((self.submitted, callback))
+
+    def done(self, upto: int) -> None:
+        self._done = max(self._done, upto)
+        while self._waiters and self._waiters[0][0] <= self._done:
+            _, cb = self._waiters.pop(0)
+            try:
+                cb()
+            except Exception:
+                log.exception("commit callback failed")

@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from roost.broker.commits import Progress
 from roost.broker.message import Message
 from roost.cluster.etcd import KV, Etcd, EtcdError, Event, LeaseKeeper
 from roost.cluster.handover import (
@@ -39,7 +40,7 @@ from roost.cluster.handover import (
 )
 from roost.cluster.link import Forward, LinkError, Links
 from roost.cluster.replication import ReplicaStore, Replicator, store_cores
-from roost.cluster.routes import BatchWriter, Progress, RemoteTable, RouteSync
+from roost.cluster.routes import BatchWriter, RemoteTable, RouteSync
 from roost.config import parse_bind
 from roost.mqtt import reason_codes as RC
 
@@ -991,12 +992,13 @@ class Cluster:
         that cannot answer in time are left out, and logged)."""
         if self.links is None:
             return []
+        links = self.links
         request = json.dumps({"op": op, "args": args}).encode()
         peers = [n for n in sorted(self.members) if n != self.me]
 
         async def ask(peer: str) -> Any:
             try:
-                return json.loads(await self.links.request(peer, "mgmt", request, 3.0))
+                return json.loads(await links.request(peer, "mgmt", request, 3.0))
             except (LinkError, ValueError) as e:
                 log.warning("node %s did not answer %s: %s", peer, op, e)
                 return None

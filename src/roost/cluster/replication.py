@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from roost.broker.commits import Progress
 from roost.store.persister import Persister
 from roost.store.sqlite import SqliteStore, StoredSession
 
@@ -71,13 +72,14 @@ def decode_batch(data: bytes) -> list[tuple[str, int, tuple[Any, ...]]]:
 # ----------------------------------------------------------------------------- home side
 
 
-class Replicator:
+class Replicator(Progress):
     """Sends the sessions' operations to their store cores; a commit source for the gate."""
 
     def __init__(
         self, me: str, links: Links, cores: Callable[[], list[str]],
         epoch_of: Callable[[str], int],
     ) -> None:  # fmt: skip
+        super().__init__()
         self.me = me
         self.links = links
         self._cores = cores
@@ -85,9 +87,6 @@ class Replicator:
         self._targets: dict[str, list[str]] = {}  # client id -> store cores other than me
         self._pending: dict[str, list[tuple[str, int, tuple[Any, ...]]]] = {}
         self._sent_msgs: dict[str, set[int]] = {}  # per target, message ids in this batch
-        self.submitted = 0
-        self._done = 0
-        self._waiters: list[tuple[int, Callable[[], None]]] = []
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.ops_sent = 0
@@ -126,7 +125,7 @@ class Replicator:
                 seen.add(op[1])
             self._pending.setdefault(t, []).append((client_id, epoch, op))
         if gate:  # else written in order with the rest, but no reply waits for it
-            self.submitted += 1
+            self.submit()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -136,31 +135,14 @@ class Replicator:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    # ------------------------------------------------------------------- commit source
-
-    def after(self, callback: Callable[[], None]) -> None:
-        if self._done >= self.submitted and not self._waiters:
-            callback()
-            return
-        self._waiters.append((self.submitted, callback))
-
-    def _release(self, upto: int) -> None:
-        self._done = max(self._done, upto)
-        while self._waiters and self._waiters[0][0] <= self._done:
-            _, cb = self._waiters.pop(0)
-            try:
-                cb()
-            except Exception:
-                log.exception("commit callback failed")
-
     async def _run(self) -> None:
         while self._pending:
             await asyncio.sleep(0)  # gather what this turn adds
             upto = self.submitted
             batches, self._pending, self._sent_msgs = self._pending, {}, {}
             await asyncio.gather(*(self._send(t, items) for t, items in batches.items()))
-            self._release(upto)
-        self._release(self.submitted)
+            self.done(upto)
+        self.done(self.submitted)
 
     async def _send(self, target: str, items: list[tuple[str, int, tuple[Any, ...]]]) -> None:
         data = encode_batch(items)

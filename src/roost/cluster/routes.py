@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from roost.broker.commits import Progress
 from roost.broker.trie import FilterTrie
 from roost.cluster.etcd import KV, Event, Op
 
@@ -39,7 +40,7 @@ def parse_route_key(key: str) -> tuple[str, str | None, str]:
     return node, None, f
 
 
-class BatchWriter:
+class BatchWriter(Progress):
     """Writes keys to etcd in transactions of at most 128 operations (and ~1 MiB); a put and a
     delete of the same key before they are written cancel out. A commit source for the output
     gate: ``after(cb)`` runs once everything submitted so far is in etcd."""
@@ -47,6 +48,7 @@ class BatchWriter:
     def __init__(
         self, etcd: Etcd, lease: Callable[[], int], on_failure: Callable[[Exception], None]
     ) -> None:
+        super().__init__()
         self.etcd = etcd
         self._lease = lease
         self._on_failure = on_failure
@@ -54,28 +56,9 @@ class BatchWriter:
         self._written: set[str] = set()  # keys this writer has put and not deleted
         self._leased: set[str] = set()  # of those, the ones tied to the node's lease
         self._writing: set[str] = set()  # keys in the transaction under way
-        self.submitted = 0
-        self._done = 0  # submitted operations known committed (or cancelled)
-        self._waiters: list[tuple[int, Callable[[], None]]] = []
         self._task: asyncio.Task[None] | None = None
         self.transactions = 0
         self.ops_written = 0
-
-    # ------------------------------------------------------------------------- commit source
-
-    def after(self, callback: Callable[[], None]) -> None:
-        if self._done >= self.submitted and not self._waiters:
-            callback()
-            return
-        self._waiters.append((self.submitted, callback))
-
-    def _release(self) -> None:
-        while self._waiters and self._waiters[0][0] <= self._done:
-            _, cb = self._waiters.pop(0)
-            try:
-                cb()
-            except Exception:
-                log.exception("commit callback failed")
 
     # ---------------------------------------------------------------------------- changes
 
@@ -93,10 +76,9 @@ class BatchWriter:
         self._submit()
 
     def _submit(self) -> None:
-        self.submitted += 1
+        self.submit()
         if not self._pending:
-            self._done = self.submitted
-            self._release()
+            self.done(self.submitted)
             return
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -131,10 +113,8 @@ class BatchWriter:
                     self._written.discard(op.key)
                     self._leased.discard(op.key)
             if not self._pending:
-                self._done = max(self._done, target)
-            self._release()
-        self._done = self.submitted
-        self._release()
+                self.done(target)
+        self.done(self.submitted)
 
     def _take(self) -> list[Op]:
         lease = self._lease()
@@ -150,35 +130,6 @@ class BatchWriter:
                 op = Op("put", key, op.value, lease)
             batch.append(op)
         return batch
-
-
-class Progress:
-    """A commit source for work done elsewhere: ``submit()`` counts an operation, ``done(n)``
-    says the first ``n`` are committed; ``after`` waiters run in order as they are covered."""
-
-    def __init__(self) -> None:
-        self.submitted = 0
-        self._done = 0
-        self._waiters: list[tuple[int, Callable[[], None]]] = []
-
-    def submit(self) -> int:
-        self.submitted += 1
-        return self.submitted
-
-    def after(self, callback: Callable[[], None]) -> None:
-        if self._done >= self.submitted and not self._waiters:
-            callback()
-            return
-        self._waiters.append((self.submitted, callback))
-
-    def done(self, upto: int) -> None:
-        self._done = max(self._done, upto)
-        while self._waiters and self._waiters[0][0] <= self._done:
-            _, cb = self._waiters.pop(0)
-            try:
-                cb()
-            except Exception:
-                log.exception("commit callback failed")
 
 
 class RemoteEntry:
