@@ -17,7 +17,7 @@ from roost.cluster.etcd import Etcd
 from roost.cluster.replication import store_cores
 from tests.clients import PahoClient, props
 from tests.cluster.conftest import FAST
-from tests.cluster.test_failures import SeqPublisher, wait_until
+from tests.cluster.test_failures import SeqPublisher, wait_routes, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -79,6 +79,7 @@ def test_subscribers_node_killed_with_messages_queued_and_in_flight(cluster4: Lo
     core0, core1, core2, _rep = cluster4.nodes
     cid = "durable-sub"
     sub = subscriber(core1.port, cid, "dur/t")
+    wait_routes(core0.port, "dur/t", [sub])
     sub.disconnect()  # offline: everything published now is queued on core1 (and replicas)
     pub = SeqPublisher(core0.port, "dur/t", "dur-pub").start()
     time.sleep(1.0)
@@ -97,6 +98,7 @@ def test_subscribers_node_killed_with_messages_queued_and_in_flight(cluster4: Lo
 def test_publishers_node_killed_right_after_its_pubacks(cluster4: LocalCluster) -> None:
     _core0, _core1, core2, rep = cluster4.nodes
     sub = subscriber(core2.port, "pub-killed-sub", "pk/t")
+    wait_routes(rep.port, "pk/t", [sub])
     pub = SeqPublisher(rep.port, "pk/t", "pk-pub").start()
     time.sleep(1.0)
     rep.kill()

@@ -81,6 +81,25 @@ class SeqPublisher:
         return self.acked
 
 
+def wait_routes(port: int, topic: str, subs: list[PahoClient], timeout: float = 10) -> None:
+    """SUBACK means the route is in etcd; the publisher's node learns it a moment later from
+    its watch. Publish probes (sequence -1) from that node until every subscriber got one."""
+    probe = PahoClient(port, f"probe-{time.monotonic_ns()}")
+    probe.connect()
+    deadline = time.monotonic() + timeout
+    waiting = list(subs)
+    while waiting and time.monotonic() < deadline:
+        probe.publish(topic, b"p:-1", 1)
+        time.sleep(0.05)
+        waiting = [s for s in waiting if s.messages.empty()]
+    probe.disconnect()
+    assert not waiting, "routes did not reach the publisher's node"
+    time.sleep(0.2)
+    for s in subs:
+        while not s.messages.empty():
+            s.messages.get()
+
+
 def received(client: PahoClient) -> list[int]:
     out = []
     while True:
@@ -186,6 +205,7 @@ def test_node_cut_off_from_etcd_fences_itself_and_comes_back(tmp_path) -> None: 
             watcher = PahoClient(cluster.nodes[0].port, "fence-watcher")
             watcher.connect()
             watcher.subscribe("fence/pub", 1)
+            wait_routes(cut.port, "fence/pub", [watcher])
             pub = SeqPublisher(cut.port, "fence/pub", "fence-publisher").start()
             time.sleep(0.5)
             proxy.cut()
