@@ -53,6 +53,7 @@ class PahoClient:
         self, clean_start: bool = True, properties: Properties | None = None, keepalive: int = 60,
         will: tuple[str, bytes, int, bool, Properties | None] | None = None,
         username: str | None = None, password: str | None = None, expect_ok: bool = True,
+        timeout: float = 5.0,
     ) -> tuple[Any, Any, Any]:  # fmt: skip
         if will is not None:
             self.c.will_set(will[0], will[1], will[2], will[3], will[4])
@@ -64,7 +65,7 @@ class PahoClient:
             kw["properties"] = properties
         self.c.connect("127.0.0.1", self.port, **kw)
         self.c.loop_start()
-        flags, rc, p = self.connack.get(timeout=5)
+        flags, rc, p = self.connack.get(timeout=timeout)
         if expect_ok:
             assert not rc.is_failure, f"CONNACK refused: {rc}"
         return flags, rc, p

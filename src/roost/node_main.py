@@ -81,6 +81,7 @@ async def _join_cluster(broker: Broker, mgmt: Management) -> Cluster | None:
     evacuation.session_mover = lambda n: cluster.move_sessions(n, evacuation.params.get(
         "redirect_to") or None)
     evacuation.server_reference = cluster.server_reference
+    evacuation.settle = cluster.settle
     mgmt.cluster_rebalance = cluster.rebalance
     mgmt.cluster_fanout = cluster.fanout
     cluster.mgmt_op = lambda op, args: local_op(mgmt, op, args)

@@ -47,7 +47,8 @@ def node_names(node: NodeProcess) -> list[str]:
 class SeqPublisher:
     """Publishes numbered QoS 1 messages in a thread; remembers which ones were PUBACKed."""
 
-    def __init__(self, port: int, topic: str, cid: str) -> None:
+    def __init__(self, port: int, topic: str, cid: str, interval: float = 0.002) -> None:
+        self.interval = interval
         self.client = PahoClient(port, cid)
         self.client.c.reconnect_delay_set(120, 120)  # a dead node's publisher stays down
         self.client.connect()
@@ -71,7 +72,7 @@ class SeqPublisher:
             self._infos[i] = info
             i += 1
             self.sent = i
-            time.sleep(0.002)
+            time.sleep(self.interval)
 
     def stop(self) -> set[int]:
         self._stop.set()

@@ -270,8 +270,10 @@ class Channel:
         self.broker.channels.discard(self)
         self.transport.close()
 
-    def disconnect(self, reason: int, reason_string: str = "") -> None:
-        """Server-initiated close: DISCONNECT with a reason on MQTT 5, then close."""
+    def disconnect(self, reason: int, reason_string: str = "", server_reference: str = "") -> None:
+        """Server-initiated close: DISCONNECT with a reason (and where to go instead) on
+        MQTT 5, then close. Replies still waiting in the gate are not sent: the DISCONNECT
+        must not wait behind them (the session keeps what they carried)."""
         if self.closed:
             if self._draining is not None:  # e.g. shutdown: stop waiting
                 self._finish_drain()
@@ -281,11 +283,16 @@ class Channel:
             # Never a DISCONNECT before CONNACK (e.g. taken over while its commit was pending).
             self.transport.write(connack)
         if self.v5 and self.connected:
-            props = {"reason_string": reason_string} if reason_string else None
-            data = encode(Disconnect(reason, props), MQTT_5)
+            props: dict[str, Any] = {}
+            if server_reference:
+                props["server_reference"] = server_reference
+            small = encode(Disconnect(reason, props or None), MQTT_5)
+            if reason_string:
+                props["reason_string"] = reason_string
+            data = encode(Disconnect(reason, props or None), MQTT_5)
             if len(data) > self.client_max_packet:
                 # Leave the reason string out rather than exceed the client's limit.
-                data = encode(Disconnect(reason), MQTT_5)
+                data = small
             self._gate = None  # replies still waiting for a commit are not promised any more
             self.write(data)
         self.close()

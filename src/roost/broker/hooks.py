@@ -24,6 +24,9 @@ class ClusterHooks(Protocol):
         """Make this node the session's home in the registry (taking it over from another
         node if it lives there), attach it and call ``done(session, present)``."""
 
+    def name_message(self, msg: Message) -> None:
+        """Give a message published on this node its cluster-wide ``fwd_id``."""
+
     def forward(self, msg: Message, local_groups: list[tuple[str, str]]) -> int:
         """Send ``msg`` to every other node with a matching route (shared groups not served
         locally go to one node each); the number of nodes it went to."""

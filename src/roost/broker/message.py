@@ -8,12 +8,38 @@ aliases or a shortened expiry get a packet of their own.
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Hashable
 from typing import Any
 
 from roost.mqtt.codec import encode_publish
 from roost.mqtt.properties import encode_properties
 
 _NO_PROPS = b"\x00"
+
+
+class RecentIds:
+    """The last ``cap`` ids seen (a set for lookup, a FIFO for eviction): duplicate detection
+    over a bounded window."""
+
+    __slots__ = ("cap", "ids", "order")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.ids: set[Hashable] = set()
+        self.order: deque[Hashable] = deque()
+
+    def add(self, key: Hashable) -> bool:
+        """Remember ``key``; False if it was already there (a duplicate)."""
+        ids = self.ids
+        if key in ids:
+            return False
+        ids.add(key)
+        order = self.order
+        order.append(key)
+        if len(order) > self.cap:
+            ids.discard(order.popleft())
+        return True
 
 
 class Message:
@@ -56,7 +82,8 @@ class Message:
         self._props_wire: bytes | None = None
         self._wire: dict[int, bytes] | None = None
         self.mid = 0  # id in the store, once a persistent session holds it
-        #: (origin node, message id) when another node forwarded it here (cluster only).
+        #: (origin node, message id) in a cluster: the node it was published on names it once,
+        #: so that its copies are recognized wherever they arrive.
         self.fwd_id: tuple[str, int] | None = None
 
     def expired(self, now: float) -> bool:

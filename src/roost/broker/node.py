@@ -189,6 +189,8 @@ class Broker:
         if session is None:
             self._wills.pop(client_id, None)
             return None
+        if session.handoff is not None:
+            session.handoff.end(session)  # what it holds goes with it, in order
         ch = session.channel
         if ch is not None:
             log.info("client %s taken over by a connection on another node", client_id)
@@ -208,6 +210,14 @@ class Broker:
             session.durable = None
         del self.sessions[client_id]
         return session
+
+    def deliver_relayed(self, session: Session, msg: Message) -> None:
+        """A message the session's old home relayed after it moved here."""
+        handoff = session.handoff
+        if handoff is not None and msg.fwd_id is not None:
+            handoff.relayed(session, msg)
+        else:
+            session.deliver(msg, msg.qos, False)
 
     def drop_relay(self, session: Session) -> None:
         """Remove the router entries a moved session still holds (not a newer session's)."""
@@ -330,9 +340,12 @@ class Broker:
         returns how many subscribers (local) and nodes (remote) it went to."""
         if msg.retain:
             self._store_retained(msg)
+        cluster = self.cluster
+        if cluster is not None:
+            cluster.name_message(msg)  # before any session sees it: copies are told apart by it
         n, groups = self.deliver_local(msg)
-        if self.cluster is not None:
-            n += self.cluster.forward(msg, groups)
+        if cluster is not None:
+            n += cluster.forward(msg, groups)
         if not n:
             self.stats.dropped_no_subscribers += 1
         return n
@@ -416,7 +429,7 @@ class Broker:
             if session is None:
                 self.stats.dropped_no_subscribers += 1
                 return 0
-            session.deliver(msg, msg.qos, False)
+            self.deliver_relayed(session, msg)
             return 1
         name, _, real = group.partition("/")
         entry = self.router.entry(real)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from roost.broker.channel import Channel
     from roost.broker.durable import Durable
+    from roost.broker.handoff import Handoff
     from roost.broker.message import Message
     from roost.broker.router import SubOpts
     from roost.broker.stats import Stats
@@ -54,6 +55,7 @@ class Session:
         "durable",
         "epoch",
         "expiry_interval",
+        "handoff",
         "inflight",
         "max_queue",
         "owner",
@@ -93,6 +95,8 @@ class Session:
         #: Set for a while after the session moved to another node: what still reaches it
         #: here (routes elsewhere not yet updated) is sent after it instead of being lost.
         self.relay: Callable[[Message, int], None] | None = None
+        #: Set for a while after the session moved here, while its old home relays to it.
+        self.handoff: Handoff | None = None
 
     @property
     def connected(self) -> bool:
@@ -111,6 +115,11 @@ class Session:
         """Send now if the window allows, else queue (bounded)."""
         if self.relay is not None:
             self.relay(msg, qos)
+            return
+        handoff = self.handoff
+        if handoff is not None and msg.fwd_id is not None:
+            # It moved here moments ago: this may also come relayed by its old home.
+            handoff.direct(msg, (msg, qos, retain, sub_ids, shared))
             return
         ch = self.channel
         if ch is not None and not self.queue and not ch.paused:

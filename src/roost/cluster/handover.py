@@ -26,14 +26,19 @@ def _b64(data: bytes) -> str:
 
 def dump_message(msg: Message, now: float) -> list[Any]:
     left = None if msg.expires_at is None else max(0.0, msg.expires_at - now)
-    return [msg.topic, _b64(msg.payload), msg.qos, msg.retain, dump_props(msg.props), msg.sender,
-            left]  # fmt: skip
+    out = [msg.topic, _b64(msg.payload), msg.qos, msg.retain, dump_props(msg.props), msg.sender,
+           left]  # fmt: skip
+    if msg.fwd_id is not None:  # its identity: the new home tells a relayed copy by it
+        out.append(list(msg.fwd_id))
+    return out
 
 
 def load_message(data: list[Any], now: float) -> Message:
-    topic, payload, qos, retain, props, sender, left = data
+    topic, payload, qos, retain, props, sender, left, *ident = data
     msg = Message(topic, base64.b64decode(payload), qos, retain, load_props(props), sender, now)
     msg.expires_at = None if left is None else now + left
+    if ident:
+        msg.fwd_id = (str(ident[0][0]), int(ident[0][1]))
     return msg
 
 

@@ -45,6 +45,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from roost.broker.message import RecentIds
 from roost.config import parse_bind
 from roost.mqtt import MQTT_5, Connack, Connect, Decoder, MQTTError, Packet, encode, encode_publish
 from roost.mqtt import properties as P
@@ -261,29 +262,6 @@ class _Gate:
                 callback()
             except Exception:
                 log.exception("callback after forwards were acknowledged failed")
-
-
-class _Seen:
-    """The last ``cap`` message ids of one origin: a set for lookup, a FIFO for eviction."""
-
-    __slots__ = ("cap", "ids", "order")
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.ids: set[int] = set()
-        self.order: deque[int] = deque()
-
-    def add(self, mid: int) -> bool:
-        """Remember ``mid``; False if it was already there (a duplicate)."""
-        ids = self.ids
-        if mid in ids:
-            return False
-        ids.add(mid)
-        order = self.order
-        order.append(mid)
-        if len(order) > self.cap:
-            ids.discard(order.popleft())
-        return True
 
 
 # ---------------------------------------------------------------------------- peer state
@@ -523,7 +501,7 @@ class Links:
         self._peers: dict[str, _Peer] = {}
         self._wanted: set[str] = set()
         self._conns: set[_Link] = set()  # every open connection, authenticated or not
-        self._seen: dict[str, _Seen] = {}
+        self._seen: dict[str, RecentIds] = {}
         self._gate = _Gate()
         #: The commit source for the broker's output gate (``submitted`` and ``after``), the
         #: gate itself rather than this object's properties: it is read once per packet.
@@ -833,9 +811,13 @@ class Links:
 
     def _deliver_once(self, peer: _Peer, fwd: Forward) -> int:
         """Deliver a QoS 1 forward unless its (origin, id) was seen; the PUBACK reason code."""
+        if fwd.group is not None and fwd.group[:1] in ("\x00", "\x01"):
+            # Addressed to one session that just moved (a relay): it may have had its direct
+            # copy for the node's other subscribers, so that session deduplicates, not us.
+            return self._deliver(fwd)
         seen = self._seen.get(fwd.origin)
         if seen is None:
-            seen = self._seen[fwd.origin] = _Seen(self._dedup_memory)
+            seen = self._seen[fwd.origin] = RecentIds(self._dedup_memory)
         if seen.add(fwd.mid):
             return self._deliver(fwd)
         peer.duplicates_dropped += 1

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from roost.broker.commits import Progress
+from roost.broker.handoff import Handoff
 from roost.broker.message import Message
 from roost.cluster.etcd import KV, Etcd, EtcdError, Event, LeaseKeeper
 from roost.cluster.handover import (
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("roost.cluster")
 
 _TAKEOVER_TIMEOUT = 5.0
+_ROUTE_WAIT = 30.0  # at most this long more, for the new home's routes to show in our watch
 _RELAY_GRACE = 5.0  # seconds a moved session's old home keeps sending late arrivals after it
 _INFO_INTERVAL = 5.0  # seconds between refreshes of this node's key (connection counts)
 
@@ -134,6 +136,8 @@ class Cluster:
         self._registry_dirty: set[str] = set()
         #: Client ids being taken in from another node -> messages relayed meanwhile.
         self._early: dict[str, list[Message]] = {}
+        #: Sessions that moved away and still relay to their new home (evacuation waits).
+        self._relaying: set[Session] = set()
         #: Registry entries written: SUBACK of a persistent session waits for its entry, so a
         #: core adopting the session after this node dies knows the subscription.
         self.registry = Progress()
@@ -493,6 +497,10 @@ class Cluster:
 
     # -------------------------------------------------------------------------- routing
 
+    def name_message(self, msg: Message) -> None:
+        if msg.fwd_id is None and self.links is not None:
+            msg.fwd_id = (self.me, self.links.new_mid())
+
     def forward(self, msg: Message, local_groups: list[tuple[str, str]]) -> int:
         entries = self.remote.match(msg.topic)
         if not entries or self.links is None:
@@ -502,7 +510,7 @@ class Cluster:
         if msg.expires_at is not None:
             props = dict(props or {})
             props["message_expiry_interval"] = max(0, int(msg.expires_at - self.broker.clock()))
-        mid = links.new_mid()
+        origin, mid = msg.fwd_id if msg.fwd_id is not None else (self.me, links.new_mid())
         sent = 0
         if len(entries) == 1 and not entries[0].groups:
             targets = entries[0].nodes
@@ -512,7 +520,7 @@ class Cluster:
                 targets |= entry.nodes
         for node in targets:
             links.forward(node, Forward(msg.topic, msg.payload, msg.qos, msg.retain, props,
-                                        self.me, mid))  # fmt: skip
+                                        origin, mid))  # fmt: skip
             sent += 1
         for entry in entries:
             if not entry.groups:
@@ -535,6 +543,11 @@ class Cluster:
         msg = Message(fwd.topic, fwd.payload, fwd.qos, fwd.retain, fwd.props, "", broker.clock())
         msg.fwd_id = (fwd.origin, fwd.mid)
         group = fwd.group
+        if group is not None and group.startswith("\x01"):  # the old home relays no more
+            session = broker.sessions.get(group[1:])
+            if session is not None and session.handoff is not None:
+                session.handoff.end(session)
+            return
         if group is not None and group.startswith("\x00"):
             cid = group[1:]
             early = self._early.get(cid)
@@ -581,13 +594,13 @@ class Cluster:
                     if old is not None and old.channel is None:
                         for f in list(old.subscriptions):
                             broker.router.remove(client_id, f)
-                    broker.sessions[client_id] = load_session(broker, state)
+                    broker.sessions[client_id] = self._moved_here(load_session(broker, state))
                 session, present = broker.attach_session(channel, client_id, clean_start, expiry)
                 session.epoch = epoch
                 early = self._early.pop(client_id, [])
                 done(session, present)
                 for msg in early:  # after the CONNACK, like anything else sent to it
-                    session.deliver(msg, msg.qos, False)
+                    broker.deliver_relayed(session, msg)
         finally:
             self._early.pop(client_id, None)
             if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]
@@ -721,11 +734,11 @@ class Cluster:
             if broker.sessions.get(cid) is not session:
                 return False
             late = list(session.queue)[sent:]
-            broker.take_session(cid)
+            broker.take_session(cid, relay=lambda msg, qos: self._relay(target, cid, msg, qos))
+            self._relaying.add(session)
+            self._spawn(self._end_relay(session, target))
             for d in late:  # arrived while the target was taking it: send them after it
-                self.links.forward(target, Forward(d.msg.topic, d.msg.payload, d.msg.qos,
-                                                   d.msg.retain, d.msg.props, self.me,
-                                                   self.links.new_mid(), "\x00" + cid))  # fmt: skip
+                self._relay(target, cid, d.msg, d.qos)
             self.stats["takeovers_out"] += 1
             log.info("offline session %s handed to %s (%s)", cid, target, answer.decode())
             return True
@@ -746,7 +759,8 @@ class Cluster:
             ok, new = await self.etcd.cas(f"sessions/{cid}", value, header["epoch"])
             if not ok or new is None or cid in broker.sessions:
                 raise ValueError(f"session {cid} moved on meanwhile")
-            session = load_session(broker, state)
+            mark = broker.commits.mark()
+            session = self._moved_here(load_session(broker, state))
             session.epoch = new.mod_revision
             broker.sessions[cid] = session
             if broker.durable is not None and session.durable is not None:
@@ -757,6 +771,13 @@ class Cluster:
                 will = load_message(header["will"], broker.clock())
                 broker.schedule_will(cid, will, header.get("will_delay", 0))
             self.stats["adopted"] += 1
+            # "adopted" promises what a SUBACK and a PUBACK do: routes in etcd, deliveries
+            # stored here and on the session's store cores. The old home relies on it.
+            committed = asyncio.get_running_loop().create_future()
+            broker.commits.wait(broker.commits.moved(mark), lambda: committed.done()
+                                or committed.set_result(None))  # fmt: skip
+            # Bounded below the asker's timeout: it is ours now whatever the wait says.
+            await asyncio.wait([committed], timeout=_TAKEOVER_TIMEOUT / 2)
         return b"adopted"
 
     async def _hand_over(self, origin: str, req: dict[str, Any]) -> bytes:
@@ -771,37 +792,71 @@ class Cluster:
             session = self.broker.sessions.get(client_id)
             if session is not None and session.epoch > req["epoch"]:
                 return b""  # our claim is newer than the asker's
-            session = self.broker.take_session(
-                client_id, relay=lambda msg, qos: self._relay(origin, client_id, msg, qos))
+            clean = bool(req.get("clean"))  # a clean start wants nothing of the old session
+            relay = None if clean else (lambda msg, qos: self._relay(origin, client_id, msg, qos))
+            session = self.broker.take_session(client_id, relay=relay)
             if session is None:
                 return b""
-            self._spawn(self._end_relay(session))
+            if not clean:
+                self._relaying.add(session)
+                self._spawn(self._end_relay(session, origin))
             self.stats["takeovers_out"] += 1
             log.info("session %s handed over to %s", client_id, origin)
-            return b"" if req.get("clean") else dump_session(session, self.broker.clock())
+            return b"" if clean else dump_session(session, self.broker.clock())
         finally:
             if held:
                 lock.release()
 
     def _relay(self, home: str, client_id: str, msg: Message, qos: int) -> None:
-        """A message that reached a session after it moved: after it, to its new home, unless
-        the new home's own route already brings it there. It keeps the identity it came with
-        (the new home drops it if it got it directly too), so a relay never duplicates."""
+        """A message that reached a session after it moved: after it, to its new home. It keeps
+        its identity, by which the new home drops it if the message also came there directly
+        (its route there may or may not have been known to the publisher's node)."""
         if self.links is None:
             return
-        for entry in self.remote.match(msg.topic):
-            if home in entry.nodes:
-                return
         origin, mid = msg.fwd_id if msg.fwd_id is not None else (self.me, self.links.new_mid())
         self.links.forward(home, Forward(msg.topic, msg.payload, qos, False, msg.props, origin,
                                          mid, "\x00" + client_id))  # fmt: skip
         self.stats["relayed"] += 1
 
-    async def _end_relay(self, session: Session) -> None:
-        # Long enough for every node's remote table to have the new home's routes.
+    async def _end_relay(self, session: Session, home: str) -> None:
+        """Keep relaying until no node can still send the session's messages here alone.
+
+        Our route delete comes after the new home's route puts in every node's watch once our
+        own watch has shown them, so we wait for that (and at least the grace period, for
+        forwards already on their way) before the delete."""
         await asyncio.sleep(_RELAY_GRACE)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _ROUTE_WAIT
+        while home in self.members and loop.time() < deadline and not all(
+            self.remote.has_route(home, f) for f in session.subscriptions
+        ):
+            await asyncio.sleep(0.1)
         session.relay = None
         self.broker.drop_relay(session)
+        self._relaying.discard(session)
+        links = self.links
+        if links is not None:  # after the last relay, on the same link: it may stop waiting
+            links.forward(home, Forward("relayed", b"", 1, False, None, self.me, links.new_mid(),
+                                        "\x01" + session.client_id))  # fmt: skip
+
+    async def settle(self) -> None:
+        """Until the sessions that left this node no longer need it (their relays ended)."""
+        while self._relaying:
+            await asyncio.sleep(0.1)
+
+    def _moved_here(self, session: Session) -> Session:
+        """A session handed over by its old home, which relays for a while what still reaches
+        it there: each message once, each publisher's in order (see broker/handoff.py)."""
+        handoff = session.handoff = Handoff()
+        for d in (*session.inflight.values(), *session.queue):
+            handoff.remember(d.msg)
+
+        def give_up() -> None:  # the old home's last word never came (it died, say)
+            if session.handoff is handoff:
+                handoff.end(session)
+
+        asyncio.get_running_loop().call_later(_RELAY_GRACE + _ROUTE_WAIT + 5.0, give_up)
+        return session
 
     def session_changed(self, session: Session) -> None:
         if (self.role == "replicant" and session.channel is None and session.expiry_interval
@@ -1042,17 +1097,11 @@ class Cluster:
     async def _shed(self, count: int, rate: int, reference: str) -> None:
         """Disconnect ``count`` clients at ``rate`` per second with 0x9C (and a Server
         Reference on MQTT 5); persistent ones take their sessions to where they reconnect."""
-        from roost.mqtt.packets import Disconnect
-
         done = 0
         while done < count:
             victims = [ch for ch in self.broker.channels if ch.connected and not ch.closed]
             for ch in victims[: min(rate, count - done)]:
-                if ch.v5 and reference:
-                    ch.send(Disconnect(RC.USE_ANOTHER_SERVER, {"server_reference": reference}))
-                    ch.close()
-                else:
-                    ch.disconnect(RC.USE_ANOTHER_SERVER, "rebalancing")
+                ch.disconnect(RC.USE_ANOTHER_SERVER, "rebalancing", reference)
                 done += 1
             if not victims:
                 break

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from roost.broker.commits import Progress
 from roost.broker.trie import FilterTrie
 from roost.cluster.etcd import KV, Event, Op
+from roost.mqtt.topics import parse_shared
 
 if TYPE_CHECKING:
     from roost.cluster.etcd import Etcd
@@ -160,6 +161,14 @@ class RemoteTable:
 
     def match(self, topic: str) -> tuple[RemoteEntry, ...]:
         return self._trie.match(topic)
+
+    def has_route(self, node: str, topic_filter: str) -> bool:
+        """Whether ``node`` holds a route for this filter (``$share/<group>/...`` included)."""
+        group, real = parse_shared(topic_filter)
+        entry = self._trie.get(real)
+        if entry is None:
+            return False
+        return node in (entry.nodes if group is None else entry.groups.get(group, ()))
 
     def load(self, kvs: list[KV]) -> None:
         self._trie = FilterTrie()

@@ -18,11 +18,11 @@ from typing import Any
 
 from roost.broker.node import Broker
 from roost.mqtt import reason_codes as RC
-from roost.mqtt.packets import Disconnect
 
 log = logging.getLogger("roost.mgmt")
 
 _STEP = 0.1  # seconds between eviction batches
+_MOVE_TRIES = 5  # passes that move no session before the rest are kept here
 
 
 class Evacuation:
@@ -40,6 +40,8 @@ class Evacuation:
         self.session_mover: Callable[[int], Awaitable[int]] | None = None
         #: Set by the cluster layer: a live node's MQTT address, for when none is given.
         self.server_reference: Callable[[], str] | None = None
+        #: Set by the cluster layer: wait until the sessions that left need this node no more.
+        self.settle: Callable[[], Awaitable[None]] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(
@@ -105,6 +107,8 @@ class Evacuation:
             await self._evict_connections()
             await asyncio.sleep(float(self.params["wait_takeover"]))
             await self._move_sessions()
+            if self.settle is not None:
+                await self.settle()
             self.status = "done"
             left = len(self.broker.sessions)
             if left:
@@ -132,12 +136,8 @@ class Evacuation:
             budget = min(budget + rate * _STEP, float(rate))
             n = int(budget) if budget >= 1 else (1 if not self.evicted_connections else 0)
             for ch in victims[:n]:
-                if ref and ch.v5 and ch.connected:
-                    # Server Reference tells MQTT 5 clients where to go.
-                    ch.send(Disconnect(RC.USE_ANOTHER_SERVER, {"server_reference": ref}))
-                    ch.close()
-                else:
-                    ch.disconnect(RC.USE_ANOTHER_SERVER, "node evacuated")
+                # Server Reference tells MQTT 5 clients where to go.
+                ch.disconnect(RC.USE_ANOTHER_SERVER, "node evacuated", ref)
                 self.evicted_connections += 1
             budget -= n
             await asyncio.sleep(_STEP)
@@ -146,9 +146,13 @@ class Evacuation:
         mover = self.session_mover
         if mover is None:
             return
+        idle = 0
         while self.broker.sessions:
             moved = await mover(max(1, int(self.params["sess_evict_rate"])))
             self.moved_sessions += moved
-            if moved == 0:
+            # None moved: their clients may be taking them over right now (they go with
+            # that), or no node can take them; look again a few times before giving up.
+            idle = 0 if moved else idle + 1
+            if idle >= _MOVE_TRIES:
                 return
             await asyncio.sleep(1.0)

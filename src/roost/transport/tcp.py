@@ -24,6 +24,7 @@ WRITE_HIGH_WATER = 1 << 20
 # for the client to close first. Closing at once would leave the client's next bytes to a
 # closed socket, whose reset makes the client's write fail before it reads the DISCONNECT.
 LINGER = 2.0
+MAX_FLUSH = 20.0  # at most this long for a slow client to read what precedes our last packet
 
 
 class ListenerState:
@@ -64,6 +65,7 @@ class MqttStreamProtocol(CoalescedWrites, asyncio.Protocol):
         self._pending: list[bytes] | None = None
         self._closing = False
         self._linger: asyncio.TimerHandle | None = None
+        self._closing_rx = False  # bytes came since the linger timer last looked
 
     # asyncio side -------------------------------------------------------------------------
 
@@ -85,7 +87,9 @@ class MqttStreamProtocol(CoalescedWrites, asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
-        if self.channel is not None and not self._closing:
+        if self._closing:
+            self._closing_rx = True  # still acking what it got before our last packet
+        elif self.channel is not None:
             self.channel.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -142,7 +146,20 @@ class MqttStreamProtocol(CoalescedWrites, asyncio.Protocol):
             t.close()
             return
         t.write_eof()
-        self._linger = asyncio.get_running_loop().call_later(LINGER, t.close)
+        self._linger = asyncio.get_running_loop().call_later(LINGER, self._linger_done, t, 0.0)
+
+    def _linger_done(self, t: asyncio.Transport, waited: float) -> None:
+        # A slow reader may still be taking in what came before the DISCONNECT (it sends acks
+        # for it): closing now would reset the connection, and a reset loses that tail,
+        # the DISCONNECT included. So linger until it has been quiet for LINGER.
+        waited += LINGER
+        busy = self._closing_rx or t.get_write_buffer_size()
+        self._closing_rx = False
+        if busy and waited < MAX_FLUSH and not t.is_closing():
+            self._linger = asyncio.get_running_loop().call_later(
+                LINGER, self._linger_done, t, waited)  # fmt: skip
+            return
+        t.close()
 
 
 async def start_tcp_listener(
