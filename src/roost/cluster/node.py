@@ -587,7 +587,7 @@ class Cluster:
                 early = self._early.pop(client_id, [])
                 done(session, present)
                 for msg in early:  # after the CONNACK, like anything else sent to it
-                    session.deliver(msg, msg.qos, False)
+                    session.deliver(msg, msg.qos, False, force=True)  # acked by their origin
         finally:
             self._early.pop(client_id, None)
             if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]
