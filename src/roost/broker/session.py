@@ -236,7 +236,7 @@ class Session:
 
     def when_room(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the queue is within its limits again (at once if it is)."""
-        if self.full():
+        if self.queue and self.full():  # an empty queue is room enough, whatever the limits
             self._room_waiters.append(callback)
         else:
             callback()
@@ -250,7 +250,7 @@ class Session:
     def _drained(self) -> None:
         if not self.queue:
             self._dropping = False
-        if self._room_waiters and not self.full():
+        if self._room_waiters and (not self.queue or not self.full()):
             self.release_waiters()
 
     def _alloc_pid(self) -> int:
