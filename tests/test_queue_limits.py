@@ -8,9 +8,10 @@ from __future__ import annotations
 import time
 
 import paho.mqtt.client as mqtt
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from roost.mqtt import Pingresp, Puback, Publish, Pubrec
+from roost.mqtt import Pingresp, Puback, Publish, Pubrec, Suback, Subscribe, Subscription
 from roost.mqtt.packets import MQTT_3_1_1
 from tests.clients import PahoClient, RawClient, props
 from tests.http import Api
@@ -194,3 +195,56 @@ def test_sys_topics_count_drops_per_reason(make_broker):
     assert value == b"1"
     pub.disconnect()
     watcher.disconnect()
+
+
+def test_an_online_subscriber_that_stops_acking_fills_its_queue_and_loses_nothing(make_broker):
+    """The live case: a connected subscriber whose window and queue are full."""
+    b = make_broker({"mqtt": {"max_mqueue_len": 10}})
+    sub = RawClient(b.port)
+    sub.connect("o-sub", clean_start=True, properties={"receive_maximum": 5,
+                                                       "session_expiry_interval": 3600})
+    sub.send(Subscribe(1, [Subscription("o/t", 1)]))
+    assert isinstance(sub.recv(), Suback)
+    pub = PahoClient(b.port, "o-pub")
+    pub.connect()
+    codes = []
+    for i in range(16):
+        info = pub.publish("o/t", f"m{i}", 1)
+        mid, rc = pub.acks.get(timeout=5)
+        assert mid == info.mid
+        codes.append(int(rc.value))
+    # 5 in flight (never acknowledged), 10 queued, the 16th refused.
+    assert codes == [0] * 15 + [0x97]
+    got = []
+    while len(got) < 15:  # the subscriber acknowledges now: the queue drains into the window
+        p = sub.recv()
+        assert isinstance(p, Publish)
+        got.append(p.payload.decode())
+        sub.send(Puback(p.packet_id))
+    assert got == [f"m{i}" for i in range(15)]
+    assert _dropped(b)["queue_refused"] == 1
+    sub.close()
+    pub.disconnect()
+
+
+def test_raising_the_limit_at_run_time_releases_held_acks(make_broker):
+    b = make_broker({"mqtt": {"max_mqueue_len": 3}})
+    b.wait_api()
+    _offline_subscriber(b.port, "l-sub", "l/t")
+    pub = RawClient(b.port, MQTT_3_1_1)
+    pub.connect("l-pub")
+    for i in range(1, 5):
+        pub.send(Publish("l/t", f"m{i}".encode(), 1, packet_id=i))
+    assert [pub.recv().packet_id for _ in range(3)] == [1, 2, 3]
+    with pytest.raises(TimeoutError):
+        pub.recv(timeout=1)  # the fourth overfilled the queue: held
+    api = Api(b.api_url, key=b.api_key)
+    cfg = api.ok("GET", "/api/v1/config")
+    cfg["mqtt"]["max_mqueue_len"] = 100
+    api.ok("PUT", "/api/v1/config", cfg)
+    ack = pub.recv(timeout=5)
+    assert isinstance(ack, Puback) and ack.packet_id == 4
+    sub = _come_back(b.port, "l-sub")
+    assert [m.payload.decode() for m in sub.recv_all(4)] == ["m1", "m2", "m3", "m4"]
+    pub.close()
+    sub.disconnect()
