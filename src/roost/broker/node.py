@@ -212,6 +212,7 @@ class Broker:
             session.durable.delete_session(client_id)
             session.durable = None
         del self.sessions[client_id]
+        session.release_waiters()  # acks held for its room: its queue is another node's now
         return session
 
     def drop_relay(self, session: Session) -> None:
@@ -337,8 +338,10 @@ class Broker:
         returns how many subscribers (local) and nodes (remote) it went to."""
         if msg.retain:
             self._store_retained(msg)
-        self.refused.clear()
-        self.over.clear()
+        if self.refused:
+            self.refused.clear()
+        if self.over:
+            self.over.clear()
         n, groups = self.deliver_local(msg, True, force)
         if self.cluster is not None:
             n += self.cluster.forward(msg, groups)
@@ -427,7 +430,8 @@ class Broker:
 
     def deliver_forwarded(self, msg: Message, group: str | None) -> int:
         n = self._deliver_forwarded(msg, group)
-        self.over.clear()  # nobody here holds an ack for it
+        if self.over:
+            self.over.clear()  # nobody here holds an ack for it
         return n
 
     def _deliver_forwarded(self, msg: Message, group: str | None) -> int:
