@@ -8,8 +8,9 @@ as fast as the connection allows (QoS 1: at most 32 in flight, the broker's defa
 Maximum), over TCP or over QUIC, so the figures compare transports with the same client. The
 figure is the subscriber's steady receive rate (the bench's per-second counts, leaving out the
 first and last second). This is an open loop: a publisher faster than the subscriber fills the
-broker's queue for it, and what the broker drops (QoS 0, or QoS 1 past max_mqueue_len) shows
-as "lost", found from the sequence numbers in the payloads.
+broker's queue for it, and what the broker drops (QoS 0; QoS 1 past the queue limits only under
+mqueue_full_policy drop_oldest, else it is refused, see docs/queues.md) shows as "lost", found
+from the sequence numbers in the payloads.
 Connection setup times use the package's aioquic client (roost.client.quic) directly.
 """
 

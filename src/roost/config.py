@@ -151,7 +151,15 @@ class MqttSettings(_Model):
     #: Outgoing QoS 1/2 messages in flight per session (further capped by the client's Receive Max).
     max_inflight: int = Field(32, ge=1, le=65535)
     #: Messages queued per session while offline or while the inflight window is full.
-    max_mqueue_len: int = Field(1000, ge=0)
+    max_mqueue_len: int = Field(10_000, ge=0)
+    #: Topic + payload bytes queued per session (0: no byte limit); whichever limit comes first.
+    max_mqueue_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    #: A full queue first drops its oldest QoS 0 message. With none to drop, a new QoS 1/2
+    #: message is ``refuse``d (an MQTT 5 publisher whose every matching subscriber refused gets
+    #: PUBACK/PUBREC 0x97; a 3.1.1 publisher's ack waits until there is room), or
+    #: ``drop_oldest`` drops the oldest queued message to make room. Drops are counted per reason.
+    mqueue_full_policy: Literal["refuse", "drop_oldest"] = "refuse"
+    #: Queue QoS 0 messages for offline clients too (they are dropped first when full).
     mqueue_store_qos0: bool = True
     #: Upper bound for a client's Session Expiry Interval, seconds.
     max_session_expiry_interval: int = Field(2 * 3600, ge=0, le=0xFFFFFFFF)

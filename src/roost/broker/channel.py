@@ -398,7 +398,12 @@ class Channel:
             assert self.session is not None
             self.session.on_pubcomp(packet.packet_id)  # type: ignore[attr-defined]
         elif t is Pingreq:
-            self.write(_PINGRESP)
+            if self._gate is not None and not self.closed:
+                # Past the gate: an ack held for a full queue must not look like a dead link.
+                self.broker.stats.bytes_sent += len(_PINGRESP)
+                self.transport.write(_PINGRESP)
+            else:
+                self.write(_PINGRESP)
         elif t is Subscribe:
             self._on_subscribe(packet)  # type: ignore[arg-type]
         elif t is Unsubscribe:
@@ -686,16 +691,44 @@ class Channel:
                     session.awaiting_rel[p.packet_id] = self.now()  # type: ignore[index]
             return
         msg = Message(topic, p.payload, qos, p.retain, props, self.client_id, self.now())
-        matched = broker.publish(msg)
+        # A full queue refuses an MQTT 5 publisher's message (it is told, 0x97); a 3.1.1 one
+        # has no way to be told, so its message is queued past the limit and its ack waits.
+        matched = broker.publish(msg, qos > 0 and not self.v5)
         if qos:
-            code = 0 if matched or not self.v5 else RC.NO_MATCHING_SUBSCRIBERS
+            refused = broker.refused
+            if refused and self.v5 and len(refused) >= matched:
+                code = RC.QUOTA_EXCEEDED  # every matching subscriber refused it: nobody has it
+            else:
+                code = 0 if matched or not self.v5 else RC.NO_MATCHING_SUBSCRIBERS
             ack = _ack(0x40 if qos == 1 else 0x50, p.packet_id, code)  # type: ignore[arg-type]
-            if qos == 2:
+            if qos == 2 and code < 0x80:
                 session.awaiting_rel[p.packet_id] = msg.timestamp  # type: ignore[index]
                 if session.durable is not None:
                     session.durable.rel_add(session, p.packet_id)  # type: ignore[arg-type]
             self._hold_until_stored(mark)
+            if broker.over:
+                self._hold_for_room(broker.over)
             self.write(ack)
+
+    def _hold_for_room(self, sessions: list[Session]) -> None:
+        """Gate further output (this ack first) until every one of ``sessions`` (queues this
+        publisher's message overfilled) is within its limits again."""
+        waiting = {id(s): s for s in sessions if s is not self.session}  # never wait on itself
+        if not waiting:
+            return
+        barrier = _Barrier()
+        if self._gate is None:
+            self._gate = []
+        self._gate.append(barrier)
+        left = [len(waiting)]
+
+        def one() -> None:
+            left[0] -= 1
+            if not left[0]:
+                self._release_gate(barrier)
+
+        for s in waiting.values():
+            s.when_room(one)
 
     def _on_pubrec(self, p: Pubrec) -> None:
         assert self.session is not None

@@ -195,8 +195,7 @@ class Durable:
             if left <= 0:
                 self.delete_session(s.client_id)
                 continue
-            cfg = broker.config.mqtt
-            session = Session(s.client_id, broker.stats, cfg.max_mqueue_len, cfg.mqueue_store_qos0)
+            session = broker.new_session(s.client_id)
             session.expiry_interval = s.expiry_interval
             session.durable = self
             for f, qos, nl, rap, rh, sub_id in s.subscriptions:

@@ -69,7 +69,7 @@ def _deliver(session: Session, items: list[tuple[Any, ...]]) -> None:
     h, session.handoff = session.handoff, None
     try:
         for args in items:
-            session.deliver(*args)
+            session.deliver(*args, force=True)  # acknowledged already: past a full queue
     finally:
         if session.handoff is None:
             session.handoff = h

@@ -23,7 +23,7 @@ from roost.broker.limits import Limits
 from roost.broker.message import Message
 from roost.broker.retainer import Retainer
 from roost.broker.router import Router, SubOpts
-from roost.broker.session import Session
+from roost.broker.session import REFUSED, Session
 from roost.broker.stats import Stats
 from roost.config import Config, ConfigError
 from roost.mqtt import reason_codes as RC
@@ -59,6 +59,10 @@ class Broker:
         self.cluster: ClusterHooks | None = None
         #: What gated replies wait for: the store, and in a cluster the links and route table.
         self.commits = Commits()
+        # The sessions whose full queue refused (or, forced, took past its limits) the message
+        # being routed: the publishing channel reads them to choose its PUBACK/PUBREC.
+        self.refused: list[Session] = []
+        self.over: list[Session] = []
         self.bans = Bans()
         self.flapping = FlappingDetector(lambda: self.config.flapping_detect, clock)
         #: Set while this node is evacuated: new connections are sent elsewhere.
@@ -175,7 +179,8 @@ class Broker:
 
     def new_session(self, client_id: str) -> Session:
         cfg = self.config.mqtt
-        return Session(client_id, self.stats, cfg.max_mqueue_len, cfg.mqueue_store_qos0)
+        return Session(client_id, self.stats, cfg.max_mqueue_len, cfg.mqueue_store_qos0,
+                       cfg.max_mqueue_bytes, cfg.mqueue_full_policy)  # fmt: skip
 
     def take_session(
         self, client_id: str, relay: Callable[[Message, int], None] | None = None
@@ -209,6 +214,7 @@ class Broker:
             session.durable.delete_session(client_id)
             session.durable = None
         del self.sessions[client_id]
+        session.release_waiters()  # acks held for its room: its queue is another node's now
         return session
 
     def deliver_relayed(self, session: Session, msg: Message) -> None:
@@ -217,7 +223,7 @@ class Broker:
         if handoff is not None and msg.fwd_id is not None:
             handoff.relayed(session, msg)
         else:
-            session.deliver(msg, msg.qos, False)
+            session.deliver(msg, msg.qos, False, force=True)  # acknowledged by its origin
 
     def drop_relay(self, session: Session) -> None:
         """Remove the router entries a moved session still holds (not a newer session's)."""
@@ -299,7 +305,8 @@ class Broker:
                     session.durable.add_delivery(session, d)
                 session.requeue(d)
                 continue
-            other.session.deliver(d.msg, min(d.msg.qos, other.qos), d.retain, d.sub_ids, other)
+            other.session.deliver(d.msg, min(d.msg.qos, other.qos), d.retain, d.sub_ids, other,
+                                  force=True)  # already accepted: moves, never refused
 
     # ------------------------------------------------------------------------ subscriptions
 
@@ -328,22 +335,27 @@ class Broker:
 
     # ---------------------------------------------------------------------------- routing
 
-    def publish(self, msg: Message) -> int:
-        """Route one message to every matching session; returns how many got it."""
+    def publish(self, msg: Message, force: bool = False) -> int:
+        """Route one message to every matching session; returns how many it went to (those
+        whose full queue refused it are in ``self.refused``; see ``deliver_local``)."""
         stats = self.stats
         stats.messages_received += 1
         stats.received_qos[msg.qos] += 1
-        return self.route(msg)
+        return self.route(msg, force)
 
-    def route(self, msg: Message) -> int:
+    def route(self, msg: Message, force: bool = False) -> int:
         """Deliver to this node's subscribers and forward to the other nodes that need it;
         returns how many subscribers (local) and nodes (remote) it went to."""
         if msg.retain:
             self._store_retained(msg)
+        if self.refused:
+            self.refused.clear()
+        if self.over:
+            self.over.clear()
         cluster = self.cluster
         if cluster is not None:
             cluster.name_message(msg)  # before any session sees it: copies are told apart by it
-        n, groups = self.deliver_local(msg)
+        n, groups = self.deliver_local(msg, True, force)
         if cluster is not None:
             n += cluster.forward(msg, groups)
         if not n:
@@ -363,11 +375,13 @@ class Broker:
             self.cluster.retained_changed(msg)
 
     def deliver_local(
-        self, msg: Message, shared: bool = True
+        self, msg: Message, shared: bool = True, force: bool = False
     ) -> tuple[int, list[tuple[str, str]]]:
         """Deliver to this node's matching subscriptions (shared groups too unless not
         ``shared``): (deliveries, the shared groups (group, filter) served here, which no
-        other node then needs to serve)."""
+        other node then needs to serve). A session whose full queue refused the message goes
+        to ``self.refused``; with ``force`` none refuses, and those past their limits go to
+        ``self.over``."""
         entries = self.router.match(msg.topic)
         if not entries:
             return 0, []
@@ -380,12 +394,16 @@ class Broker:
             for opts in entries[0].subs.values():
                 if opts.no_local and opts.session.owner == sender:
                     continue
-                opts.session.deliver(
+                r = opts.session.deliver(
                     msg,
                     opts.qos if opts.qos < mqos else mqos,
                     retain and opts.rap,
                     (opts.sub_id,) if opts.sub_id else (),
+                    None,
+                    force,
                 )
+                if r:
+                    (self.refused if r == REFUSED else self.over).append(opts.session)
                 n += 1
             return n, []
         # Overlapping filters: one copy per client at the highest QoS with every sub id.
@@ -406,24 +424,37 @@ class Broker:
                 member = group.pick()
                 if member is not None:
                     groups.append((group.name, entry.topic_filter))
-                    self._deliver_shared(msg, member)
+                    self._deliver_shared(msg, member, force)
                     n += 1
         for session, qos, rap, ids in per_client.values():
-            session.deliver(msg, min(qos, mqos), retain and rap, tuple(i for i in ids if i))
+            r = session.deliver(msg, min(qos, mqos), retain and rap, tuple(i for i in ids if i),
+                                None, force)  # fmt: skip
+            if r:
+                (self.refused if r == REFUSED else self.over).append(session)
             n += 1
         return n, groups
 
-    def _deliver_shared(self, msg: Message, member: SubOpts) -> None:
+    def _deliver_shared(self, msg: Message, member: SubOpts, force: bool) -> None:
         ids = (member.sub_id,) if member.sub_id else ()
-        member.session.deliver(msg, min(msg.qos, member.qos), msg.retain and member.rap, ids,
-                               member)  # fmt: skip
+        r = member.session.deliver(msg, min(msg.qos, member.qos), msg.retain and member.rap,
+                                   ids, member, force)  # fmt: skip
+        if r:
+            (self.refused if r == REFUSED else self.over).append(member.session)
 
     def deliver_forwarded(self, msg: Message, group: str | None) -> int:
+        n = self._deliver_forwarded(msg, group)
+        if self.over:
+            self.over.clear()  # nobody here holds an ack for it
+        return n
+
+    def _deliver_forwarded(self, msg: Message, group: str | None) -> int:
         """A message another node routed here: to the local subscribers, or with ``group``
         (``"<group>/<filter>"``) to one local member of that shared group. Never forwarded
         again and never stored as retained (its origin node did that)."""
+        # The origin node acknowledged it to its publisher already: a full queue here takes it
+        # past its limits rather than lose it.
         if group is None:
-            return self.deliver_local(msg, shared=False)[0]
+            return self.deliver_local(msg, False, True)[0]
         if group.startswith("\x00"):  # addressed to one session (it moved here)
             session = self.sessions.get(group[1:])
             if session is None:
@@ -438,7 +469,7 @@ class Broker:
         if member is None:
             self.stats.dropped_no_subscribers += 1
             return 0
-        self._deliver_shared(msg, member)
+        self._deliver_shared(msg, member, True)
         return 1
 
     # ----------------------------------------------------------------------------- timers
@@ -485,7 +516,11 @@ class Broker:
             "clients/total": len(self.sessions),
             "messages/received": s.messages_received,
             "messages/sent": s.messages_sent,
-            "messages/dropped": s.dropped_queue_full + s.dropped_too_large + s.dropped_expired,
+            "messages/dropped": s.dropped_queue_full + s.dropped_queue_full_qos0
+            + s.dropped_queue_refused + s.dropped_too_large + s.dropped_expired,
+            "messages/dropped/queue_full": s.dropped_queue_full,
+            "messages/dropped/queue_full_qos0": s.dropped_queue_full_qos0,
+            "messages/dropped/queue_refused": s.dropped_queue_refused,
             "bytes/received": s.bytes_received,
             "bytes/sent": s.bytes_sent,
             "subscriptions/count": self.router.count,

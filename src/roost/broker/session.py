@@ -7,6 +7,7 @@ It sends through the attached channel and does no I/O itself.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -18,6 +19,16 @@ if TYPE_CHECKING:
     from roost.broker.message import Message
     from roost.broker.router import SubOpts
     from roost.broker.stats import Stats
+
+log = logging.getLogger("roost.broker")
+
+# What a full queue does with a new QoS 1/2 message (``mqtt.mqueue_full_policy``).
+REFUSE = "refuse"  # keep what is queued, refuse the new one (its publisher is told)
+DROP_OLDEST = "drop_oldest"  # make room by dropping the oldest queued message (counted)
+
+# Session.deliver's answers besides 0 (sent or queued within the limits).
+REFUSED = 1  # not taken: the queue is full under the refuse policy
+OVER = 2  # taken past the limits (``force``): the publisher's ack waits for room
 
 # Inflight states
 AWAIT_ACK = 0  # PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2)
@@ -48,18 +59,23 @@ class Delivery:
 
 class Session:
     __slots__ = (
+        "_dropping",
         "_next_pid",
+        "_room_waiters",
         "awaiting_rel",
         "channel",
         "client_id",
         "durable",
         "epoch",
         "expiry_interval",
+        "full_policy",
         "handoff",
         "inflight",
         "max_queue",
+        "max_queue_bytes",
         "owner",
         "queue",
+        "queued_bytes",
         "queued_qos0",
         "relay",
         "seq",
@@ -69,7 +85,13 @@ class Session:
     )
 
     def __init__(
-        self, client_id: str, stats: Stats, max_queue: int = 1000, store_qos0: bool = True
+        self,
+        client_id: str,
+        stats: Stats,
+        max_queue: int = 1000,
+        store_qos0: bool = True,
+        max_queue_bytes: int = 0,
+        full_policy: str = REFUSE,
     ) -> None:
         self.client_id = client_id
         # The MQTT client this session belongs to, for no-local; a QUIC data stream's session
@@ -77,6 +99,8 @@ class Session:
         self.owner = client_id
         self.stats = stats
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes  # topic + payload bytes queued; 0: no limit
+        self.full_policy = full_policy
         self.store_qos0 = store_qos0
         self.expiry_interval = 0
         self.subscriptions: dict[str, SubOpts] = {}
@@ -84,6 +108,10 @@ class Session:
         self.inflight: dict[int, Delivery] = {}
         self.queue: deque[Delivery] = deque()
         self.queued_qos0 = 0  # QoS 0 deliveries in the queue: a full queue drops these first
+        self.queued_bytes = 0
+        self._dropping = False  # logged that the queue is full; again once it has emptied
+        # Called once the queue has room again (3.1.1 publishers' held acks).
+        self._room_waiters: list[Callable[[], None]] = []
         self.awaiting_rel: dict[int, float] = {}
         self._next_pid = 1
         # Set while the session is persistent (expiry > 0 on a node with a durable store).
@@ -111,63 +139,128 @@ class Session:
         retain: bool,
         sub_ids: tuple[int, ...] = (),
         shared: SubOpts | None = None,
-    ) -> None:
-        """Send now if the window allows, else queue (bounded)."""
+        force: bool = False,
+    ) -> int:
+        """Send now if the window allows, else queue within the limits. Returns 0, or REFUSED
+        when a full queue under the refuse policy did not take it, or OVER when ``force``
+        queued it past the limits."""
         if self.relay is not None:
             self.relay(msg, qos)
-            return
+            return 0
         handoff = self.handoff
         if handoff is not None and msg.fwd_id is not None:
             # It moved here moments ago: this may also come relayed by its old home.
             handoff.direct(msg, (msg, qos, retain, sub_ids, shared))
-            return
+            return 0
         ch = self.channel
         if ch is not None and not self.queue and not ch.paused:
             if qos == 0:
                 ch.send_qos0(msg, retain, sub_ids)
-                return
+                return 0
             if len(self.inflight) < ch.window:
                 d = Delivery(msg, qos, retain, sub_ids, shared)
                 if self.durable is not None:
                     self.durable.add_delivery(self, d)
                 self._send_new(ch, d)
-                return
+                return 0
         elif qos == 0 and ch is None and not self.store_qos0:
             self.stats.dropped_qos0_offline += 1
-            return
+            return 0
+        over = 0
+        if self.full(len(msg.topic) + len(msg.payload)) and not self._make_room(qos):
+            if qos == 0:
+                return 0  # dropped (counted): QoS 0 promises nothing
+            if not force:
+                self._full("refused", qos)
+                self.stats.dropped_queue_refused += 1
+                return REFUSED
+            over = OVER
         d = Delivery(msg, qos, retain, sub_ids, shared)
         if qos and self.durable is not None:
             self.durable.add_delivery(self, d)
-        self._enqueue(d)
+        self.requeue(d)
+        return over
+
+    def full(self, extra: int = 0) -> bool:
+        """Whether one more message (of ``extra`` bytes) would pass a queue limit."""
+        if len(self.queue) >= self.max_queue:
+            return True
+        limit = self.max_queue_bytes
+        return bool(limit) and self.queued_bytes + extra > limit and bool(self.queue)
+
+    def _make_room(self, qos: int) -> bool:
+        """The queue is full: drop a queued QoS 0 message (the oldest) if there is one, else,
+        for a new QoS 0 message or under drop_oldest, drop (the new QoS 0 one or the oldest).
+        True when the new message may be queued."""
+        queue = self.queue
+        if self.queued_qos0:
+            for i, old in enumerate(queue):
+                if old.qos == 0:
+                    del queue[i]
+                    self._unqueued(old)
+                    break
+            self._full("QoS 0 dropped", 0)
+            self.stats.dropped_queue_full_qos0 += 1
+            return True
+        if qos == 0:
+            self._full("QoS 0 dropped", 0)
+            self.stats.dropped_queue_full_qos0 += 1
+            return False
+        if self.full_policy == DROP_OLDEST and queue:
+            old = queue.popleft()
+            self._unqueued(old)
+            self._done(old)
+            self._full("oldest dropped", old.qos)
+            self.stats.dropped_queue_full += 1
+            return True
+        return False
+
+    def _full(self, what: str, qos: int) -> None:
+        # One line per session while it stays full, not one per message.
+        if not self._dropping:
+            self._dropping = True
+            log.warning(
+                "session %s: queue full (%d messages, %d bytes), %s (QoS %d); further drops "
+                "are only counted until it empties",
+                self.client_id, len(self.queue), self.queued_bytes, what, qos,
+            )  # fmt: skip
+
+    def _unqueued(self, d: Delivery) -> None:
+        """Bookkeeping for a delivery that left the queue."""
+        if d.qos == 0:
+            self.queued_qos0 -= 1
+        self.queued_bytes -= len(d.msg.topic) + len(d.msg.payload)
 
     def _done(self, d: Delivery) -> None:
         """A delivery left the session (acknowledged, dropped or handed elsewhere)."""
         if d.seq and self.durable is not None:
             self.durable.delivery_done(self, d)
 
-    def _enqueue(self, d: Delivery) -> None:
-        queue = self.queue
-        if len(queue) >= self.max_queue:
-            self.stats.dropped_queue_full += 1
-            if not queue:
-                self._done(d)
-                return
-            # Full: drop the oldest QoS 0 message if there is one, else the oldest message.
-            if self.queued_qos0:
-                for i, old in enumerate(queue):
-                    if old.qos == 0:
-                        del queue[i]
-                        self.queued_qos0 -= 1
-                        break
-            else:
-                self._done(queue.popleft())
-        self.requeue(d)
-
     def requeue(self, d: Delivery) -> None:
         """Append to the queue with no limit check (restored or handed-back deliveries)."""
         self.queue.append(d)
         if d.qos == 0:
             self.queued_qos0 += 1
+        self.queued_bytes += len(d.msg.topic) + len(d.msg.payload)
+
+    def when_room(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the queue is within its limits again (at once if it is)."""
+        if self.queue and self.full():  # an empty queue is room enough, whatever the limits
+            self._room_waiters.append(callback)
+        else:
+            callback()
+
+    def release_waiters(self) -> None:
+        """The session left (ended or moved): whoever waits for room stops waiting."""
+        waiters, self._room_waiters = self._room_waiters, []
+        for cb in waiters:
+            cb()
+
+    def _drained(self) -> None:
+        if not self.queue:
+            self._dropping = False
+        if self._room_waiters and (not self.queue or not self.full()):
+            self.release_waiters()
 
     def _alloc_pid(self) -> int:
         pid = self._next_pid
@@ -192,15 +285,16 @@ class Session:
         ch = self.channel
         queue = self.queue
         if ch is None:
+            if self._room_waiters:
+                self._drained()  # e.g. limits raised while offline
             return
         now = ch.now()
         while queue and not ch.paused:
             d = queue[0]
             if d.qos and len(self.inflight) >= ch.window:
-                return
+                break
             queue.popleft()
-            if d.qos == 0:
-                self.queued_qos0 -= 1
+            self._unqueued(d)
             if d.msg.expired(now):
                 self.stats.dropped_expired += 1
                 self._done(d)
@@ -209,6 +303,8 @@ class Session:
                 ch.send_qos0(d.msg, d.retain, d.sub_ids)
             else:
                 self._send_new(ch, d)
+        if self._room_waiters or self._dropping:
+            self._drained()
 
     def on_puback(self, pid: int) -> bool:
         d = self.inflight.get(pid)
@@ -275,10 +371,14 @@ class Session:
                     keep.append(d)
             self.queue = keep
             self.queued_qos0 = sum(1 for d in keep if d.qos == 0)
+            self.queued_bytes = sum(len(d.msg.topic) + len(d.msg.payload) for d in keep)
+            self._drained()
         return taken
 
     def clear(self) -> None:
         self.inflight.clear()
         self.queue.clear()
         self.queued_qos0 = 0
+        self.queued_bytes = 0
         self.awaiting_rel.clear()
+        self.release_waiters()

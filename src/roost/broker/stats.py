@@ -16,6 +16,8 @@ class Stats:
         "dropped_no_subscribers",
         "dropped_qos0_offline",
         "dropped_queue_full",
+        "dropped_queue_full_qos0",
+        "dropped_queue_refused",
         "dropped_too_large",
         "flapping_banned",
         "messages_received",
@@ -35,7 +37,9 @@ class Stats:
     dropped_expired: int
     dropped_no_subscribers: int
     dropped_qos0_offline: int
-    dropped_queue_full: int
+    dropped_queue_full: int  # QoS 1/2 dropped to make room (drop_oldest policy)
+    dropped_queue_full_qos0: int  # QoS 0 dropped from a full queue (any policy)
+    dropped_queue_refused: int  # deliveries a full queue refused (refuse policy)
     dropped_too_large: int
     flapping_banned: int
     messages_received: int

@@ -17,7 +17,6 @@ it never collides with the control stream's subscriptions; it is never stored in
 from __future__ import annotations
 
 from roost.broker.channel import Channel, Transport
-from roost.broker.session import Session
 from roost.mqtt import reason_codes as RC
 from roost.mqtt.codec import Decoder
 from roost.mqtt.errors import MQTTError
@@ -69,13 +68,7 @@ class StreamChannel(Channel):
         self.decoder = Decoder(
             max_packet_size=self.broker.config.mqtt.max_packet_size, version=parent.version
         )
-        cfg = self.broker.config.mqtt
-        session = Session(
-            f"{parent.client_id}\x00{stream_id}",
-            self.broker.stats,
-            cfg.max_mqueue_len,
-            cfg.mqueue_store_qos0,
-        )
+        session = self.broker.new_session(f"{parent.client_id}\x00{stream_id}")
         session.owner = parent.client_id
         session.channel = self
         self.session = session

@@ -600,7 +600,7 @@ class Cluster:
                 early = self._early.pop(client_id, [])
                 done(session, present)
                 for msg in early:  # after the CONNACK, like anything else sent to it
-                    broker.deliver_relayed(session, msg)
+                    broker.deliver_relayed(session, msg)  # acknowledged by their origin
         finally:
             self._early.pop(client_id, None)
             if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]

@@ -366,7 +366,7 @@ RESPONSES: dict[tuple[str, str], dict[int, Any]] = {
     ("GET", "/api/v1/retained"): {200: _page_schema(RETAINED)},
     ("GET", "/api/v1/retained/{topic}"): {200: RETAINED_FULL},
     ("DELETE", "/api/v1/retained/{topic}"): {204: None},
-    ("POST", "/api/v1/publish"): {200: _obj({"matched": _I})},
+    ("POST", "/api/v1/publish"): {200: _obj({"matched": _I, "refused": _I})},
     ("GET", "/api/v1/config"): {200: CONFIG_REF},
     ("PUT", "/api/v1/config"): {
         200: _obj(
@@ -1660,7 +1660,7 @@ async def publish(request: web.Request) -> web.Response:
         body.topic, payload, min(body.qos, cfg.max_qos_allowed), body.retain, props or None, "", now
     )
     matched = m.broker.publish(msg)
-    return web.json_response({"matched": matched})
+    return web.json_response({"matched": matched, "refused": len(m.broker.refused)})
 
 
 # -- config ------------------------------------------------------------------------------

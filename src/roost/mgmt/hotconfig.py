@@ -158,7 +158,11 @@ async def apply_config(broker: Broker, listeners: ListenerSet, new: Config) -> l
     if "mqtt" in changed:
         for session in broker.sessions.values():
             session.max_queue = new.mqtt.max_mqueue_len
+            session.max_queue_bytes = new.mqtt.max_mqueue_bytes
+            session.full_policy = new.mqtt.mqueue_full_policy
             session.store_qos0 = new.mqtt.mqueue_store_qos0
+            if session.queue or session.inflight:
+                session.drain()  # raised limits: acks held for room may go now
     if "log" in changed:
         setup_logging(new.log)
     if changed:

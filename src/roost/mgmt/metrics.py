@@ -286,7 +286,9 @@ def render(
     w.one("roost_bytes_sent", "counter", "Bytes sent to MQTT clients.", s.bytes_sent)
     dropped = {
         "no_subscribers": s.dropped_no_subscribers,
-        "queue_full": s.dropped_queue_full,
+        "queue_full": s.dropped_queue_full,  # QoS 1/2, drop_oldest policy
+        "queue_full_qos0": s.dropped_queue_full_qos0,
+        "queue_refused": s.dropped_queue_refused,  # refuse policy: a subscriber did not get it
         "too_large": s.dropped_too_large,
         "expired": s.dropped_expired,
         "qos0_offline": s.dropped_qos0_offline,
