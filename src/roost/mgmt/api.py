@@ -27,15 +27,20 @@ from roost import __version__
 from roost.broker.bans import KINDS, Ban
 from roost.broker.message import Message
 from roost.broker.node import Broker
-from roost.broker.router import SubOpts
-from roost.broker.session import Session
+from roost.broker.service import (
+    BrokerService,
+    ClientQuery,
+    Invalid,
+    NotFound,
+    Refused,
+    ServiceError,
+    dump,
+)
 from roost.config import Config, ConfigError, explain, parse_bind
 from roost.datadir import admin_password
 from roost.mgmt import hotconfig, metrics
 from roost.mgmt.evacuation import Evacuation
 from roost.mgmt.listeners import ListenerSet
-from roost.mqtt import reason_codes as RC
-from roost.mqtt.topics import matches, parse_shared, valid_topic_filter, valid_topic_name
 
 log = logging.getLogger("roost.mgmt")
 T = TypeVar("T")
@@ -654,6 +659,8 @@ class Management:
 
     def __init__(self, broker: Broker, listeners: ListenerSet) -> None:
         self.broker = broker
+        #: What the handlers ask of the broker (they never read its sessions or channels).
+        self.service = BrokerService(broker)
         self.listeners = listeners
         self.evacuation = Evacuation(broker)
         self.lag = metrics.LoopLag()
@@ -768,7 +775,7 @@ class Management:
     def node_info(self) -> dict[str, Any]:
         b = self.broker
         cfg = b.config
-        connections = sum(1 for ch in b.channels if ch.connected)
+        svc = self.service
         info = {
             "name": cfg.node.name,
             "role": cfg.node.role,
@@ -776,8 +783,8 @@ class Management:
             "status": "evacuating" if b.evacuating else "running",
             "uptime": round(b.clock() - b.started_at, 3),
             "started_at": _iso(time.time() - (b.clock() - b.started_at)),
-            "connections": connections,
-            "sessions": len(b.sessions),
+            "connections": svc.connections(),
+            "sessions": svc.session_count(),
             "subscriptions": b.router.count,
             "topics": len(b.router.filters()),
             "retained": len(b.retainer),
@@ -934,6 +941,9 @@ def _choice(request: web.Request, name: str, allowed: tuple[str, ...]) -> str | 
 _PUBLIC_PREFIXES = ("/status", "/dashboard", "/api/v1/openapi.json")
 
 
+_SERVICE_STATUS: dict[type[ServiceError], int] = {NotFound: 404, Invalid: 400, Refused: 403}
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -947,6 +957,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(e.status, code, e.reason or code)
     except ConfigError as e:
         return error_response(400, "INVALID_CONFIG", str(e))
+    except ServiceError as e:
+        return error_response(_SERVICE_STATUS.get(type(e), 400), e.code, e.message)
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error_response(500, "INTERNAL_ERROR", "internal error; see the node's log")
@@ -1081,8 +1093,8 @@ async def stats(request: web.Request) -> web.Response:
     b = m.broker
     info = m.node_info()
     body = {k: info[k] for k in ("connections", "sessions", "subscriptions", "topics", "retained")}
-    body["inflight"] = sum(len(s.inflight) for s in b.sessions.values())
-    body["queued"] = sum(len(s.queue) for s in b.sessions.values())
+    body["inflight"] = m.service.inflight_count()
+    body["queued"] = m.service.queued_count()
     body["bans"] = len(b.bans)
     body["counters"] = b.stats.as_dict()
     body["time"] = time.time()
@@ -1141,7 +1153,7 @@ async def cluster_rebalance(request: web.Request) -> web.Response:
 
 def _listener_view(m: Management, kind: str, name: str, lst: Any) -> dict[str, Any]:
     label = f"{kind}:{name}"
-    conns = sum(1 for ch in m.broker.channels if ch.connected and ch.listener == label)
+    conns = m.service.connections(label)
     state = m.broker.listener_states.get(label)
     running = m.listeners.serving(label)
     d = {
@@ -1219,32 +1231,73 @@ async def listener_disable(request: web.Request) -> web.Response:
 # -- clients -----------------------------------------------------------------------------
 
 
-def _client_view(m: Management, s: Session) -> dict[str, Any]:
-    ch = s.channel
-    d: dict[str, Any] = {
-        "clientid": s.client_id,
-        "node": m.broker.config.node.name,
-        "connected": ch is not None,
-        "expiry_interval": s.expiry_interval,
-        "subscriptions_cnt": len(s.subscriptions),
-        "inflight_cnt": len(s.inflight),
-        "mqueue_len": len(s.queue),
-        "awaiting_rel_cnt": len(s.awaiting_rel),
-    }
-    if ch is not None:
-        host, _, port = ch.peer.rpartition(":")
-        d.update(
-            {
-                "username": ch.username,
-                "ip_address": host.strip("[]") or ch.peer,
-                "port": int(port) if port.isdigit() else 0,
-                "listener": ch.listener,
-                "proto_ver": ch.version,
-                "keepalive": ch.keepalive,
-                "connected_at": _iso(time.time() - (m.broker.clock() - ch.created_at)),
-            }
-        )
-    return d
+def _service(request: web.Request) -> BrokerService:
+    return _mgmt(request).service
+
+
+async def _owner(m: Management, op: str, args: dict[str, Any]) -> Any:
+    """The answer of the other node that holds client ``args["clientid"]``, else None."""
+    if m.cluster_fanout is None:
+        return None
+    for answer in await m.cluster_fanout(op, args):
+        if answer is not None:
+            return answer
+    return None
+
+
+async def _on_owner(m: Management, op: str, args: dict[str, Any]) -> Any:
+    """Run ``op`` where the client lives: here if it does, else on the node that holds it
+    (whose service errors come back as ``{"error": ...}`` and are raised here)."""
+    if m.service.has_client(args["clientid"]) or m.cluster_fanout is None:
+        return await local_op(m, op, args, raise_errors=True)
+    answer = await _owner(m, op, args)
+    if answer is None:
+        cid = args["clientid"]
+        raise NotFound("CLIENTID_NOT_FOUND", f"no client {cid!r}")
+    if isinstance(answer, dict) and "error" in answer:
+        e = answer["error"]
+        raise _ERROR_KINDS.get(e.get("kind"), ServiceError)(e["code"], e["message"])
+    return answer
+
+
+_ERROR_KINDS: dict[str, type[ServiceError]] = {
+    "not_found": NotFound, "invalid": Invalid, "refused": Refused,
+}  # fmt: skip
+
+
+async def local_op(
+    m: Management, op: str, args: dict[str, Any], raise_errors: bool = False
+) -> Any:
+    """Answer a management request about this node's clients (another node's, over the links,
+    see ``cluster_fanout``): JSON, None when the client is not here, ``{"error": ...}`` when
+    the service refuses (``raise_errors``: raise that instead)."""
+    svc = m.service
+    if op == "clients":
+        return [dump(v) for v in svc.clients(ClientQuery.from_query(args["query"]))]
+    if not svc.has_client(args["clientid"]) and not raise_errors:
+        return None
+    cid = args["clientid"]
+    try:
+        if op == "client":
+            return dump(svc.client(cid))
+        if op == "subscriptions":
+            return [dump(v) for v in svc.client_subscriptions(cid)]
+        if op == "kick":
+            svc.kick(cid)
+            log.info("client %s kicked by %s", cid, args.get("by"))
+            return True
+        if op == "subscribe":
+            a = args["sub"]
+            return dump(svc.subscribe(cid, a["topic"], a["qos"], a["nl"], a["rap"], a["rh"]))
+        if op == "unsubscribe":
+            svc.unsubscribe(cid, args["topic"])
+            return True
+    except ServiceError as e:
+        if raise_errors:
+            raise
+        kind = next((k for k, cls in _ERROR_KINDS.items() if isinstance(e, cls)), "error")
+        return {"error": {"kind": kind, "code": e.code, "message": e.message}}
+    raise ValueError(f"unknown operation {op!r}")
 
 
 @route(
@@ -1266,80 +1319,16 @@ def _client_view(m: Management, s: Session) -> dict[str, Any]:
 )
 async def clients(request: web.Request) -> web.Response:
     m = _mgmt(request)
-    state = _choice(request, "conn_state", ("connected", "disconnected"))
-    proto = _int_param(request, "proto_ver", 0, 3, 5) if "proto_ver" in request.query else None
+    _choice(request, "conn_state", ("connected", "disconnected"))
+    if "proto_ver" in request.query:
+        _int_param(request, "proto_ver", 0, 3, 5)
     query = dict(request.query)
-    out = _local_clients(m, query, state, proto)
+    out = [dump(v) for v in m.service.clients(ClientQuery.from_query(query))]
     if m.cluster_fanout is not None:  # every node's clients, as one broker's
         for views in await m.cluster_fanout("clients", {"query": query}):
             out.extend(views)
         out.sort(key=lambda v: (v["clientid"], v["node"]))
     return web.json_response(_page(request, out))
-
-
-def _local_clients(
-    m: Management, q: dict[str, str], state: str | None, proto: int | None
-) -> list[dict[str, Any]]:
-    out = []
-    for cid in sorted(m.broker.sessions):
-        s = m.broker.sessions[cid]
-        if "clientid" in q and cid != q["clientid"]:
-            continue
-        if "like_clientid" in q and q["like_clientid"] not in cid:
-            continue
-        if state is not None and s.connected != (state == "connected"):
-            continue
-        view = _client_view(m, s)
-        if "username" in q and view.get("username") != q["username"]:
-            continue
-        if "like_username" in q and q["like_username"] not in (view.get("username") or ""):
-            continue
-        if "ip_address" in q and view.get("ip_address") != q["ip_address"]:
-            continue
-        if "listener" in q and view.get("listener") != q["listener"]:
-            continue
-        if proto is not None and view.get("proto_ver") != proto:
-            continue
-        out.append(view)
-    return out
-
-
-async def local_op(m: Management, op: str, args: dict[str, Any]) -> Any:
-    """What another node asks of this one for a cluster-wide view (see ``cluster_fanout``)."""
-    if op == "clients":
-        q = args["query"]
-        state = q.get("conn_state")
-        proto = int(q["proto_ver"]) if "proto_ver" in q else None
-        return _local_clients(m, q, state, proto)
-    s = m.broker.sessions.get(args["clientid"])
-    if s is None:
-        return None
-    if op == "client":
-        d = _client_view(m, s)
-        d["subscriptions"] = [_sub_view(m, o) for o in s.subscriptions.values()]
-        return d
-    if op == "kick":
-        _kick(m, s, args.get("by"))
-        return True
-    raise ValueError(f"unknown operation {op!r}")
-
-
-async def _remote(m: Management, op: str, cid: str, by: Any = None) -> Any:
-    """The answer of the node that holds client ``cid``, or None."""
-    if m.cluster_fanout is None:
-        return None
-    for answer in await m.cluster_fanout(op, {"clientid": cid, "by": by}):
-        if answer is not None:
-            return answer
-    return None
-
-
-def _session(m: Management, request: web.Request) -> Session:
-    cid = request.match_info["clientid"]
-    s = m.broker.sessions.get(cid)
-    if s is None:
-        raise ApiError(404, "CLIENTID_NOT_FOUND", f"no client {cid!r}")
-    return s
 
 
 @route(
@@ -1348,14 +1337,7 @@ def _session(m: Management, request: web.Request) -> Session:
 async def client(request: web.Request) -> web.Response:
     m = _mgmt(request)
     cid = request.match_info["clientid"]
-    if cid not in m.broker.sessions:
-        remote = await _remote(m, "client", cid)
-        if remote is not None:
-            return web.json_response(remote)
-    s = _session(m, request)
-    d = _client_view(m, s)
-    d["subscriptions"] = [_sub_view(m, o) for o in s.subscriptions.values()]
-    return web.json_response(d)
+    return web.json_response(await _on_owner(m, "client", {"clientid": cid}))
 
 
 @route(
@@ -1368,39 +1350,11 @@ async def client(request: web.Request) -> web.Response:
 async def client_kick(request: web.Request) -> web.Response:
     m = _mgmt(request)
     cid = request.match_info["clientid"]
-    if cid not in m.broker.sessions and await _remote(m, "kick", cid, request.get("user")):
-        return web.Response(status=204)
-    _kick(m, _session(m, request), request.get("user"))
+    await _on_owner(m, "kick", {"clientid": cid, "by": request.get("user")})
     return web.Response(status=204)
 
 
-def _kick(m: Management, s: Session, by: Any) -> None:
-    ch = s.channel
-    if ch is not None:
-        ch.disconnect(RC.ADMINISTRATIVE_ACTION, "kicked by an administrator")
-    m.broker.discard_session(s.client_id)
-    log.info("client %s kicked by %s", s.client_id, by)
-
-
 # -- subscriptions -----------------------------------------------------------------------
-
-
-def _sub_view(m: Management, o: SubOpts) -> dict[str, Any]:
-    group = parse_shared(o.topic_filter)[0]
-    d = {
-        "clientid": o.session.client_id,
-        "node": m.broker.config.node.name,
-        "topic": o.topic_filter,
-        "qos": o.qos,
-        "nl": int(o.no_local),
-        "rap": int(o.rap),
-        "rh": o.retain_handling,
-    }
-    if group is not None:
-        d["share_group"] = group
-    if o.sub_id:
-        d["sub_id"] = o.sub_id
-    return d
 
 
 @route(
@@ -1418,28 +1372,12 @@ def _sub_view(m: Management, o: SubOpts) -> dict[str, Any]:
     ],
 )
 async def subscriptions(request: web.Request) -> web.Response:
-    m = _mgmt(request)
     q = request.query
     qos = _int_param(request, "qos", 0, 0, 2) if "qos" in q else None
-    out = []
-    sessions = m.broker.sessions
-    ids = [q["clientid"]] if "clientid" in q else sorted(sessions)
-    for cid in ids:
-        s = sessions.get(cid)
-        if s is None:
-            continue
-        for f, o in s.subscriptions.items():
-            if "topic" in q and f != q["topic"]:
-                continue
-            group, real = parse_shared(f)
-            if "share_group" in q and group != q["share_group"]:
-                continue
-            if qos is not None and o.qos != qos:
-                continue
-            if "match_topic" in q and not matches(real, q["match_topic"]):
-                continue
-            out.append(_sub_view(m, o))
-    return web.json_response(_page(request, out))
+    found = _service(request).subscriptions(
+        q.get("clientid"), q.get("topic"), q.get("match_topic"), qos, q.get("share_group")
+    )
+    return web.json_response(_page(request, [dump(v) for v in found]))
 
 
 @route(
@@ -1451,8 +1389,8 @@ async def subscriptions(request: web.Request) -> web.Response:
 )
 async def client_subscriptions(request: web.Request) -> web.Response:
     m = _mgmt(request)
-    s = _session(m, request)
-    return web.json_response({"data": [_sub_view(m, o) for o in s.subscriptions.values()]})
+    cid = request.match_info["clientid"]
+    return web.json_response({"data": await _on_owner(m, "subscriptions", {"clientid": cid})})
 
 
 @route(
@@ -1465,35 +1403,12 @@ async def client_subscriptions(request: web.Request) -> web.Response:
 )
 async def client_subscribe(request: web.Request) -> web.Response:
     m = _mgmt(request)
-    s = _session(m, request)
+    cid = request.match_info["clientid"]
+    if not m.service.has_client(cid) and m.cluster_fanout is None:
+        raise NotFound("CLIENTID_NOT_FOUND", f"no client {cid!r}")
     body: SubscribeBody = await _json_body(request, SubscribeBody)
-    cfg = m.broker.config.mqtt
-    try:
-        group, real = parse_shared(body.topic)
-    except ValueError as e:
-        raise ApiError(400, "BAD_TOPIC", f"topic: {e}") from None
-    if not valid_topic_filter(real, cfg.max_topic_levels):
-        raise ApiError(400, "BAD_TOPIC", f"topic: {body.topic!r} is not a valid topic filter")
-    if group is not None and body.nl:
-        raise ApiError(400, "BAD_TOPIC", "nl: no local is not allowed on a shared subscription")
-    # The client's own ACL decides, as for its SUBSCRIBE: the API is no way around it.
-    ch = s.channel
-    username = ch.username if ch is not None else None
-    peer = ch.peer if ch is not None else ""
-    if m.broker.acl_active and not m.broker.acl.check(
-        "subscribe", body.topic, username, s.client_id, peer
-    ):
-        raise ApiError(403, "NOT_AUTHORIZED", f"{s.client_id} may not subscribe to {body.topic!r}")
-    opts = SubOpts(s, body.topic, min(body.qos, cfg.max_qos_allowed), body.nl, body.rap, body.rh)
-    existed = m.broker.subscribe(opts)
-    # As at SUBSCRIBE: retained messages unless shared, rh 2, or rh 1 and it already existed.
-    if group is None and (body.rh == 0 or (body.rh == 1 and not existed)):
-        now = m.broker.clock()
-        for msg in m.broker.retainer.lookup(real, now):
-            if msg.topic.startswith("$") and real[:1] in ("+", "#"):
-                continue
-            s.deliver(msg, min(msg.qos, opts.qos), True)
-    return web.json_response(_sub_view(m, opts))
+    sub = await _on_owner(m, "subscribe", {"clientid": cid, "sub": body.model_dump()})
+    return web.json_response(sub)
 
 
 @route(
@@ -1506,10 +1421,11 @@ async def client_subscribe(request: web.Request) -> web.Response:
 )
 async def client_unsubscribe(request: web.Request) -> web.Response:
     m = _mgmt(request)
-    s = _session(m, request)
+    cid = request.match_info["clientid"]
+    if not m.service.has_client(cid) and m.cluster_fanout is None:
+        raise NotFound("CLIENTID_NOT_FOUND", f"no client {cid!r}")
     body: UnsubscribeBody = await _json_body(request, UnsubscribeBody)
-    if not m.broker.unsubscribe(s, body.topic):
-        raise ApiError(404, "SUBSCRIPTION_NOT_FOUND", f"{s.client_id} has no {body.topic!r}")
+    await _on_owner(m, "unsubscribe", {"clientid": cid, "topic": body.topic})
     return web.Response(status=204)
 
 
@@ -1524,22 +1440,8 @@ async def client_unsubscribe(request: web.Request) -> web.Response:
     params=[*PAGING, _qp("topic", {"type": "string"}, "Only filters that match this topic.")],
 )
 async def topics(request: web.Request) -> web.Response:
-    m = _mgmt(request)
-    topic = request.query.get("topic")
-    out = []
-    node_name = m.broker.config.node.name
-    for e in sorted(m.broker.router.filters(), key=lambda e: e.topic_filter):
-        if topic is not None and not matches(e.topic_filter, topic):
-            continue
-        out.append(
-            {
-                "topic": e.topic_filter,
-                "node": node_name,
-                "subscribers": len(e.subs),
-                "shared_groups": {g: len(grp.members) for g, grp in e.groups.items()},
-            }
-        )
-    return web.json_response(_page(request, out))
+    found = _service(request).topics(request.query.get("topic"))
+    return web.json_response(_page(request, [dump(t) for t in found]))
 
 
 # -- retained ----------------------------------------------------------------------------
@@ -1573,20 +1475,8 @@ def _retained_view(msg: Message, payload: bool) -> dict[str, Any]:
     params=[*PAGING, _qp("topic", {"type": "string"}, "A topic filter.")],
 )
 async def retained(request: web.Request) -> web.Response:
-    m = _mgmt(request)
-    f = request.query.get("topic", "#")
-    if not valid_topic_filter(f, 65535):
-        raise ApiError(400, "BAD_TOPIC", f"topic: {f!r} is not a valid topic filter")
-    msgs = sorted(m.broker.retainer.lookup(f, m.broker.clock()), key=lambda x: x.topic)
+    msgs = _service(request).retained(request.query.get("topic", "#"))
     return web.json_response(_page(request, [_retained_view(x, False) for x in msgs]))
-
-
-def _retained_msg(m: Management, request: web.Request) -> Message:
-    topic = request.match_info["topic"]
-    msg = m.broker.retainer.get(topic)
-    if msg is None or msg.expired(m.broker.clock()):
-        raise ApiError(404, "TOPIC_NOT_FOUND", f"no retained message on {topic!r}")
-    return msg
 
 
 @route(
@@ -1597,8 +1487,8 @@ def _retained_msg(m: Management, request: web.Request) -> Message:
     params=[_pp("topic", "The topic, URL-encoded.")],
 )
 async def retained_get(request: web.Request) -> web.Response:
-    m = _mgmt(request)
-    return web.json_response(_retained_view(_retained_msg(m, request), True))
+    msg = _service(request).retained_message(request.match_info["topic"])
+    return web.json_response(_retained_view(msg, True))
 
 
 @route(
@@ -1609,9 +1499,7 @@ async def retained_get(request: web.Request) -> web.Response:
     params=[_pp("topic", "The topic, URL-encoded.")],
 )
 async def retained_delete(request: web.Request) -> web.Response:
-    m = _mgmt(request)
-    msg = _retained_msg(m, request)
-    m.broker.retainer.delete(msg.topic)
+    _service(request).delete_retained(request.match_info["topic"])
     return web.Response(status=204)
 
 
@@ -1627,17 +1515,7 @@ async def retained_delete(request: web.Request) -> web.Response:
     body=PublishBody,
 )
 async def publish(request: web.Request) -> web.Response:
-    m = _mgmt(request)
     body: PublishBody = await _json_body(request, PublishBody)
-    cfg = m.broker.config.mqtt
-    if not valid_topic_name(body.topic, cfg.max_topic_levels) or body.topic.startswith("$"):
-        raise ApiError(400, "BAD_TOPIC", f"topic: {body.topic!r} is not a topic one may publish to")
-    name = request["user"]
-    if m.broker.acl_active and not m.broker.acl.check(
-        "publish", body.topic, name, f"api:{name}", f"{request.remote}:0"
-    ):
-        m.broker.stats.publish_denied += 1
-        raise ApiError(403, "NOT_AUTHORIZED", f"{name} may not publish to {body.topic!r}")
     if body.payload_encoding == "base64":
         try:
             payload = base64.b64decode(body.payload, validate=True)
@@ -1645,8 +1523,6 @@ async def publish(request: web.Request) -> web.Response:
             raise ApiError(400, "BAD_REQUEST", "payload: not valid base64") from None
     else:
         payload = body.payload.encode()
-    if len(payload) > cfg.max_packet_size:
-        raise ApiError(400, "PAYLOAD_TOO_LARGE", "payload: larger than mqtt.max_packet_size")
     props: dict[str, Any] = {}
     if body.properties is not None:
         p = body.properties.model_dump(exclude_none=True)
@@ -1655,13 +1531,9 @@ async def publish(request: web.Request) -> web.Response:
         if "correlation_data" in p:
             p["correlation_data"] = p["correlation_data"].encode()
         props = p
-    now = m.broker.clock()
-    msg = Message(
-        body.topic, payload, min(body.qos, cfg.max_qos_allowed), body.retain, props or None, "", now
-    )
-    matched = m.broker.publish(msg)
+    matched = _service(request).publish(body.topic, payload, body.qos, body.retain, props,
+                                        request["user"], f"{request.remote}:0")  # fmt: skip
     return web.json_response({"matched": matched})
-
 
 # -- config ------------------------------------------------------------------------------
 
@@ -1739,12 +1611,7 @@ async def ban_add(request: web.Request) -> web.Response:
         await _in_cluster(m.cluster_state.ban_add(ban))  # every node refuses and kicks
     else:
         m.broker.bans.add(ban)
-    from roost.broker.bans import peer_host
-
-    for ch in list(m.broker.channels):
-        if ch.connected and m.broker.bans.match(ch.client_id, ch.username, peer_host(ch.peer)):
-            # 0x8A "banned" is a CONNACK code only; DISCONNECT says administrative action.
-            ch.disconnect(RC.ADMINISTRATIVE_ACTION, "banned")
+    m.service.kick_banned()
     return web.json_response(ban.as_dict())
 
 
