@@ -22,6 +22,7 @@ from roost.broker.node import Broker
 from roost.broker.router import SubOpts
 from roost.broker.session import Session
 from roost.mqtt import reason_codes as RC
+from roost.mqtt.packets import Disconnect
 from roost.mqtt.topics import matches, parse_shared, valid_topic_filter, valid_topic_name
 
 
@@ -229,6 +230,19 @@ class BrokerService:
                 ch.disconnect(RC.ADMINISTRATIVE_ACTION, "banned")
                 n += 1
         return n
+
+    def send_away(self, n: int, server_reference: str = "") -> int:
+        """Disconnect up to ``n`` connected clients with 0x9C "use another server" (MQTT 5 ones
+        told ``server_reference`` when given); how many."""
+        victims = [ch for ch in self.broker.channels if ch.connected and not ch.closed][:n]
+        for ch in victims:
+            if server_reference and ch.v5:
+                # Server Reference tells MQTT 5 clients where to go.
+                ch.send(Disconnect(RC.USE_ANOTHER_SERVER, {"server_reference": server_reference}))
+                ch.close()
+            else:
+                ch.disconnect(RC.USE_ANOTHER_SERVER, "node evacuated")
+        return len(victims)
 
     def connections(self, listener: str | None = None) -> int:
         """Connected clients (of one listener, e.g. ``tcp:default``)."""

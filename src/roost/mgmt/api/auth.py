@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel
 
 from roost.broker.node import Broker
 from roost.mgmt.api.core import (
@@ -24,6 +25,10 @@ from roost.mgmt.api.core import (
     mgmt_of,
     route,
 )
+
+
+class AclReloaded(BaseModel):
+    rules: int
 
 
 class LoginGuard:
@@ -99,8 +104,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     addr = request.remote or "?"
     locked = m.logins.locked_for(addr)
     if locked:
-        resp = error_response(429, "TOO_MANY_REQUESTS",
-                              f"too many failed logins from {addr}; retry in {locked:.0f} s")
+        resp = error_response(
+            429, "TOO_MANY_REQUESTS", f"too many failed logins from {addr}; retry in {locked:.0f} s"
+        )
         resp.headers["Retry-After"] = str(max(1, round(locked)))  # fmt: skip
         return resp
     header = request.headers.get("Authorization", "")
@@ -135,6 +141,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     "/api/v1/authorization/reload",
     "Re-read the ACL file and drop authentication caches (as SIGHUP does)",
     "config",
+    responses={200: AclReloaded},
 )
 async def authorization_reload(request: web.Request) -> web.Response:
     m = mgmt_of(request)
@@ -152,7 +159,6 @@ class Credentials:
     admin_password: str | None
     _keys: dict[str, str]
     _keys_src: tuple[str, float] | None
-
 
     def _key_file(self) -> str:
         return self.broker.config.api.bootstrap_keys_file or os.environ.get(

@@ -6,13 +6,14 @@ import time
 from typing import Literal
 
 from aiohttp import web
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from roost.broker.bans import KINDS, Ban
 from roost.mgmt.api.core import (
     PAGING,
     ApiError,
     Body,
+    Page,
     Param,
     in_cluster,
     json_body,
@@ -21,6 +22,17 @@ from roost.mgmt.api.core import (
     pp,
     route,
 )
+
+
+class BanInfo(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    as_: Literal["clientid", "username", "peerhost"] = Field(alias="as")
+    who: str
+    reason: str
+    by: str
+    at: float
+    #: Unix time when it ends; null: never.
+    until: float | None
 
 
 class BanBody(Body):
@@ -32,7 +44,14 @@ class BanBody(Body):
     until: float | None = Field(None, ge=0)
 
 
-@route("GET", "/api/v1/banned", "The ban list", "bans", params=PAGING)
+@route(
+    "GET",
+    "/api/v1/banned",
+    "The ban list",
+    "bans",
+    params=PAGING,
+    responses={200: Page[BanInfo]},
+)
 async def banned(request: web.Request) -> web.Response:
     bans = mgmt_of(request).broker.bans.list()
     return web.json_response(page(request, [b.as_dict() for b in bans]))
@@ -44,6 +63,7 @@ async def banned(request: web.Request) -> web.Response:
     "Ban a client id, username or peer address; matching clients are disconnected",
     "bans",
     body=BanBody,
+    responses={200: BanInfo},
 )
 async def ban_add(request: web.Request) -> web.Response:
     m = mgmt_of(request)
@@ -65,6 +85,7 @@ async def ban_add(request: web.Request) -> web.Response:
     "Lift a ban",
     "bans",
     params=[Param("as", "path", {"type": "string", "enum": list(KINDS)}, "", True), pp("who")],
+    responses={204: None},
 )
 async def ban_delete(request: web.Request) -> web.Response:
     m = mgmt_of(request)

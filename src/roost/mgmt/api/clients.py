@@ -5,10 +5,22 @@ from __future__ import annotations
 from aiohttp import web
 
 from roost.broker.service import (
+    ClientDetail,
+    ClientInfo,
     ClientQuery,
     dump,
 )
-from roost.mgmt.api.core import PAGING, choice, int_param, mgmt_of, page, pp, qp, route
+from roost.mgmt.api.core import (
+    PAGING,
+    Page,
+    choice,
+    int_param,
+    mgmt_of,
+    page,
+    pp,
+    qp,
+    route,
+)
 from roost.mgmt.api.fanout import on_owner
 
 
@@ -28,6 +40,7 @@ from roost.mgmt.api.fanout import on_owner
         qp("conn_state", {"type": "string", "enum": ["connected", "disconnected"]}),
         qp("proto_ver", {"type": "integer", "enum": [3, 4, 5]}),
     ],
+    responses={200: Page[ClientInfo]},
 )
 async def clients(request: web.Request) -> web.Response:
     m = mgmt_of(request)
@@ -44,7 +57,12 @@ async def clients(request: web.Request) -> web.Response:
 
 
 @route(
-    "GET", "/api/v1/clients/{clientid}", "One client's details", "clients", params=[pp("clientid")]
+    "GET",
+    "/api/v1/clients/{clientid}",
+    "One client's details",
+    "clients",
+    params=[pp("clientid")],
+    responses={200: ClientDetail},
 )
 async def client(request: web.Request) -> web.Response:
     m = mgmt_of(request)
@@ -58,6 +76,7 @@ async def client(request: web.Request) -> web.Response:
     "Kick a client: disconnect it (MQTT 5 reason 0x98) and discard its session",
     "clients",
     params=[pp("clientid")],
+    responses={204: None},
 )
 async def client_kick(request: web.Request) -> web.Response:
     m = mgmt_of(request)

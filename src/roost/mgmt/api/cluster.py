@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 from aiohttp import web
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from roost.mgmt.api.core import ApiError, Body, json_body, mgmt_of, pp, route
+from roost.mgmt.api.core import ApiError, Body, Error, json_body, mgmt_of, pp, route
+from roost.mgmt.api.node import NodeInfo
+
+
+class ClusterNodes(BaseModel):
+    nodes: list[NodeInfo]
+
+
+class Move(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    from_: str = Field(alias="from")
+    to: str
+    count: int
+
+
+class Rebalance(BaseModel):
+    connections: dict[str, int]
+    moves: list[Move]
 
 
 class RebalanceBody(Body):
@@ -20,6 +37,7 @@ class RebalanceBody(Body):
     "/api/v1/cluster/nodes",
     "Every node of the cluster",
     "cluster",
+    responses={200: ClusterNodes},
 )
 async def cluster_nodes(request: web.Request) -> web.Response:
     m = mgmt_of(request)
@@ -34,6 +52,7 @@ async def cluster_nodes(request: web.Request) -> web.Response:
     "cluster",
     params=[pp("name")],
     role="admin",
+    responses={204: None, 409: Error},
 )
 async def cluster_remove(request: web.Request) -> web.Response:
     m = mgmt_of(request)
@@ -52,6 +71,7 @@ async def cluster_remove(request: web.Request) -> web.Response:
     "Move connections from the busiest nodes to the least busy, at a bounded rate",
     "cluster",
     body=RebalanceBody,
+    responses={202: Rebalance, 409: Error},
 )
 async def cluster_rebalance(request: web.Request) -> web.Response:
     m = mgmt_of(request)

@@ -5,10 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel
 
 from roost.config import Config
 from roost.mgmt import hotconfig
-from roost.mgmt.api.core import ApiError, Caller, audit, json_body, mgmt_of, route
+from roost.mgmt.api.core import (
+    ApiError,
+    Caller,
+    audit,
+    json_body,
+    mgmt_of,
+    route,
+)
+
+
+class ConfigChange(BaseModel):
+    #: Keys whose new value runs now.
+    changed: list[str]
+    #: Keys whose new value needs a restart.
+    restart_required: list[str]
+    config: Config
 
 
 def _config_schema() -> dict[str, Any]:
@@ -16,7 +32,13 @@ def _config_schema() -> dict[str, Any]:
     return Config  # type: ignore[return-value]
 
 
-@route("GET", "/api/v1/config", "The running configuration (passwords masked)", "config")
+@route(
+    "GET",
+    "/api/v1/config",
+    "The running configuration (passwords masked)",
+    "config",
+    responses={200: Config},
+)
 async def config_get(request: web.Request) -> web.Response:
     return web.json_response(hotconfig.public_config(mgmt_of(request).broker.config))
 
@@ -26,7 +48,8 @@ async def config_get(request: web.Request) -> web.Response:
     "/api/v1/config",
     "Replace the running config, applied at once; invalid values refused with key and reason",
     "config",
-    body=_config_schema(),  # type: ignore[arg-type]
+    body=_config_schema(),  # type: ignore[arg-type],
+    responses={200: ConfigChange},
 )
 async def config_put(request: web.Request) -> web.Response:
     m = mgmt_of(request)

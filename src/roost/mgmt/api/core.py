@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -28,8 +28,6 @@ M = TypeVar("M", bound=BaseModel)
 #: Every change made through the API, with who made it and from where.
 audit = logging.getLogger("roost.audit")
 
-
-from roost.mgmt.api.schemas import RESPONSES  # noqa: E402
 
 log = logging.getLogger("roost.mgmt")
 
@@ -102,7 +100,8 @@ def route(
     tag: str,
     params: list[Param] | None = None,
     body: type[BaseModel] | dict[str, Any] | None = None,
-    responses: dict[int, Any] | None = None,
+    *,
+    responses: dict[int, type[BaseModel] | None],
     public: bool = False,
     role: str | None = None,
 ) -> Callable[[Handler], Handler]:
@@ -116,7 +115,7 @@ def route(
                 tag,
                 params or [],
                 body,
-                responses or RESPONSES.get((method, path)) or {200: {"type": "object"}},
+                responses,
                 public,
                 role or ("viewer" if method == "GET" else "operator"),
             )
@@ -159,6 +158,41 @@ class Body(BaseModel):
     """A request body: unknown fields are refused, not ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class Error(BaseModel):
+    """Every error response."""
+
+    code: str
+    message: str
+
+
+class PageMeta(BaseModel):
+    page: int
+    limit: int
+    count: int
+    hasnext: bool
+
+
+class Page(BaseModel, Generic[M]):
+    """One page of a listing (see ``page``)."""
+
+    data: list[M]
+    meta: PageMeta
+
+    @classmethod
+    def model_parametrized_name(cls, params: tuple[type[Any], ...]) -> str:
+        return params[0].__name__.removesuffix("Info") + "Page"  # a valid component name
+
+
+class DataList(BaseModel, Generic[M]):
+    """A whole listing, not paged."""
+
+    data: list[M]
+
+    @classmethod
+    def model_parametrized_name(cls, params: tuple[type[Any], ...]) -> str:
+        return params[0].__name__.removesuffix("Info") + "List"
 
 
 @dataclass(frozen=True)

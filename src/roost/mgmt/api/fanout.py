@@ -48,9 +48,7 @@ _ERROR_KINDS: dict[str, type[ServiceError]] = {
 }  # fmt: skip
 
 
-async def local_op(
-    m: Management, op: str, args: dict[str, Any], raise_errors: bool = False
-) -> Any:
+async def local_op(m: Management, op: str, args: dict[str, Any], raise_errors: bool = False) -> Any:
     """Answer a management request about this node's clients (another node's, over the links,
     see ``cluster_fanout``): JSON, None when the client is not here, ``{"error": ...}`` when
     the service refuses (``raise_errors``: raise that instead)."""

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from aiohttp import web
+from pydantic import BaseModel
 
 from roost import __version__
 from roost.mgmt import metrics
 from roost.mgmt.api.core import mgmt_of, route
+
+
+class Status(BaseModel):
+    status: Literal["running", "evacuating", "stopping", "not_ready"]
+    ready: bool
+    live: bool
+    node: str | None = None
+    role: str | None = None
+    version: str | None = None
+    evacuating: bool | None = None
+    #: Each check: {"ok": bool, "detail": ...}.
+    checks: dict[str, Any] | None = None
+    code: str | None = None
 
 
 @route(
@@ -15,6 +31,7 @@ from roost.mgmt.api.core import mgmt_of, route
     "Readiness: 200 when listeners are open and the store is usable, else 503",
     "health",
     public=True,
+    responses={200: Status, 503: Status},
 )
 async def status(request: web.Request) -> web.Response:
     m = mgmt_of(request)
@@ -50,6 +67,7 @@ async def status(request: web.Request) -> web.Response:
     "Liveness: 200 while the node's event loop answers",
     "health",
     public=True,
+    responses={200: Status},
 )
 async def live(request: web.Request) -> web.Response:
     m = mgmt_of(request)
@@ -57,7 +75,7 @@ async def live(request: web.Request) -> web.Response:
     return web.json_response({**body, "live": True, "version": __version__})
 
 
-@route("GET", "/metrics", "Prometheus metrics", "health")
+@route("GET", "/metrics", "Prometheus metrics", "health", responses={200: None})
 async def prometheus(request: web.Request) -> web.Response:
     m = mgmt_of(request)
     shared = m.cluster_state.status() if m.cluster_state is not None else None

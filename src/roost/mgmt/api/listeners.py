@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
+from pydantic import BaseModel
 
 from roost.mgmt import hotconfig
-from roost.mgmt.api.core import ApiError, mgmt_of, pp, route
+from roost.mgmt.api.core import ApiError, DataList, mgmt_of, pp, route
 
 if TYPE_CHECKING:
     from roost.mgmt.api.app import Management
+
+
+class ListenerInfo(BaseModel):
+    id: str
+    type: str
+    name: str
+    bind: str
+    enabled: bool
+    running: bool
+    status: Literal["running", "stopped", "unavailable"]
+    connections: int
+    max_connections: int
+    accept_errors: int
+    path: str | None = None
 
 
 def _listener_view(m: Management, kind: str, name: str, lst: Any) -> dict[str, Any]:
@@ -48,7 +63,13 @@ def _all_listeners(m: Management) -> list[dict[str, Any]]:
     return out
 
 
-@route("GET", "/api/v1/listeners", "MQTT listeners of this node", "listeners")
+@route(
+    "GET",
+    "/api/v1/listeners",
+    "MQTT listeners of this node",
+    "listeners",
+    responses={200: DataList[ListenerInfo]},
+)
 async def listeners(request: web.Request) -> web.Response:
     return web.json_response({"data": _all_listeners(mgmt_of(request))})
 
@@ -74,6 +95,7 @@ async def _set_listener(request: web.Request, enabled: bool) -> web.Response:
     "Enable and open a listener",
     "listeners",
     params=[pp("id", "type:name, e.g. tcp:default")],
+    responses={200: ListenerInfo},
 )
 async def listener_enable(request: web.Request) -> web.Response:
     return await _set_listener(request, True)
@@ -85,6 +107,7 @@ async def listener_enable(request: web.Request) -> web.Response:
     "Close a listener and its connections",
     "listeners",
     params=[pp("id", "type:name, e.g. tcp:default")],
+    responses={200: ListenerInfo},
 )
 async def listener_disable(request: web.Request) -> web.Response:
     return await _set_listener(request, False)

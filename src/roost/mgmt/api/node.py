@@ -3,11 +3,55 @@
 from __future__ import annotations
 
 import time
+from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from roost.mgmt.api.core import Body, json_body, mgmt_of, route
+
+
+class NodeInfo(BaseModel):
+    name: str
+    role: Literal["core", "replicant"]
+    version: str
+    status: Literal["running", "evacuating", "fenced"]
+    connections: int
+    link: str | None = None
+    listeners: dict[str, str] | None = None
+    uptime: float | None = None
+    started_at: str | None = None
+    sessions: int | None = None
+    subscriptions: int | None = None
+    topics: int | None = None
+    retained: int | None = None
+    pid: int | None = None
+    #: This node's view of the cluster's config (revision, in_sync, error, counters).
+    cluster_config: dict[str, Any] | None = None
+
+
+class Stats(BaseModel):
+    connections: int
+    sessions: int
+    subscriptions: int
+    topics: int
+    retained: int
+    inflight: int
+    queued: int
+    bans: int
+    counters: dict[str, int]
+    time: float
+
+
+class EvacuationInfo(BaseModel):
+    status: Literal["idle", "evacuating", "done", "failed"]
+    message: str
+    connections: int
+    sessions: int
+    evicted_connections: int
+    moved_sessions: int
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 class EvacuationBody(Body):
@@ -28,12 +72,13 @@ class EvacuationBody(Body):
     "/api/v1/node",
     "This node: name, role, version, status, counts",
     "node",
+    responses={200: NodeInfo},
 )
 async def node(request: web.Request) -> web.Response:
     return web.json_response(mgmt_of(request).node_info())
 
 
-@route("GET", "/api/v1/stats", "Counts and counters of this node", "node")
+@route("GET", "/api/v1/stats", "Counts and counters of this node", "node", responses={200: Stats})
 async def stats(request: web.Request) -> web.Response:
     m = mgmt_of(request)
     b = m.broker
@@ -52,6 +97,7 @@ async def stats(request: web.Request) -> web.Response:
     "/api/v1/node/evacuation",
     "Evacuation status of this node",
     "node",
+    responses={200: EvacuationInfo},
 )
 async def evacuation_status(request: web.Request) -> web.Response:
     return web.json_response(mgmt_of(request).evacuation.as_dict())
@@ -63,6 +109,7 @@ async def evacuation_status(request: web.Request) -> web.Response:
     "Start moving this node's clients away (0x9C); a repeated call changes the rates",
     "node",
     body=EvacuationBody,
+    responses={202: EvacuationInfo},
 )
 async def evacuation_start(request: web.Request) -> web.Response:
     m = mgmt_of(request)
@@ -82,6 +129,7 @@ async def evacuation_start(request: web.Request) -> web.Response:
     "/api/v1/node/evacuation",
     "Stop evacuating; accept connections again",
     "node",
+    responses={204: None},
 )
 async def evacuation_stop(request: web.Request) -> web.Response:
     await mgmt_of(request).evacuation.stop()

@@ -7,9 +7,14 @@ import binascii
 from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from roost.mgmt.api.core import ApiError, Body, json_body, route, service_of
+
+
+class Published(BaseModel):
+    #: Subscribers on this node the message reached.
+    matched: int
 
 
 class PublishProperties(Body):
@@ -37,6 +42,7 @@ class PublishBody(Body):
     " client id: api:<name>)",
     "publish",
     body=PublishBody,
+    responses={200: Published},
 )
 async def publish(request: web.Request) -> web.Response:
     body: PublishBody = await json_body(request, PublishBody)

@@ -6,9 +6,25 @@ import base64
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel
 
 from roost.broker.message import Message
-from roost.mgmt.api.core import PAGING, page, pp, qp, route, service_of
+from roost.mgmt.api.core import PAGING, Page, page, pp, qp, route, service_of
+
+
+class RetainedInfo(BaseModel):
+    topic: str
+    qos: int
+    from_clientid: str
+    payload_size: int
+
+
+class RetainedMessage(RetainedInfo):
+    #: Base64.
+    payload: str
+    #: The payload as text, null when it is not UTF-8.
+    payload_text: str | None
+    properties: dict[str, Any] | None = None
 
 
 def _retained_view(msg: Message, payload: bool) -> dict[str, Any]:
@@ -37,6 +53,7 @@ def _retained_view(msg: Message, payload: bool) -> dict[str, Any]:
     "Retained messages (without payloads), filtered and paged",
     "retained",
     params=[*PAGING, qp("topic", {"type": "string"}, "A topic filter.")],
+    responses={200: Page[RetainedInfo]},
 )
 async def retained(request: web.Request) -> web.Response:
     msgs = service_of(request).retained(request.query.get("topic", "#"))
@@ -49,6 +66,7 @@ async def retained(request: web.Request) -> web.Response:
     "One retained message with its payload (base64)",
     "retained",
     params=[pp("topic", "The topic, URL-encoded.")],
+    responses={200: RetainedMessage},
 )
 async def retained_get(request: web.Request) -> web.Response:
     msg = service_of(request).retained_message(request.match_info["topic"])
@@ -61,6 +79,7 @@ async def retained_get(request: web.Request) -> web.Response:
     "Delete one retained message",
     "retained",
     params=[pp("topic", "The topic, URL-encoded.")],
+    responses={204: None},
 )
 async def retained_delete(request: web.Request) -> web.Response:
     service_of(request).delete_retained(request.match_info["topic"])

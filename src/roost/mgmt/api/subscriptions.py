@@ -7,11 +7,15 @@ from pydantic import Field
 
 from roost.broker.service import (
     NotFound,
+    SubscriptionInfo,
+    TopicInfo,
     dump,
 )
 from roost.mgmt.api.core import (
     PAGING,
     Body,
+    DataList,
+    Page,
     int_param,
     json_body,
     mgmt_of,
@@ -49,6 +53,7 @@ class UnsubscribeBody(Body):
         qp("qos", {"type": "integer", "minimum": 0, "maximum": 2}),
         qp("share_group", {"type": "string"}),
     ],
+    responses={200: Page[SubscriptionInfo]},
 )
 async def subscriptions(request: web.Request) -> web.Response:
     q = request.query
@@ -65,6 +70,7 @@ async def subscriptions(request: web.Request) -> web.Response:
     "One client's subscriptions",
     "subscriptions",
     params=[pp("clientid")],
+    responses={200: DataList[SubscriptionInfo]},
 )
 async def client_subscriptions(request: web.Request) -> web.Response:
     m = mgmt_of(request)
@@ -79,6 +85,7 @@ async def client_subscriptions(request: web.Request) -> web.Response:
     "subscriptions",
     params=[pp("clientid")],
     body=SubscribeBody,
+    responses={200: SubscriptionInfo},
 )
 async def client_subscribe(request: web.Request) -> web.Response:
     m = mgmt_of(request)
@@ -97,6 +104,7 @@ async def client_subscribe(request: web.Request) -> web.Response:
     "subscriptions",
     params=[pp("clientid")],
     body=UnsubscribeBody,
+    responses={204: None},
 )
 async def client_unsubscribe(request: web.Request) -> web.Response:
     m = mgmt_of(request)
@@ -114,6 +122,7 @@ async def client_unsubscribe(request: web.Request) -> web.Response:
     "Routes: topic filters with subscribers on this node",
     "topics",
     params=[*PAGING, qp("topic", {"type": "string"}, "Only filters that match this topic.")],
+    responses={200: Page[TopicInfo]},
 )
 async def topics(request: web.Request) -> web.Response:
     found = service_of(request).topics(request.query.get("topic"))
