@@ -4,8 +4,11 @@ every one (none lost, none duplicated, in order per publisher)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.error
+from typing import Any
 
 import pytest
 
@@ -284,6 +287,42 @@ def test_rest_api_on_any_node_lists_and_kicks_every_nodes_clients(cluster3: Loca
     page = c.api("GET", "/api/v1/clients?like_clientid=listed-on")
     assert [d["clientid"] for d in page["data"]] == ["listed-on-c"]
     on_c.disconnect()
+
+
+def _api_error(node: Any, method: str, path: str, body: Any = None) -> tuple[int, str]:
+    """(status, error code) of a request that must fail."""
+    with pytest.raises(urllib.error.HTTPError) as e:
+        node.api(method, path, body)
+    return e.value.code, json.loads(e.value.read())["code"]
+
+
+def test_rest_api_on_any_node_subscribes_a_client_held_by_another(cluster3: LocalCluster) -> None:
+    a, b, c = cluster3.nodes
+    sub = PahoClient(b.port, "behalf-on-b")
+    sub.connect()
+    path = "/api/v1/clients/behalf-on-b"
+    made = a.api("POST", f"{path}/subscribe", {"topic": "behalf/#", "qos": 1})
+    assert made == {"clientid": "behalf-on-b", "node": "core1", "topic": "behalf/#", "qos": 1,
+                    "nl": 0, "rap": 0, "rh": 0}  # fmt: skip
+    assert [d["topic"] for d in c.api("GET", f"{path}/subscriptions")["data"]] == ["behalf/#"]
+    pub = PahoClient(b.port, "behalf-pub")
+    pub.connect()
+    pub.publish("behalf/x", b"one", 1)
+    assert sub.recv().payload == b"one"  # the subscription node b made is a real one
+    # The holder's refusals come back as they are, with their status and code.
+    assert _api_error(a, "POST", f"{path}/subscribe", {"topic": "a/#/b"}) == (400, "BAD_TOPIC")
+    assert _api_error(c, "POST", f"{path}/unsubscribe", {"topic": "nope"}) == (
+        404, "SUBSCRIPTION_NOT_FOUND")  # fmt: skip
+    assert _api_error(a, "POST", "/api/v1/clients/nobody/subscribe", {"topic": "x"}) == (
+        404, "CLIENTID_NOT_FOUND")  # fmt: skip
+    assert _api_error(a, "GET", "/api/v1/clients/nobody/subscriptions") == (
+        404, "CLIENTID_NOT_FOUND")  # fmt: skip
+    assert c.api("POST", f"{path}/unsubscribe", {"topic": "behalf/#"}) is None
+    assert a.api("GET", f"{path}/subscriptions") == {"data": []}
+    pub.publish("behalf/x", b"two", 1)
+    sub.assert_nothing()
+    pub.disconnect()
+    sub.disconnect()
 
 
 def test_five_nodes_are_one_broker() -> None:

@@ -791,18 +791,9 @@ class Channel:
             codes.append(qos)
         self._hold_until_stored(mark)
         self.send(Suback(s.packet_id, codes))
-        # Retained messages go after the SUBACK (retain handling 0: always, 1: if new, 2: never).
-        now = self.now()
+        # Retained messages go after the SUBACK.
         for opts, existed in granted:
-            if opts.group is not None or opts.retain_handling == 2:
-                continue
-            if opts.retain_handling == 1 and existed:
-                continue
-            for msg in broker.retainer.lookup(parse_shared(opts.topic_filter)[1], now):
-                if msg.topic.startswith("$") and opts.topic_filter[:1] in ("+", "#"):
-                    continue
-                ids = (opts.sub_id,) if opts.sub_id else ()
-                session.deliver(msg, min(msg.qos, opts.qos), True, ids)
+            broker.send_retained(opts, existed)
 
     def _check_filter(self, f: str, group: str | None, real: str) -> int | None:
         cfg = self.broker.config.mqtt

@@ -27,6 +27,7 @@ from roost.broker.session import REFUSED, Session
 from roost.broker.stats import Stats
 from roost.config import Config, ConfigError
 from roost.mqtt import reason_codes as RC
+from roost.mqtt.topics import parse_shared
 
 if TYPE_CHECKING:
     from roost.broker.channel import Channel
@@ -321,6 +322,20 @@ class Broker:
         if self.cluster is not None and session.expiry_interval:
             self.cluster.session_changed(session)
         return existed
+
+    def send_retained(self, opts: SubOpts, existed: bool) -> None:
+        """Deliver the retained messages a new subscription gets (after its SUBACK): none for a
+        shared one; retain handling 0: always, 1: only if the filter is new, 2: never."""
+        if opts.group is not None or opts.retain_handling == 2:
+            return
+        if opts.retain_handling == 1 and existed:
+            return
+        ids = (opts.sub_id,) if opts.sub_id else ()
+        f = opts.topic_filter
+        for msg in self.retainer.lookup(parse_shared(f)[1], self.clock()):
+            if msg.topic.startswith("$") and f[:1] in ("+", "#"):
+                continue  # MQTT-4.7.2-1: wildcards at the start never match $ topics
+            opts.session.deliver(msg, min(msg.qos, opts.qos), True, ids)
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:

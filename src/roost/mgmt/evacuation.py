@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from roost.broker.node import Broker
-from roost.mqtt import reason_codes as RC
+from roost.broker.service import BrokerService
 
 log = logging.getLogger("roost.mgmt")
 
@@ -28,6 +28,7 @@ _MOVE_TRIES = 5  # passes that move no session before the rest are kept here
 class Evacuation:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        self.service = BrokerService(broker)
         self.status = "idle"  # idle | evacuating | done | failed
         self.message = ""
         self.params: dict[str, Any] = {}
@@ -86,10 +87,10 @@ class Evacuation:
         self.broker.evacuating = False
 
     def connections(self) -> int:
-        return sum(1 for ch in self.broker.channels if ch.connected)
+        return self.service.connections()
 
     def as_dict(self) -> dict[str, Any]:
-        sessions = len(self.broker.sessions)
+        sessions = self.service.session_count()
         return {
             "status": self.status,
             "message": self.message,
@@ -110,7 +111,7 @@ class Evacuation:
             if self.settle is not None:
                 await self.settle()
             self.status = "done"
-            left = len(self.broker.sessions)
+            left = self.service.session_count()
             if left:
                 self.message = f"{left} offline sessions kept on this node"
         except asyncio.CancelledError:
@@ -130,15 +131,11 @@ class Evacuation:
             ref = self.params.get("server_reference") or ""
             if not ref and self.server_reference is not None:
                 ref = self.server_reference()
-            victims = [ch for ch in self.broker.channels if ch.connected and not ch.closed]
-            if not victims:
+            if not self.service.connections():
                 return
             budget = min(budget + rate * _STEP, float(rate))
             n = int(budget) if budget >= 1 else (1 if not self.evicted_connections else 0)
-            for ch in victims[:n]:
-                # Server Reference tells MQTT 5 clients where to go.
-                ch.disconnect(RC.USE_ANOTHER_SERVER, "node evacuated", ref)
-                self.evicted_connections += 1
+            self.evicted_connections += self.service.send_away(n, ref)
             budget -= n
             await asyncio.sleep(_STEP)
 
@@ -147,7 +144,7 @@ class Evacuation:
         if mover is None:
             return
         idle = 0
-        while self.broker.sessions:
+        while self.service.session_count():
             moved = await mover(max(1, int(self.params["sess_evict_rate"])))
             self.moved_sessions += moved
             # None moved: their clients may be taking them over right now (they go with
