@@ -22,7 +22,6 @@ from roost.broker.node import Broker
 from roost.broker.router import SubOpts
 from roost.broker.session import Session
 from roost.mqtt import reason_codes as RC
-from roost.mqtt.packets import Disconnect
 from roost.mqtt.topics import matches, parse_shared, valid_topic_filter, valid_topic_name
 
 

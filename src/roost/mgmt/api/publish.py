@@ -63,6 +63,7 @@ async def publish(request: web.Request) -> web.Response:
         if "correlation_data" in p:
             p["correlation_data"] = p["correlation_data"].encode()
         props = p
-    matched, refused = service_of(request).publish(body.topic, payload, body.qos, body.retain, props,
-                                        request["user"], f"{request.remote}:0")  # fmt: skip
+    service = service_of(request)
+    matched, refused = service.publish(body.topic, payload, body.qos, body.retain, props,
+                                       request["user"], f"{request.remote}:0")  # fmt: skip
     return web.json_response({"matched": matched, "refused": refused})
