@@ -304,8 +304,11 @@ def _broker_container(
         {"name": "ROOST_CLUSTER__ETCD__ENDPOINTS",
          "value": json.dumps(etcd_endpoints(name, bootstrap).split(","))},
         {"name": "ROOST_CLUSTER__LINK__BIND", "value": f"0.0.0.0:{CLUSTER_PORT}"},
+        # Only StatefulSet pods (hostname and subdomain set) have a name on the headless
+        # Service; a replicant, from a Deployment, is reached at its pod IP.
         {"name": "ROOST_CLUSTER__LINK__ADVERTISE",
-         "value": f"$(POD_NAME).{host}.$(POD_NAMESPACE).svc:{CLUSTER_PORT}"},
+         "value": f"$(POD_NAME).{host}.$(POD_NAMESPACE).svc:{CLUSTER_PORT}"
+         if role == "core" else f"$(POD_IP):{CLUSTER_PORT}"},
         # Not config keys (ROOST_* would be read as such): the operator's contract with a node.
         {"name": "ROOSTOP_API_KEY_FILE", "value": API_KEY_FILE},
         {"name": "ROOSTOP_ETCD_ENDPOINTS", "value": etcd_endpoints(name, bootstrap)},
