@@ -202,6 +202,7 @@ class ContainerState:
     restart_at: float = 0.0
     started_at: str = ""
     waiting: tuple[str, str] | None = None
+    last_log: str = ""  # the output of the container before the last restart
     probes: dict[str, Probe] = field(default_factory=dict)
 
 
@@ -330,6 +331,7 @@ class RunPod(threading.Thread):
         st.ready = False
         st.restarts += 1
         st.restart_at = time.monotonic() + RESTART_BACKOFF_S
+        st.last_log = c.logs()[-3000:]
         c.delete()
         st.current = None
         st.waiting = ("CrashLoopBackOff", f"back-off {RESTART_BACKOFF_S:.0f}s restarting")

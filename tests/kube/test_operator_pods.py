@@ -73,13 +73,14 @@ class Env:
 
     def logs(self) -> str:
         out = [f"operator log:\n{self.operator.tail(40)}"]
-        for ns_pods in [
-            self.runner.running(ns) for ns in {p.ns for p in self.runner.pods.values()}
-        ]:
-            for name, p in sorted(ns_pods.items()):
-                for st in p.states:
-                    if st.current is not None:
-                        out.append(f"--- {name}/{st.spec['name']}:\n{st.current.logs()[-1500:]}")
+        with self.runner.lock:
+            pods = sorted(self.runner.pods.values(), key=lambda p: p.name)
+        for p in pods:
+            for st in p.states:
+                head = (f"--- {p.name}/{st.spec['name']} restarts={st.restarts} "
+                        f"ready={st.ready} waiting={st.waiting} last={st.last_exit}")  # fmt: skip
+                now = st.current.logs()[-1500:] if st.current is not None else ""
+                out.append(f"{head}\n{now}\n(before the restart:)\n{st.last_log[-1500:]}")
         return "\n".join(out)
 
 
