@@ -36,6 +36,8 @@ from operator_e2e_env import (
     service_account_kubeconfig,
     wait,
 )
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from podrunner import NODE_PREFIX, REPO, Image, PodRunner, built_image
 
 from roost.operator import render
@@ -229,14 +231,7 @@ def service_addresses(kube: KubeCluster, ns: str, service: str) -> list[str]:
 def test_three_cores_two_replicants_form_one_cluster(env: Env, ns: str) -> None:
     kube = env.kube
     kube.apply(roost_cluster(ns, "mq"))
-
-    def formed() -> dict[str, Any] | None:
-        st = kube.get("roostcluster", "mq", "-n", ns).get("status") or {}
-        ready = any(c["type"] == "Ready" and c["status"] == "True"
-                    for c in st.get("conditions", []))  # fmt: skip
-        return st if ready and len(st.get("nodes", [])) == 5 else None
-
-    st = env.wait(formed, "mq Ready with 5 nodes in its status", timeout=300)
+    st = formed(env, ns, "mq", 5)
     cores, reps = pods_of(kube, ns, "mq", "core"), pods_of(kube, ns, "mq", "replicant")
     assert len(cores) == 3 and len(reps) == 2
     ips = {p["metadata"]["name"]: p["status"]["podIP"] for p in cores + reps}
@@ -256,8 +251,7 @@ def test_three_cores_two_replicants_form_one_cluster(env: Env, ns: str) -> None:
     assert all(n["status"] == "running" for n in st["nodes"])
 
     # ...which is what every broker itself answers: one cluster, seen alike from each node.
-    secret = kube.get("secret", render.api_key_secret_name("mq"), "-n", ns)
-    key = base64.b64decode(secret["data"]["key"]).decode()
+    key = api_key(kube, ns, "mq")
     for pod_name, ip in ips.items():
         code, body = http_json(f"http://{ip}:{render.MGMT_PORT}/api/v1/cluster/nodes", token=key)
         assert code == 200, (pod_name, body)
@@ -283,6 +277,128 @@ def test_three_cores_two_replicants_form_one_cluster(env: Env, ns: str) -> None:
     roundtrip(sub_host=addrs[0], pub_host=addrs[1])
     # ...and across a core and a replicant as well (the link goes both ways).
     roundtrip(sub_host=cores[0]["status"]["podIP"], pub_host=addrs[0])
+
+
+def formed(env: Env, ns: str, name: str, n: int, timeout: float = 300) -> dict[str, Any]:
+    """The RoostCluster's status once it is Ready with ``n`` running nodes, all pods' own."""
+
+    def check() -> dict[str, Any] | None:
+        st = env.kube.get("roostcluster", name, "-n", ns).get("status") or {}
+        ready = any(c["type"] == "Ready" and c["status"] == "True"
+                    for c in st.get("conditions", []))  # fmt: skip
+        nodes = st.get("nodes", [])
+        pods = {p["metadata"]["name"] for role in ("core", "replicant")
+                for p in pods_of(env.kube, ns, name, role)}  # fmt: skip
+        named = {n["name"].split("@", 1)[1].split(".", 1)[0] for n in nodes}
+        running = all(x["status"] == "running" for x in nodes)
+        return st if ready and len(nodes) == n and named == pods and running else None
+
+    return dict(env.wait(check, f"{name} Ready with {n} running nodes, one per pod", timeout))
+
+
+def api_key(kube: KubeCluster, ns: str, name: str) -> str:
+    secret = kube.get("secret", render.api_key_secret_name(name), "-n", ns)
+    return base64.b64decode(secret["data"]["key"]).decode()
+
+
+def test_a_killed_broker_and_a_deleted_pod_heal(env: Env, ns: str) -> None:
+    kube = env.kube
+    kube.apply(roost_cluster(ns, "hl"))
+    formed(env, ns, "hl", 5)
+    # SIGKILL of a core's broker: the pod's container restarts (restartPolicy Always) on the
+    # same data and rejoins.
+    core1 = env.runner.running(ns)["hl-core-1"]
+    broker = next(st for st in core1.states if st.spec["name"] == "roost")
+    assert broker.current is not None
+    broker.current.runc("kill", broker.current.id, "KILL")
+    env.wait(lambda: broker.restarts >= 1, "the killed broker to be restarted", 30)
+    # A replicant pod deleted: its Deployment makes another, which joins under its own name.
+    (gone, kept) = [p["metadata"]["name"] for p in pods_of(kube, ns, "hl", "replicant")]
+    kube.kubectl("-n", ns, "delete", "pod", gone, "--wait=false")
+    st = formed(env, ns, "hl", 5, timeout=180)
+    names = {n["name"].split("@", 1)[1].split(".", 1)[0] for n in st["nodes"]}
+    assert gone not in names and kept in names
+    pod = kube.get("pod", "hl-core-1", "-n", ns)
+    assert pod["status"]["containerStatuses"][0]["restartCount"] >= 1
+    reps = pods_of(kube, ns, "hl", "replicant")
+    new = next(p for p in reps if p["metadata"]["name"] != kept)
+    roundtrip(sub_host=new["status"]["podIP"], pub_host=pod["status"]["podIP"])
+
+
+def test_replicant_scale_down_moves_sessions_before_the_pod_goes(env: Env, ns: str) -> None:
+    """2 -> 4 -> 1: each persistent session on a replicant that goes is on another node
+    before its pod is deleted; the messages published while its client was away wait there.
+    """
+    kube = env.kube
+    kube.apply(roost_cluster(ns, "sd"))
+    formed(env, ns, "sd", 5)
+    kube.kubectl("-n", ns, "scale", "roostcluster/sd", "--replicas=4")
+    formed(env, ns, "sd", 7)
+    reps = pods_of(kube, ns, "sd", "replicant")
+    # One persistent subscriber on every replicant, then offline.
+    ids = []
+    for p in reps:
+        cid = f"sess-{p['metadata']['name'][-5:]}"
+        persistent_subscribe(p["status"]["podIP"], cid, f"sd/{cid}")
+        ids.append(cid)
+    kube.kubectl("-n", ns, "scale", "roostcluster/sd", "--replicas=1")
+    formed(env, ns, "sd", 4)
+    (left,) = pods_of(kube, ns, "sd", "replicant")
+    core_ip = pods_of(kube, ns, "sd", "core")[0]["status"]["podIP"]
+    for cid in ids:  # published while every client was away, on a core
+        publish(core_ip, f"sd/{cid}", cid.encode())
+    for cid in ids:  # each session kept its subscription and the message, wherever it went
+        got = persistent_receive(left["status"]["podIP"], cid, f"sd/{cid}")
+        assert got == cid.encode(), cid
+
+
+def _client(cid: str) -> mqtt.Client:
+    return mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+
+
+def _persistent_connect(host: str, cid: str) -> tuple[mqtt.Client, queue.Queue[Any]]:
+    got: queue.Queue[Any] = queue.Queue()
+    c = _client(cid)
+    c.on_message = lambda _c, _u, m: got.put(m)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 600
+    c.connect(host, 1883, keepalive=30, clean_start=False, properties=props)
+    c.loop_start()
+    return c, got
+
+
+def persistent_subscribe(host: str, cid: str, topic: str) -> None:
+    c, _ = _persistent_connect(host, cid)
+    try:
+        done: queue.Queue[object] = queue.Queue()
+        c.on_subscribe = lambda _c, _u, _mid, rcs, _p: done.put(rcs)
+        c.subscribe(topic, qos=1)
+        done.get(timeout=15)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def publish(host: str, topic: str, payload: bytes) -> None:
+    c = _client(f"pub-{uuid.uuid4().hex[:8]}")
+    c.connect(host, 1883, keepalive=30)
+    c.loop_start()
+    try:
+        c.publish(topic, payload, qos=1).wait_for_publish(timeout=15)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def persistent_receive(host: str, cid: str, topic: str) -> bytes:
+    c, got = _persistent_connect(host, cid)
+    try:
+        m = got.get(timeout=20)
+        assert m.topic == topic
+        return bytes(m.payload)
+    finally:
+        c.disconnect()
+        c.loop_stop()
 
 
 def roundtrip(sub_host: str, pub_host: str) -> None:
