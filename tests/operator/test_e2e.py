@@ -99,7 +99,7 @@ def test_rendered_objects_pass_server_side_dry_run(namespace: str) -> None:
     objs = [
         *render.static_objects("dry", namespace, owner["uid"], spec, "core"),
         render.core_statefulset("dry", namespace, owner, spec, 3, 3),
-        render.replicant_deployment("dry", namespace, owner, spec, "r1", 2),
+        render.replicant_deployment("dry", namespace, owner, spec, "r1", 2, 3),
     ]
     for obj in objs:
         obj["metadata"].pop("ownerReferences")  # the owner does not exist

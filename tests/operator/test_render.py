@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -70,7 +71,9 @@ def all_objects(spec: RoostClusterSpec) -> list[dict[str, Any]]:
         *render.static_objects("mq", "ns1", UID, spec, "replicant"),
         render.api_key_secret("mq", "ns1", owner, "k3y"),
         render.core_statefulset("mq", "ns1", owner, spec, 3, 3),
-        render.replicant_deployment("mq", "ns1", owner, spec, render.replicant_revision(spec), 2),
+        render.replicant_deployment(
+            "mq", "ns1", owner, spec, render.replicant_revision(spec), 2, 3
+        ),
     ]
 
 
@@ -169,3 +172,29 @@ def test_invalid_spec_names_the_field_and_the_fix(
     problem = err.value.problems[0]
     assert (problem.field, problem.reason) == (field, reason)
     assert problem.message
+
+
+def test_replicants_use_the_cores_etcd_and_advertise_their_pod_ip() -> None:
+    """Replicants (a Deployment: no name on the headless Service) link at their pod IP and
+    are etcd clients of the members the cores bootstrapped with (issue 16: seen on real pods).
+    """
+    spec = parse_spec({})
+    owner = render.owner_reference("mq", UID)
+    sts = render.core_statefulset("mq", "ns1", owner, spec, 3, 3)
+    dep = render.replicant_deployment("mq", "ns1", owner, spec, "r1", 2, 3)
+
+    def env(obj: dict[str, Any]) -> dict[str, Any]:
+        (broker,) = [
+            c for c in obj["spec"]["template"]["spec"]["containers"] if c["name"] == "roost"
+        ]
+        return {e["name"]: e.get("value") for e in broker["env"]}
+
+    core, rep = env(sts), env(dep)
+    endpoints = json.loads(rep["ROOST_CLUSTER__ETCD__ENDPOINTS"])
+    assert endpoints == json.loads(core["ROOST_CLUSTER__ETCD__ENDPOINTS"])
+    assert endpoints == [f"http://mq-core-{i}.mq-headless:2379" for i in range(3)]
+    assert rep["ROOST_CLUSTER__LINK__ADVERTISE"] == "$(POD_IP):4370"
+    assert (
+        core["ROOST_CLUSTER__LINK__ADVERTISE"]
+        == "$(POD_NAME).mq-headless.$(POD_NAMESPACE).svc:4370"
+    )

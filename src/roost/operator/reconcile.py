@@ -289,7 +289,9 @@ class Reconciler:
         )
         for rev, replicas in p.replicants.items():
             await self.ensure(
-                render.replicant_deployment(self.name, self.ns, self.owner, spec, rev, replicas)
+                render.replicant_deployment(
+                    self.name, self.ns, self.owner, spec, rev, replicas, bootstrap
+                )
             )
         for rev in p.delete_deployments:
             log.info("deleting replicant revision %s of %s/%s", rev, self.ns, self.name)

@@ -301,11 +301,19 @@ def _broker_container(
         # One cluster: every node an etcd client of the cores' members, linked to the others
         # through its stable name on the headless Service.
         {"name": "ROOST_CLUSTER__NAME", "value": name},
-        {"name": "ROOST_CLUSTER__ETCD__ENDPOINTS",
-         "value": json.dumps(etcd_endpoints(name, bootstrap).split(","))},
+        {
+            "name": "ROOST_CLUSTER__ETCD__ENDPOINTS",
+            "value": json.dumps(etcd_endpoints(name, bootstrap).split(",")),
+        },
         {"name": "ROOST_CLUSTER__LINK__BIND", "value": f"0.0.0.0:{CLUSTER_PORT}"},
-        {"name": "ROOST_CLUSTER__LINK__ADVERTISE",
-         "value": f"$(POD_NAME).{host}.$(POD_NAMESPACE).svc:{CLUSTER_PORT}"},
+        # Only StatefulSet pods (hostname and subdomain set) have a name on the headless
+        # Service; a replicant, from a Deployment, is reached at its pod IP.
+        {
+            "name": "ROOST_CLUSTER__LINK__ADVERTISE",
+            "value": f"$(POD_NAME).{host}.$(POD_NAMESPACE).svc:{CLUSTER_PORT}"
+            if role == "core"
+            else f"$(POD_IP):{CLUSTER_PORT}",
+        },
         # Not config keys (ROOST_* would be read as such): the operator's contract with a node.
         {"name": "ROOSTOP_API_KEY_FILE", "value": API_KEY_FILE},
         {"name": "ROOSTOP_ETCD_ENDPOINTS", "value": etcd_endpoints(name, bootstrap)},
@@ -488,8 +496,13 @@ def replicant_deployment(
     spec: RoostClusterSpec,
     revision: str,
     replicas: int,
+    etcd_bootstrap: int,
 ) -> Manifest:
-    """One Deployment per replicant revision: the operator moves pods from old to new itself."""
+    """One Deployment per replicant revision: the operator moves pods from old to new itself.
+
+    ``etcd_bootstrap`` is the cores' bootstrap size: replicants are etcd clients of the same
+    members the cores were started with.
+    """
     sel = {**selector(name, "replicant"), LABEL_REVISION: revision}
     return {
         "apiVersion": "apps/v1",
@@ -509,7 +522,13 @@ def replicant_deployment(
                 "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
             },
             "template": _pod_template(
-                name, spec, spec.replicantTemplate, "replicant", revision, owner["uid"], 0
+                name,
+                spec,
+                spec.replicantTemplate,
+                "replicant",
+                revision,
+                owner["uid"],
+                etcd_bootstrap,
             ),
         },
     }

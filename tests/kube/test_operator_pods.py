@@ -1,0 +1,437 @@
+"""The operator end to end on pods that run the real broker (issue 16, items 2 and 3).
+
+The control plane of tests/kube, the operator from its chart as in test_operator_e2e.py, and
+tests/kube/podrunner.py in place of kubelets: every pod the scheduler binds to the nodes
+``roost-run-*`` runs with runc from the image hack/build-image.sh built (its own network
+namespace and IP, volumes, probes, status reported back). The operator dials the pods' IPs on
+the brokers' own REST port, as in production.
+
+There is no kube-proxy here: a client reaches "the listeners Service" at the addresses of its
+EndpointSlices, which the EndpointSlice controller fills from the pods the Service selects.
+
+Skipped when the image for this source is not built (``bash hack/build-image.sh``, as root);
+with CI set that is a failure, since .ci/run builds it first.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import queue
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from kube_testenv import KubeCluster
+from operator_e2e_env import (
+    OperatorProcess,
+    install_operator_chart,
+    service_account_kubeconfig,
+    wait,
+)
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from podrunner import NODE_PREFIX, REPO, Image, PodRunner, built_image
+
+from roost.operator import render
+
+pytestmark = [pytest.mark.kube, pytest.mark.timeout(420)]
+
+VERSION = next(
+    line.split('"')[1]
+    for line in (REPO / "pyproject.toml").read_text().splitlines()
+    if line.startswith("version = ")
+)
+IMAGE = f"roost:{VERSION}"
+RUN_KEY = "roost.io/run"
+RUN_NODES = [f"{NODE_PREFIX}{i}" for i in range(3)]
+
+
+@dataclass
+class Env:
+    kube: KubeCluster
+    runner: PodRunner
+    operator: OperatorProcess
+
+    def alive(self) -> None:
+        self.operator.check_alive()
+        if self.kube.processes is not None:
+            self.kube.processes.check_alive()
+        errors = self.runner.all_errors()
+        assert not errors, errors
+
+    def wait(self, check: Any, what: str, timeout: float = 180.0) -> Any:
+        try:
+            return wait(check, timeout, what, self.alive, interval=1.0)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.logs()}") from None
+
+    def logs(self) -> str:
+        out = [f"operator log:\n{self.operator.tail(40)}"]
+        with self.runner.lock:
+            pods = sorted(self.runner.pods.values(), key=lambda p: p.name)
+        for p in pods:
+            for st in p.states:
+                head = (f"--- {p.name}/{st.spec['name']} restarts={st.restarts} "
+                        f"ready={st.ready} waiting={st.waiting} last={st.last_exit}")  # fmt: skip
+                now = st.current.logs()[-1500:] if st.current is not None else ""
+                out.append(f"{head}\n{now}\n(before the restart:)\n{st.last_log[-1500:]}")
+        return "\n".join(out)
+
+
+def _node(name: str, cidr: str, zone: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {"kwok.x-k8s.io/node": "fake"},
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "topology.kubernetes.io/zone": zone,
+                RUN_KEY: "true",
+            },
+        },
+        "spec": {
+            "podCIDR": cidr,
+            "podCIDRs": [cidr],
+            "taints": [{"key": RUN_KEY, "value": "true", "effect": "NoSchedule"}],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def image() -> Image:
+    paths = built_image()
+    if paths is None:
+        msg = "the image for this source is not built: run `bash hack/build-image.sh` (as root)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{msg}; .ci/run builds it before pytest, so in CI this is an error")
+        pytest.skip(msg)
+    img = Image(paths[0], VERSION)
+    img.unpacked()
+    return img
+
+
+@pytest.fixture(scope="module")
+def env(kube: KubeCluster, image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    if os.geteuid() != 0:
+        pytest.skip("the pod runner needs root (network namespaces, runc, overlay mounts)")
+    work = tmp_path_factory.mktemp("operator-pods")
+    sa = install_operator_chart(kube)
+    kubeconfig = service_account_kubeconfig(kube, sa, work / "operator.kubeconfig")
+    runner = PodRunner(
+        kube.server, kube.workdir / "pki", image, {IMAGE, f"docker.io/library/{IMAGE}"},
+        work, RUN_NODES,
+    )  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        runner.start()
+        stack.callback(runner.stop)
+        zones = ("zone-a", "zone-b", "zone-c")
+        kube.apply(
+            [_node(n, runner.node_cidr(n), z) for n, z in zip(RUN_NODES, zones, strict=True)]
+        )
+        stack.callback(
+            lambda: kube.kubectl("delete", "node", *RUN_NODES, "--wait=false", check=False)
+        )
+
+        def usable() -> bool:
+            items = kube.get("nodes", "-l", f"{RUN_KEY}=true")["items"]
+            return sum(
+                1
+                for n in items
+                if {t["key"] for t in n["spec"].get("taints", [])} == {RUN_KEY}
+                and any(
+                    c["type"] == "Ready" and c["status"] == "True"
+                    for c in n.get("status", {}).get("conditions", [])
+                )
+            ) == len(RUN_NODES)
+
+        kube.wait_for(usable, 60, "the runner's nodes Ready and untainted")
+        # The brokers' own REST port: the operator dials <pod IP>:18083 as in production.
+        operator = OperatorProcess(kubeconfig, work / "operator.log", render.MGMT_PORT)
+        stack.callback(operator.stop)
+        yield Env(kube, runner, operator)
+
+
+@pytest.fixture
+def ns(env: Env, kube_ns: str) -> Iterator[str]:
+    yield kube_ns
+    kube = env.kube
+    kube.kubectl("-n", kube_ns, "delete", "roostclusters", "--all", "--wait=false", check=False)
+    with contextlib.suppress(AssertionError):
+        wait(
+            lambda: not env.runner.running(kube_ns),
+            90,
+            f"the pods of {kube_ns} to stop",
+            lambda: None,
+        )
+
+
+def roost_cluster(ns: str, name: str, cores: int = 3, replicants: int = 2) -> dict[str, Any]:
+    placement = {
+        "nodeSelector": {RUN_KEY: "true"},
+        "tolerations": [{"key": RUN_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+    }
+    return {
+        "apiVersion": "roost.io/v1beta1",
+        "kind": "RoostCluster",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "image": IMAGE,
+            "imagePullPolicy": "IfNotPresent",
+            "coreTemplate": {"replicas": cores, **placement},
+            "replicantTemplate": {"replicas": replicants, **placement},
+            "updateStrategy": {"minReadySeconds": 0, "evacuation": {"waitTakeover": 0}},
+        },
+    }
+
+
+def http_json(url: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def pods_of(kube: KubeCluster, ns: str, name: str, role: str) -> list[dict[str, Any]]:
+    sel = render.selector_string(render.selector(name, role))
+    items = kube.get("pods", "-n", ns, "-l", sel)["items"]
+    return sorted(
+        (p for p in items if not p["metadata"].get("deletionTimestamp")),
+        key=lambda p: p["metadata"]["name"],
+    )
+
+
+def service_addresses(kube: KubeCluster, ns: str, service: str) -> list[str]:
+    """Ready endpoint addresses of a Service, from its EndpointSlices."""
+    slices = kube.get("endpointslices", "-n", ns, "-l", f"kubernetes.io/service-name={service}")
+    return sorted(
+        a
+        for s in slices["items"]
+        for ep in s.get("endpoints") or []
+        if ep.get("conditions", {}).get("ready")
+        for a in ep["addresses"]
+    )
+
+
+def test_three_cores_two_replicants_form_one_cluster(env: Env, ns: str) -> None:
+    kube = env.kube
+    kube.apply(roost_cluster(ns, "mq"))
+    st = formed(env, ns, "mq", 5)
+    cores, reps = pods_of(kube, ns, "mq", "core"), pods_of(kube, ns, "mq", "replicant")
+    assert len(cores) == 3 and len(reps) == 2
+    ips = {p["metadata"]["name"]: p["status"]["podIP"] for p in cores + reps}
+    # Every pod has an address of its own, from its node's range, on which its broker answers.
+    for p in cores + reps:
+        node = p["spec"]["nodeName"]
+        assert node in RUN_NODES
+        cidr = env.runner.node_cidr(node).rsplit(".", 1)[0]
+        assert p["status"]["podIP"].startswith(cidr + ".")
+    assert len(set(ips.values())) == 5
+
+    # The status lists every node, named as the brokers name themselves.
+    headless = render.headless_name("mq")
+    want = {f"roost@{p['metadata']['name']}.{headless}.{ns}.svc" for p in cores + reps}
+    assert {n["name"] for n in st["nodes"]} == want
+    assert sorted(n["role"] for n in st["nodes"]) == ["core"] * 3 + ["replicant"] * 2
+    assert all(n["status"] == "running" for n in st["nodes"])
+
+    # ...which is what every broker itself answers: one cluster, seen alike from each node.
+    key = api_key(kube, ns, "mq")
+    for pod_name, ip in ips.items():
+        code, body = http_json(f"http://{ip}:{render.MGMT_PORT}/api/v1/cluster/nodes", token=key)
+        assert code == 200, (pod_name, body)
+        assert {n["name"] for n in body["nodes"]} == want, pod_name
+
+    # Three etcd members joined into one etcd cluster, the same one from every core.
+    cluster_ids = set()
+    for p in cores:
+        code, body = http_json(f"http://{p['status']['podIP']}:2379/v3/cluster/member/list", {})
+        assert code == 200, body
+        cluster_ids.add(body["header"]["cluster_id"])
+        assert sorted(m["name"] for m in body["members"]) == [f"mq-core-{i}" for i in range(3)]
+    assert len(cluster_ids) == 1
+
+    # A client on one pod receives what a client on another publishes. The listeners Service
+    # selects the replicants (no kube-proxy here: its EndpointSlice addresses are dialled).
+    addrs = env.wait(
+        lambda: a if len(a := service_addresses(kube, ns, "mq-listeners")) == 2 else None,
+        "the listeners Service's two ready endpoints",
+        timeout=60,
+    )
+    assert set(addrs) == {p["status"]["podIP"] for p in reps}
+    roundtrip(sub_host=addrs[0], pub_host=addrs[1])
+    # ...and across a core and a replicant as well (the link goes both ways).
+    roundtrip(sub_host=cores[0]["status"]["podIP"], pub_host=addrs[0])
+
+
+def formed(env: Env, ns: str, name: str, n: int, timeout: float = 300) -> dict[str, Any]:
+    """The RoostCluster's status once it is Ready with ``n`` running nodes, all pods' own."""
+
+    def check() -> dict[str, Any] | None:
+        st = env.kube.get("roostcluster", name, "-n", ns).get("status") or {}
+        ready = any(c["type"] == "Ready" and c["status"] == "True"
+                    for c in st.get("conditions", []))  # fmt: skip
+        nodes = st.get("nodes", [])
+        pods = {p["metadata"]["name"] for role in ("core", "replicant")
+                for p in pods_of(env.kube, ns, name, role)}  # fmt: skip
+        named = {n["name"].split("@", 1)[1].split(".", 1)[0] for n in nodes}
+        running = all(x["status"] == "running" for x in nodes)
+        return st if ready and len(nodes) == n and named == pods and running else None
+
+    return dict(env.wait(check, f"{name} Ready with {n} running nodes, one per pod", timeout))
+
+
+def api_key(kube: KubeCluster, ns: str, name: str) -> str:
+    secret = kube.get("secret", render.api_key_secret_name(name), "-n", ns)
+    return base64.b64decode(secret["data"]["key"]).decode()
+
+
+def test_a_killed_broker_and_a_deleted_pod_heal(env: Env, ns: str) -> None:
+    kube = env.kube
+    kube.apply(roost_cluster(ns, "hl"))
+    formed(env, ns, "hl", 5)
+    # SIGKILL of a core's broker: the pod's container restarts (restartPolicy Always) on the
+    # same data and rejoins.
+    core1 = env.runner.running(ns)["hl-core-1"]
+    broker = next(st for st in core1.states if st.spec["name"] == "roost")
+    assert broker.current is not None
+    broker.current.runc("kill", broker.current.id, "KILL")
+    env.wait(lambda: broker.restarts >= 1, "the killed broker to be restarted", 30)
+    # A replicant pod deleted: its Deployment makes another, which joins under its own name.
+    (gone, kept) = [p["metadata"]["name"] for p in pods_of(kube, ns, "hl", "replicant")]
+    kube.kubectl("-n", ns, "delete", "pod", gone, "--wait=false")
+    st = formed(env, ns, "hl", 5, timeout=180)
+    names = {n["name"].split("@", 1)[1].split(".", 1)[0] for n in st["nodes"]}
+    assert gone not in names and kept in names
+    pod = kube.get("pod", "hl-core-1", "-n", ns)
+    assert pod["status"]["containerStatuses"][0]["restartCount"] >= 1
+    reps = pods_of(kube, ns, "hl", "replicant")
+    new = next(p for p in reps if p["metadata"]["name"] != kept)
+    roundtrip(sub_host=new["status"]["podIP"], pub_host=pod["status"]["podIP"])
+
+
+def test_replicant_scale_down_moves_sessions_before_the_pod_goes(env: Env, ns: str) -> None:
+    """2 -> 4 -> 1: each persistent session on a replicant that goes is on another node
+    before its pod is deleted; the messages published while its client was away wait there.
+    """
+    kube = env.kube
+    kube.apply(roost_cluster(ns, "sd"))
+    formed(env, ns, "sd", 5)
+    kube.kubectl("-n", ns, "scale", "roostcluster/sd", "--replicas=4")
+    formed(env, ns, "sd", 7)
+    reps = pods_of(kube, ns, "sd", "replicant")
+    # One persistent subscriber on every replicant, then offline.
+    ids = []
+    for p in reps:
+        cid = f"sess-{p['metadata']['name'][-5:]}"
+        persistent_subscribe(p["status"]["podIP"], cid, f"sd/{cid}")
+        ids.append(cid)
+    kube.kubectl("-n", ns, "scale", "roostcluster/sd", "--replicas=1")
+    formed(env, ns, "sd", 4)
+    (left,) = pods_of(kube, ns, "sd", "replicant")
+    core_ip = pods_of(kube, ns, "sd", "core")[0]["status"]["podIP"]
+    for cid in ids:  # published while every client was away, on a core
+        publish(core_ip, f"sd/{cid}", cid.encode())
+    for cid in ids:  # each session kept its subscription and the message, wherever it went
+        got = persistent_receive(left["status"]["podIP"], cid, f"sd/{cid}")
+        assert got == cid.encode(), cid
+
+
+def _client(cid: str) -> mqtt.Client:
+    return mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+
+
+def _persistent_connect(host: str, cid: str) -> tuple[mqtt.Client, queue.Queue[Any]]:
+    got: queue.Queue[Any] = queue.Queue()
+    c = _client(cid)
+    c.on_message = lambda _c, _u, m: got.put(m)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 600
+    c.connect(host, 1883, keepalive=30, clean_start=False, properties=props)
+    c.loop_start()
+    return c, got
+
+
+def persistent_subscribe(host: str, cid: str, topic: str) -> None:
+    c, _ = _persistent_connect(host, cid)
+    try:
+        done: queue.Queue[object] = queue.Queue()
+        c.on_subscribe = lambda _c, _u, _mid, rcs, _p: done.put(rcs)
+        c.subscribe(topic, qos=1)
+        done.get(timeout=15)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def publish(host: str, topic: str, payload: bytes) -> None:
+    c = _client(f"pub-{uuid.uuid4().hex[:8]}")
+    c.connect(host, 1883, keepalive=30)
+    c.loop_start()
+    try:
+        c.publish(topic, payload, qos=1).wait_for_publish(timeout=15)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def persistent_receive(host: str, cid: str, topic: str) -> bytes:
+    c, got = _persistent_connect(host, cid)
+    try:
+        m = got.get(timeout=20)
+        assert m.topic == topic
+        return bytes(m.payload)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def roundtrip(sub_host: str, pub_host: str) -> None:
+    topic = f"pods/{uuid.uuid4().hex[:8]}"
+    got: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    subacked: queue.Queue[object] = queue.Queue()
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sub-{topic[-8:]}",
+                      protocol=mqtt.MQTTv5)  # fmt: skip
+    sub.on_message = lambda _c, _u, m: got.put(m)
+    sub.on_subscribe = lambda _c, _u, _mid, rcs, _p: subacked.put(rcs)
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{topic[-8:]}",
+                      protocol=mqtt.MQTTv5)  # fmt: skip
+    sub.connect(sub_host, 1883, keepalive=30)
+    sub.loop_start()
+    pub.connect(pub_host, 1883, keepalive=30)
+    pub.loop_start()
+    try:
+        sub.subscribe(topic, qos=1)
+        subacked.get(timeout=15)
+        # SUBACK means the route is in etcd; the publisher's node sees it a moment later, so
+        # publish until one arrives (each is QoS 1, acknowledged by the publisher's node).
+        deadline = 30
+        for i in range(deadline * 2):
+            pub.publish(topic, f"m{i}".encode(), qos=1).wait_for_publish(timeout=10)
+            try:
+                m = got.get(timeout=0.5)
+                break
+            except queue.Empty:
+                continue
+        else:
+            raise AssertionError(f"nothing published on {pub_host} reached {sub_host}")
+        assert m.topic == topic and m.payload.startswith(b"m")
+    finally:
+        for c in (sub, pub):
+            c.disconnect()
+            c.loop_stop()
