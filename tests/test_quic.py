@@ -29,15 +29,20 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float = 40) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-@pytest.fixture(scope="module")
-def qb():
+#: Every broker-side test runs on each QUIC stack the listener offers (transport/quicstack.py).
+STACKS = ["aioquic", "qh3"]
+
+
+@pytest.fixture(scope="module", params=STACKS)
+def qb(request):
     quic, small, ws = free_port(), free_port(), free_port()
+    stack = request.param
     cfg = {
         "listeners": {
             "quic": {
-                "default": {"enabled": True, "bind": f"127.0.0.1:{quic}"},
+                "default": {"enabled": True, "bind": f"127.0.0.1:{quic}", "stack": stack},
                 # A second QUIC listener with tight limits for the limit and timeout tests.
-                "small": {"bind": f"127.0.0.1:{small}", "max_connections": 2,
+                "small": {"bind": f"127.0.0.1:{small}", "max_connections": 2, "stack": stack,
                           "handshake_idle_timeout": 1, "stream_open_timeout": 1},
             },
             "ws": {"default": {"enabled": True, "bind": f"127.0.0.1:{ws}"}},

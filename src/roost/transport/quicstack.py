@@ -38,7 +38,12 @@ class QuicStack:
     def stream_flushed(self, quic: Any, sid: int) -> bool:
         """Whether everything written to the stream (its FIN too) has left the buffer."""
         if self.name == "qh3":
-            return quic.get_send_buffer_size(sid) == 0
+            # qh3 counts only bytes not yet sent; until the peer's ACK arrives they may still
+            # need resending, which should_wait_for_ack (packets outstanding) tells.
+            import time
+
+            return quic.get_send_buffer_size(sid) == 0 and not quic.should_wait_for_ack(
+                time.monotonic())
         stream = quic._streams.get(sid)
         return stream is None or bool(stream.sender.is_finished)
 
