@@ -145,7 +145,17 @@ class _MqttQuic:
         task = self._transmit_task
         if task is not None:
             task.cancel()
-        super().transmit()  # type: ignore[misc]
+        try:
+            super().transmit()  # type: ignore[misc]
+        except self.stack.connection_error as e:
+            # qh3 raises "packet builder capacity exhausted" where it may not send (the
+            # anti-amplification limit of a client that never answered, say) instead of
+            # sending nothing: drop the connection rather than the socket's reader.
+            log.debug("QUIC stack refused to send (%s); closing", e)
+            self._quic.close(error_code=CLOSE_NORMAL)
+            if not self.ended:
+                self.ended = True
+                self._cleanup()
 
     def _transmit_soon(self) -> None:
         super()._transmit_soon()  # type: ignore[misc]

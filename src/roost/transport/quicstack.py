@@ -23,6 +23,8 @@ class QuicStack:
     serve: Any  # coroutine function: serve(host, port, configuration=..., ...)
     events: ModuleType
     configuration: type  # QuicConfiguration
+    #: What the stack raises from transmit when it cannot build a packet (qh3 only).
+    connection_error: type[Exception]
 
     def unacked(self, quic: Any, sid: int) -> int:
         """Bytes written to a stream that the peer has not acknowledged (aioquic) or that are
@@ -71,6 +73,10 @@ class QuicStack:
             quic._configuration.idle_timeout = seconds
 
 
+class _NeverRaised(Exception):
+    pass
+
+
 _loaded: dict[str, QuicStack] = {}
 
 
@@ -88,6 +94,8 @@ def load(name: str) -> QuicStack:
             raise RuntimeError(
                 f"QUIC stack {name!r} is not installed (pip install {name}): {e}"
             ) from e
+        conn = importlib.import_module(f"{name}.quic.connection")
+        error = conn.QuicConnectionError if name == "qh3" else _NeverRaised
         _loaded[name] = QuicStack(name, proto.QuicConnectionProtocol, server.serve, events,
-                                  conf.QuicConfiguration)  # fmt: skip
+                                  conf.QuicConfiguration, error)  # fmt: skip
     return _loaded[name]
