@@ -100,8 +100,9 @@ async def throughput(
         await asyncio.wait_for(asyncio.gather(pub.wait(), sub.wait()), duration + 30)
         cpu = cpu_seconds([pid]) - cpu0
         records = [json.loads(line) for line in out.read_text().splitlines()]
-    received = max(1, records[-1]["counters"]["recv"])
-    return steady_rate(records, "recv"), records[-1]["counters"]["lost"], cpu / received
+    received = records[-1]["counters"]["recv"]
+    per_msg = cpu / received if received else float("nan")  # nothing came through: no figure
+    return steady_rate(records, "recv"), records[-1]["counters"]["lost"], per_msg
 
 
 async def _bench(*args: str) -> asyncio.subprocess.Process:
