@@ -148,14 +148,21 @@ class _MqttQuic:
         try:
             super().transmit()  # type: ignore[misc]
         except self.stack.connection_error as e:
-            # qh3 raises "packet builder capacity exhausted" where it may not send (the
-            # anti-amplification limit of a client that never answered, say) instead of
-            # sending nothing: drop the connection rather than the socket's reader.
-            log.debug("QUIC stack refused to send (%s); closing", e)
-            self._quic.close(error_code=CLOSE_NORMAL)
-            if not self.ended:
-                self.ended = True
-                self._cleanup()
+            # qh3 raises "packet builder capacity exhausted" when it may send no more for now
+            # (the anti-amplification limit before the client's address is validated) instead
+            # of sending nothing; the connection goes on, and the socket reader must not see it.
+            log.debug("QUIC stack sends nothing more for now (%s)", e)
+            self._rearm_timer()  # as the stack's transmit would have, had it not raised
+
+    def _rearm_timer(self) -> None:
+        p: Any = self  # the stack protocol's timer fields (same names in aioquic and qh3)
+        timer_at = self._quic.get_timer()
+        if p._timer is not None and p._timer_at != timer_at:
+            p._timer.cancel()
+            p._timer = None
+        if p._timer is None and timer_at is not None:
+            p._timer = self._loop.call_at(timer_at, p._handle_timer)
+        p._timer_at = timer_at
 
     def _transmit_soon(self) -> None:
         super()._transmit_soon()  # type: ignore[misc]
