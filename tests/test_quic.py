@@ -29,25 +29,42 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float = 40) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-@pytest.fixture(scope="module")
-def qb():
+#: Every broker-side test runs on each QUIC stack the listener offers (transport/quicstack.py).
+STACKS = ["aioquic", "qh3"]
+
+
+def known_qh3_gap(request: pytest.FixtureRequest, qb: Any, why: str) -> None:
+    """A behaviour qh3 does not give yet (docs/listeners.md): the test still runs and must
+    fail there (strict), so it turns red the day the gap closes."""
+    if qb.stack == "qh3":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=why))
+
+
+@pytest.fixture(scope="module", params=STACKS)
+def qb(request):
     quic, small, ws = free_port(), free_port(), free_port()
+    stack = request.param
     cfg = {
         "listeners": {
             "quic": {
-                "default": {"enabled": True, "bind": f"127.0.0.1:{quic}"},
+                "default": {"enabled": True, "bind": f"127.0.0.1:{quic}", "stack": stack},
                 # A second QUIC listener with tight limits for the limit and timeout tests.
-                "small": {"bind": f"127.0.0.1:{small}", "max_connections": 2,
+                "small": {"bind": f"127.0.0.1:{small}", "max_connections": 2, "stack": stack,
                           "handshake_idle_timeout": 1, "stream_open_timeout": 1},
             },
             "ws": {"default": {"enabled": True, "bind": f"127.0.0.1:{ws}"}},
         }
     }  # fmt: skip
-    with BrokerProcess(cfg) as b:
+    b = BrokerProcess(cfg).start(timeout=60)  # a generous start: the machine may be busy
+    try:
         for label in ("quic:default", "quic:small", "ws:default"):
             wait_listening(b, label)
         b.quic, b.small, b.ws = quic, small, ws  # type: ignore[attr-defined]
+        b.stack = stack  # type: ignore[attr-defined]
         yield b
+    finally:
+        b.stop()
+        b.tmp.cleanup()
 
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
@@ -246,7 +263,8 @@ def test_zero_rtt_connect(qb):
     run(main())
 
 
-def test_takeover_closes_with_application_code(qb):
+def test_takeover_closes_with_application_code(qb, request):
+    known_qh3_gap(request, qb, "qh3: the DISCONNECT 0x8E before the close does not arrive")
     async def main() -> None:
         a = QuicClient("127.0.0.1", qb.quic, "taken")
         await a.connect()
@@ -260,7 +278,8 @@ def test_takeover_closes_with_application_code(qb):
     run(main())
 
 
-def test_limits_and_timeouts(qb):
+def test_limits_and_timeouts(qb, request):
+    known_qh3_gap(request, qb, "qh3: the code-1 close does not reach the client")
     async def main() -> None:
         # No stream opened within stream_open_timeout (1 s): closed with code 1.
         idle = QuicClient("127.0.0.1", qb.small, "")
@@ -301,8 +320,9 @@ def test_limits_and_timeouts(qb):
     run(main())
 
 
-def test_handshake_timeout(qb):
+def test_handshake_timeout(qb, request):
     """A client that stops after its first flight is dropped after handshake_idle_timeout."""
+    known_qh3_gap(request, qb, "qh3: no close for a silent client (amplification)")
     conf = QuicConfiguration(is_client=True, alpn_protocols=["mqtt"], verify_mode=ssl.CERT_NONE)
     conn = QuicConnection(configuration=conf)
     addr = ("127.0.0.1", qb.small)

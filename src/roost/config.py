@@ -115,6 +115,8 @@ class QuicListener(ListenerBase):
     handshake_idle_timeout: float = Field(10.0, gt=0)
     #: Seconds a connection may stay without opening its control stream.
     stream_open_timeout: float = Field(10.0, gt=0)
+    #: QUIC implementation (see docs/listeners.md): "aioquic" (pure Python) or "qh3".
+    stack: Literal["aioquic", "qh3"] = "aioquic"
 
 
 class Listeners(_Model):

@@ -1,4 +1,4 @@
-"""MQTT over QUIC (aioquic), wire-compatible with EMQX 5's QUIC clients.
+"""MQTT over QUIC, wire-compatible with EMQX 5's QUIC clients, on aioquic or qh3 (quicstack.py).
 
 ALPN ``mqtt``, TLS 1.3. Client bidirectional stream 0 (the first one) is the control stream and
 carries the plain MQTT byte stream into an ordinary :class:`Channel`; every later client
@@ -14,22 +14,15 @@ kick close with the MQTT reason code (0x8E, 0x98) after the DISCONNECT is delive
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from typing import Any
-
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer, serve
-from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.tls import SessionTicket
 
 from roost.broker.channel import Channel
 from roost.broker.node import Broker
 from roost.broker.streams import ControlChannel, StreamChannel
 from roost.config import QuicListener
 from roost.mqtt import reason_codes as RC
+from roost.transport.quicstack import QuicStack, load
 from roost.transport.tcp import WRITE_HIGH_WATER
 from roost.transport.tls import resolve_cert
 
@@ -62,24 +55,16 @@ class QuicListenerState:
         self.accepting = True
         self.live = 0  # QUIC connection objects, handshaken or not (garbage Initials too)
         self.early_data_accepted = 0  # connections whose 0-RTT data the server took
-        self.tickets: dict[bytes, SessionTicket] = {}
+        # Session tickets of the listener's stack (aioquic's or qh3's SessionTicket).
+        self.tickets: dict[bytes, Any] = {}
 
-    def store_ticket(self, ticket: SessionTicket) -> None:
+    def store_ticket(self, ticket: Any) -> None:
         if len(self.tickets) > 100_000:
             self.tickets.pop(next(iter(self.tickets)))
         self.tickets[ticket.ticket] = ticket
 
-    def fetch_ticket(self, label: bytes) -> SessionTicket | None:
+    def fetch_ticket(self, label: bytes) -> Any:
         return self.tickets.pop(label, None)  # single use: a replayed 0-RTT is refused
-
-
-def _unacked(quic: QuicConnection, sid: int) -> int:
-    """Bytes written to a stream and not yet acknowledged by the peer (aioquic keeps them)."""
-    stream = quic._streams.get(sid)
-    if stream is None:
-        return 0
-    sender = stream.sender
-    return sender._buffer_stop - sender._buffer_start
 
 
 class _Stream:
@@ -87,7 +72,7 @@ class _Stream:
 
     __slots__ = ("channel", "conn", "stream_id")
 
-    def __init__(self, conn: MqttQuicProtocol, stream_id: int) -> None:
+    def __init__(self, conn: _MqttQuic, stream_id: int) -> None:
         self.conn = conn
         self.stream_id = stream_id
         self.channel: Channel | None = None
@@ -100,7 +85,8 @@ class _Stream:
         quic.send_stream_data(self.stream_id, data)
         conn._transmit_soon()  # coalesced: one transmit per event-loop turn
         ch = self.channel
-        if ch is not None and not ch.paused and _unacked(quic, self.stream_id) > WRITE_HIGH_WATER:
+        if (ch is not None and not ch.paused
+                and conn.stack.unacked(quic, self.stream_id) > WRITE_HIGH_WATER):  # fmt: skip
             # As on TCP: a client that does not keep up gets its deliveries queued in its
             # (bounded) session instead of in aioquic's unbounded stream buffer.
             ch.pause_writing()
@@ -110,14 +96,21 @@ class _Stream:
         self.conn.channel_closed_stream(self.stream_id)
 
 
-class MqttQuicProtocol(QuicConnectionProtocol):
+class _MqttQuic:
+    """One QUIC connection's MQTT side; mixed into the stack's QuicConnectionProtocol by
+    :func:`protocol_class`."""
+
+    stack: QuicStack
+    # Given by the stack's QuicConnectionProtocol.
+    _quic: Any
+    _loop: asyncio.AbstractEventLoop
+    _transmit_task: asyncio.Handle | None
+
     def __init__(
-        self, quic: QuicConnection, *args: Any, broker: Broker, state: QuicListenerState, **kw: Any
+        self, quic: Any, *args: Any, broker: Broker, state: QuicListenerState, **kw: Any
     ) -> None:
-        super().__init__(quic, *args, **kw)
-        # A per-connection copy of the configuration, so the idle timeout can follow this
-        # client's keepalive after CONNECT (aioquic reads it on every packet).
-        quic._configuration = copy.copy(quic._configuration)
+        super().__init__(quic, *args, **kw)  # type: ignore[call-arg]
+        self.stack.own_configuration(quic)
         self.broker = broker
         self.state = state
         self.control: ControlChannel | None = None
@@ -152,10 +145,40 @@ class MqttQuicProtocol(QuicConnectionProtocol):
         task = self._transmit_task
         if task is not None:
             task.cancel()
-        super().transmit()
+        try:
+            super().transmit()  # type: ignore[misc]
+        except self.stack.connection_error as e:
+            # qh3 raises "packet builder capacity exhausted" when it may send no more for now
+            # (the anti-amplification limit before the client's address is validated) instead
+            # of sending nothing; the connection goes on, and the socket reader must not see it.
+            log.debug("QUIC stack sends nothing more for now (%s)", e)
+            self._rearm_timer()  # as the stack's transmit would have, had it not raised
+
+    def _rearm_timer(self) -> None:
+        p: Any = self  # the stack protocol's timer fields (same names in aioquic and qh3)
+        timer_at = self._quic.get_timer()
+        if p._timer is not None and p._timer_at != timer_at:
+            p._timer.cancel()
+            p._timer = None
+        if p._timer is None and timer_at is not None:
+            p._timer = self._loop.call_at(timer_at, p._handle_timer)
+        p._timer_at = timer_at
+
+    def _transmit_soon(self) -> None:
+        super()._transmit_soon()  # type: ignore[misc]
+
+    def close(self, error_code: int = 0, reason_phrase: str = "") -> None:
+        # qh3's protocol close() takes no code: close the connection itself on both stacks.
+        self._quic.close(error_code=error_code, reason_phrase=reason_phrase)
+        self.transmit()
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        super().datagram_received(data, addr)
+        super().datagram_received(data, addr)  # type: ignore[misc]
+        if self.paused:
+            self._resume_acked()
+
+    def datagrams_received(self, data: list[bytes], addr: Any) -> None:
+        super().datagrams_received(data, addr)  # type: ignore[misc]  # qh3 with GRO
         if self.paused:
             self._resume_acked()
 
@@ -165,13 +188,14 @@ class MqttQuicProtocol(QuicConnectionProtocol):
             ch = st.channel
             if ch is None or ch.closed:
                 continue
-            if _unacked(self._quic, st.stream_id) <= WRITE_HIGH_WATER // 4:
+            if self.stack.unacked(self._quic, st.stream_id) <= WRITE_HIGH_WATER // 4:
                 ch.resume_writing()  # may pause (and list) it again
             else:
                 self.paused.append(st)
 
-    def quic_event_received(self, event: events.QuicEvent) -> None:
+    def quic_event_received(self, event: Any) -> None:
         t = type(event)
+        events = self.stack.events
         if t is events.StreamDataReceived:
             self._on_stream_data(event.stream_id, event.data, event.end_stream)  # type: ignore[attr-defined]
         elif t is events.HandshakeCompleted:
@@ -183,7 +207,7 @@ class MqttQuicProtocol(QuicConnectionProtocol):
         elif t is events.ConnectionTerminated:
             self._on_terminated()
 
-    def _on_handshake(self, event: events.HandshakeCompleted) -> None:
+    def _on_handshake(self, event: Any) -> None:
         self.handshake_done = True
         if self._timer_handshake is not None:
             self._timer_handshake.cancel()
@@ -225,8 +249,7 @@ class MqttQuicProtocol(QuicConnectionProtocol):
                 if self._timer_stream is not None:
                     self._timer_stream.cancel()
                     self._timer_stream = None
-                paths = self._quic._network_paths
-                self.peer = f"{paths[0].addr[0]}:{paths[0].addr[1]}" if paths else "?"
+                self.peer = self.stack.peer(self._quic)
                 st = _Stream(self, 0)
                 ch = self.control = ControlChannel(self.broker, st, self.peer, self.state.name)
                 st.channel = ch
@@ -260,7 +283,7 @@ class MqttQuicProtocol(QuicConnectionProtocol):
             # The channel itself sends DISCONNECT (keepalive timeout) at keepalive x 1.5; the
             # QUIC idle timeout, a silent close, is the backstop just after it.
             mult = self.broker.config.mqtt.keepalive_multiplier
-            self._quic._configuration.idle_timeout = ka * mult + _IDLE_MARGIN
+            self.stack.set_idle_timeout(self._quic, ka * mult + _IDLE_MARGIN)
         held, self.held = self.held, {}
         for sid, chunks in held.items():
             for data, fin in chunks:
@@ -320,8 +343,7 @@ class MqttQuicProtocol(QuicConnectionProtocol):
     async def _close_when_delivered(self, code: int) -> None:
         deadline = self._loop.time() + _CLOSE_GRACE
         while not self.ended and self._loop.time() < deadline:
-            stream = self._quic._streams.get(0)
-            if stream is None or stream.sender.is_finished:
+            if self.stack.stream_flushed(self._quic, 0):
                 break
             await asyncio.sleep(0.02)
         self._end(code)
@@ -380,10 +402,23 @@ class MqttQuicProtocol(QuicConnectionProtocol):
             self._end(CLOSE_CONTROL_STREAM_DOWN, "no control stream")
 
 
+_classes: dict[str, type] = {}
+
+
+def protocol_class(stack: QuicStack) -> type:
+    """The connection protocol for ``stack``: our MQTT side over its QuicConnectionProtocol."""
+    cls = _classes.get(stack.name)
+    if cls is None:
+        cls = _classes[stack.name] = type(
+            f"MqttQuicProtocol_{stack.name}", (_MqttQuic, stack.protocol), {"stack": stack}
+        )
+    return cls
+
+
 class RoostQuicServer:
     """A running QUIC listener: ``close()`` and the bound ``address``."""
 
-    def __init__(self, server: QuicServer, state: QuicListenerState) -> None:
+    def __init__(self, server: Any, state: QuicListenerState) -> None:
         self.server = server
         self.state = state
         sock = server._transport.get_extra_info("sockname")  # type: ignore[union-attr]
@@ -403,7 +438,8 @@ async def start_quic_listener(
     if quic_log.level == logging.NOTSET:
         quic_log.setLevel(logging.WARNING)  # aioquic logs every connection at INFO
     certfile, keyfile = resolve_cert(cfg.certfile, cfg.keyfile, data_dir)
-    conf = QuicConfiguration(
+    stack = load(cfg.stack)
+    conf = stack.configuration(
         is_client=False,
         alpn_protocols=[ALPN],
         idle_timeout=_ADVERTISED_IDLE,
@@ -413,10 +449,12 @@ async def start_quic_listener(
     state = QuicListenerState(name, cfg)
     broker.listener_states[name] = state
 
-    def create_protocol(quic: QuicConnection, **kw: Any) -> MqttQuicProtocol:
-        return MqttQuicProtocol(quic, broker=broker, state=state, **kw)
+    proto = protocol_class(stack)
 
-    server = await serve(
+    def create_protocol(quic: Any, **kw: Any) -> _MqttQuic:
+        return proto(quic, broker=broker, state=state, **kw)  # type: ignore[no-any-return]
+
+    server = await stack.serve(
         cfg.host,
         cfg.port,
         configuration=conf,
