@@ -50,9 +50,11 @@ def test_sys_topics_published(broker):
     sub = PahoClient(broker.port, "sys-sub")
     sub.connect()
     sub.subscribe("$SYS/broker/#", 0)
-    seen = {}
-    while len(seen) < 12:  # retained copies first (an older snapshot), then live updates
-        m = sub.recv(timeout=5)
+    seen: dict[str, str] = {}
+    keys = ("version", "clients/connected", "uptime", "messages/received", "messages/sent",
+            "bytes/received", "bytes/sent")
+    while not all(f"$SYS/broker/{k}" in seen for k in keys):
+        m = sub.recv(timeout=5)  # retained copies first (an older snapshot), then live updates
         if not m.retain:
             seen[m.topic] = m.payload.decode()
     assert seen["$SYS/broker/version"].startswith("roost ")

@@ -54,10 +54,11 @@ _STRIP_PROPS = ("topic_alias", "subscription_identifier")
 class _Barrier:
     """A gate entry standing for one commit still to come."""
 
-    __slots__ = ("done",)
+    __slots__ = ("done", "room")
 
-    def __init__(self) -> None:
+    def __init__(self, room: bool = False) -> None:
         self.done = False
+        self.room = room  # waits for room in a full queue (not for a commit)
 
 
 class Transport(Protocol):
@@ -398,8 +399,11 @@ class Channel:
             assert self.session is not None
             self.session.on_pubcomp(packet.packet_id)  # type: ignore[attr-defined]
         elif t is Pingreq:
-            if self._gate is not None and not self.closed:
-                # Past the gate: an ack held for a full queue must not look like a dead link.
+            gate = self._gate
+            if gate is not None and not self.closed and gate[0].__class__ is _Barrier \
+                    and gate[0].room:  # fmt: skip
+                # Past the gate: an ack held for a full queue must not look like a dead link
+                # (what waits for a commit keeps its order, the CONNACK first).
                 self.broker.stats.bytes_sent += len(_PINGRESP)
                 self.transport.write(_PINGRESP)
             else:
@@ -716,7 +720,7 @@ class Channel:
         waiting = {id(s): s for s in sessions if s is not self.session}  # never wait on itself
         if not waiting:
             return
-        barrier = _Barrier()
+        barrier = _Barrier(room=True)
         if self._gate is None:
             self._gate = []
         self._gate.append(barrier)

@@ -23,9 +23,10 @@ SEEN_CAP = 100_000  # message ids remembered while relays may come
 
 
 class Handoff:
-    __slots__ = ("held", "seen")
+    __slots__ = ("held", "home", "seen")
 
-    def __init__(self, cap: int = SEEN_CAP) -> None:
+    def __init__(self, home: str, cap: int = SEEN_CAP) -> None:
+        self.home = home  # the old home, which relays
         self.seen = RecentIds(cap)
         #: Per publishing node: (message id, deliver arguments) that came directly, in order.
         self.held: dict[str, deque[tuple[int, tuple[Any, ...]]]] = {}

@@ -441,6 +441,9 @@ class Cluster:
         replays = self.links.peer_down(name)
         for fwd in replays:
             self._replay(fwd, name)
+        for session in list(self.broker.sessions.values()):
+            if session.handoff is not None and session.handoff.home == name:
+                session.handoff.end(session)  # no more relays will come from it
         if self.role == "core":
             self._spawn(self._adopt_sessions_of(name))
 
@@ -582,7 +585,8 @@ class Cluster:
             async with lock:
                 self._early[client_id] = []
                 try:
-                    epoch, state = await self._claim(channel, client_id, clean_start, expiry)
+                    epoch, state, home = await self._claim(channel, client_id, clean_start,
+                                                           expiry)  # fmt: skip
                 except (EtcdError, LinkError, OSError) as e:
                     self._early.pop(client_id, None)
                     log.warning("cannot open session %s in the cluster: %s", client_id, e)
@@ -594,7 +598,10 @@ class Cluster:
                     if old is not None and old.channel is None:
                         for f in list(old.subscriptions):
                             broker.router.remove(client_id, f)
-                    broker.sessions[client_id] = self._moved_here(load_session(broker, state))
+                    loaded = load_session(broker, state)
+                    if home in self.members:  # alive: it relays for a while
+                        self._moved_here(loaded, home)
+                    broker.sessions[client_id] = loaded
                 session, present = broker.attach_session(channel, client_id, clean_start, expiry)
                 session.epoch = epoch
                 early = self._early.pop(client_id, [])
@@ -608,8 +615,8 @@ class Cluster:
 
     async def _claim(
         self, channel: Channel, client_id: str, clean_start: bool, expiry: int
-    ) -> tuple[int, bytes | None]:
-        """Make this node the session's home; (epoch, handed-over state or None)."""
+    ) -> tuple[int, bytes | None, str]:
+        """Make this node the session's home; (epoch, handed-over state or None, old home)."""
         key = f"sessions/{client_id}"
         now = self.broker.clock()
         local = self.broker.sessions.get(client_id)
@@ -624,7 +631,7 @@ class Cluster:
                 continue  # someone else moved it meanwhile: look again
             home = parse_entry(kv.value).get("node") if kv is not None else None
             if home is None or home == self.me:
-                return new.mod_revision, None
+                return new.mod_revision, None, str(home or "")
             if home in self.members:
                 self.stats["takeovers_in"] += 1
                 request = json.dumps({"client_id": client_id, "epoch": new.mod_revision,
@@ -632,7 +639,7 @@ class Cluster:
                 try:
                     state = await self.links.request(home, "takeover", request,  # type: ignore[union-attr]
                                                      _TAKEOVER_TIMEOUT)  # fmt: skip
-                    return new.mod_revision, state or None
+                    return new.mod_revision, state or None, str(home)
                 except LinkError as e:
                     # Unreachable (dead before its lease says so): its store cores have the
                     # session, and our new epoch fences whatever the old home still writes.
@@ -642,9 +649,9 @@ class Cluster:
             # (else what the registry knows: the subscriptions).
             entry = parse_entry(kv.value) if kv is not None else {}
             if clean_start:
-                return new.mod_revision, None
+                return new.mod_revision, None, str(home or "")
             state = await self._fetch_replica(client_id, str(home), new.mod_revision)
-            return new.mod_revision, state or self._state_from_entry(client_id, entry)
+            return new.mod_revision, state or self._state_from_entry(client_id, entry), str(home)
         raise EtcdError(f"session {client_id}: registry entry changed 10 times in a row")
 
     def _state_from_entry(self, client_id: str, entry: dict[str, Any]) -> bytes | None:
@@ -760,7 +767,7 @@ class Cluster:
             if not ok or new is None or cid in broker.sessions:
                 raise ValueError(f"session {cid} moved on meanwhile")
             mark = broker.commits.mark()
-            session = self._moved_here(load_session(broker, state))
+            session = self._moved_here(load_session(broker, state), origin)
             session.epoch = new.mod_revision
             broker.sessions[cid] = session
             if broker.durable is not None and session.durable is not None:
@@ -844,10 +851,10 @@ class Cluster:
         while self._relaying:
             await asyncio.sleep(0.1)
 
-    def _moved_here(self, session: Session) -> Session:
+    def _moved_here(self, session: Session, old_home: str) -> Session:
         """A session handed over by its old home, which relays for a while what still reaches
         it there: each message once, each publisher's in order (see broker/handoff.py)."""
-        handoff = session.handoff = Handoff()
+        handoff = session.handoff = Handoff(old_home)
         for d in (*session.inflight.values(), *session.queue):
             handoff.remember(d.msg)
 

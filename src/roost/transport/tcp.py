@@ -65,7 +65,6 @@ class MqttStreamProtocol(CoalescedWrites, asyncio.Protocol):
         self._pending: list[bytes] | None = None
         self._closing = False
         self._linger: asyncio.TimerHandle | None = None
-        self._closing_rx = False  # bytes came since the linger timer last looked
 
     # asyncio side -------------------------------------------------------------------------
 
@@ -87,9 +86,7 @@ class MqttStreamProtocol(CoalescedWrites, asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
-            self._closing_rx = True  # still acking what it got before our last packet
-        elif self.channel is not None:
+        if self.channel is not None and not self._closing:
             self.channel.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -149,13 +146,11 @@ class MqttStreamProtocol(CoalescedWrites, asyncio.Protocol):
         self._linger = asyncio.get_running_loop().call_later(LINGER, self._linger_done, t, 0.0)
 
     def _linger_done(self, t: asyncio.Transport, waited: float) -> None:
-        # A slow reader may still be taking in what came before the DISCONNECT (it sends acks
-        # for it): closing now would reset the connection, and a reset loses that tail,
-        # the DISCONNECT included. So linger until it has been quiet for LINGER.
+        # A slow reader may still be taking in what came before the DISCONNECT: closing now
+        # would stop reading its acks, and the reset that follows would lose that tail. A
+        # client that writes but never reads gets no more than LINGER (abuse).
         waited += LINGER
-        busy = self._closing_rx or t.get_write_buffer_size()
-        self._closing_rx = False
-        if busy and waited < MAX_FLUSH and not t.is_closing():
+        if t.get_write_buffer_size() and waited < MAX_FLUSH and not t.is_closing():
             self._linger = asyncio.get_running_loop().call_later(
                 LINGER, self._linger_done, t, waited)  # fmt: skip
             return
