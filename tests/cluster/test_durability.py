@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import shutil
+import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -153,3 +157,65 @@ def test_node_back_with_an_empty_disk_loses_nothing(cluster4: LocalCluster) -> N
     assert flags.session_present
     check(collect(back, set(range(50))), set(range(50)))
     back.disconnect()
+
+
+WINDOW = 8  # a small link window, so that a few dozen messages fill it
+
+
+def link_gauges(n: NodeProcess, peer: str) -> dict[str, int]:
+    """The node's ``roost_link_*`` gauges for its link to ``peer``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{n.api_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = re.findall(rf'^roost_link_(inflight|queue_depth){{peer="{peer}"}} (\d+)', text, re.M)
+    return {k: int(v) for k, v in found}
+
+
+@pytest.mark.parametrize("killed", ["receiver", "sender"])
+def test_node_killed_while_its_link_window_is_full(killed: str) -> None:
+    """The subscriber's node stops answering (SIGSTOP) until the publisher's node has its link
+    window full and more forwards queued behind it; then one of the two is SIGKILLed. What was
+    acknowledged to the publisher reaches the persistent subscriber, in order, wherever it
+    reconnects."""
+    extra = {"cluster": {"lease_ttl": 3, "link": {"window": WINDOW}}}
+    with LocalCluster(cores=3, replicants=1, extra=extra) as cluster:
+        _core0, core1, core2, rep = cluster.nodes
+        cid = f"window-{killed}"
+        sub = subscriber(core1.port, cid, "win/t")
+        # Another node routes the topic too, so a replay along the routes alone goes there.
+        bystander = PahoClient(core2.port, f"bystander-{killed}")
+        bystander.connect()
+        bystander.subscribe("win/t", 1)
+        wait_routes(rep.port, "win/t", [sub, bystander])
+        pub = SeqPublisher(rep.port, "win/t", "win-pub").start()
+        time.sleep(1.0)
+        assert core1.proc is not None
+        os.kill(core1.proc.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: link_gauges(rep, "core1").get("inflight") == WINDOW
+                       and link_gauges(rep, "core1").get("queue_depth", 0) > 0,
+                       10, "the publisher's node to have its window to core1 full")  # fmt: skip
+            (core1 if killed == "receiver" else rep).kill()
+        finally:
+            if killed == "sender":
+                os.kill(core1.proc.pid, signal.SIGCONT)
+        if killed == "receiver":
+            # Its forwards in the window were never acknowledged, so neither were their
+            # PUBACKs: they go once the forwards are replayed to the session's adopter.
+            at_kill = pub.acked_now()
+            wait_until(lambda: pub.acked_now() > at_kill + 50, 30,
+                       "the publisher to be acknowledged again")  # fmt: skip
+        acked = pub.stop()
+        assert len(acked) > 50
+        got: list[int] = []
+        if killed == "receiver":  # what it had before its node died, then the rest elsewhere
+            while not sub.messages.empty():
+                got.append(int(sub.messages.get().payload.split(b":")[1]))
+            back = PahoClient(core2.port, cid)  # the session's node is gone: its store cores
+            flags, _, _ = back.connect(clean_start=False, properties=EXPIRY)
+            assert flags.session_present, "the session survived its node"
+            sub = back
+        got += collect(sub, acked - set(got))
+        check(got, acked)
+        sub.disconnect()
+        check(collect(bystander, acked), acked)
+        bystander.disconnect()

@@ -74,6 +74,9 @@ class SeqPublisher:
             self.sent = i
             time.sleep(self.interval)
 
+    def acked_now(self) -> int:
+        return sum(info.is_published() for info in list(self._infos.values()))  # type: ignore[attr-defined]
+
     def stop(self) -> set[int]:
         self._stop.set()
         self._thread.join(5)

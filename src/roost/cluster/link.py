@@ -641,6 +641,14 @@ class Links:
         else:
             self._send_qos0(peer, conn, fwd)
 
+    def hold(self, token: int) -> bool:
+        """Keep a replayed forward's ``after`` waiters waiting for one more thing; False when
+        they were released already. ``release`` ends the hold."""
+        return self._gate.hold(token)
+
+    def release(self, token: int) -> None:
+        self._gate.release(token)
+
     def peer_down(self, node: str) -> list[Forward]:
         """Forget ``node`` (its lease is gone): close its link and return its unacknowledged
         and queued QoS>=1 forwards, to replay with ``forward`` along current routes.
@@ -811,9 +819,10 @@ class Links:
 
     def _deliver_once(self, peer: _Peer, fwd: Forward) -> int:
         """Deliver a QoS 1 forward unless its (origin, id) was seen; the PUBACK reason code."""
-        if fwd.group is not None and fwd.group[:1] in ("\x00", "\x01"):
-            # Addressed to one session that just moved (a relay): it may have had its direct
-            # copy for the node's other subscribers, so that session deduplicates, not us.
+        if fwd.group is not None and fwd.group[:1] in ("\x00", "\x01", "\x02"):
+            # Addressed to one session that just moved (a relay), or to a dead node's sessions
+            # (cluster/orphans.py): the node may have had its direct copy for its other
+            # subscribers, so those sessions deduplicate, not us.
             return self._deliver(fwd)
         seen = self._seen.get(fwd.origin)
         if seen is None:

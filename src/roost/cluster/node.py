@@ -40,6 +40,8 @@ from roost.cluster.handover import (
     stored_to_state,
 )
 from roost.cluster.link import Forward, LinkError, Links
+from roost.cluster.orphans import WAIT as _ORPHAN_WAIT
+from roost.cluster.orphans import Orphans
 from roost.cluster.replication import ReplicaStore, Replicator, store_cores
 from roost.cluster.routes import BatchWriter, RemoteTable, RouteSync
 from roost.config import parse_bind
@@ -138,6 +140,8 @@ class Cluster:
         self._early: dict[str, list[Message]] = {}
         #: Sessions that moved away and still relay to their new home (evacuation waits).
         self._relaying: set[Session] = set()
+        #: What was on its way to a node when it died, for the sessions it held.
+        self.orphans = Orphans()
         #: Registry entries written: SUBACK of a persistent session waits for its entry, so a
         #: core adopting the session after this node dies knows the subscription.
         self.registry = Progress()
@@ -252,6 +256,17 @@ class Cluster:
     def _forward_ack_gate(self, callback: Callable[[], None]) -> None:
         """A forward is acknowledged on the link once what it stored is committed here and
         on the sessions' store cores: its publisher's PUBACK waits for that."""
+        if self.orphans.waiting:  # copies for a dead node's sessions came: once placed
+            self.orphans.waiting = False
+            pending = self.orphans.unsettled()
+            if pending:
+
+                async def later() -> None:
+                    await asyncio.wait(pending, timeout=_ORPHAN_WAIT)
+                    self._forward_ack_gate(callback)
+
+                self._spawn(later())
+                return
         durable, rep = self.broker.durable, self.replicator
         assert durable is not None
         if rep is None:
@@ -441,11 +456,56 @@ class Cluster:
         replays = self.links.peer_down(name)
         for fwd in replays:
             self._replay(fwd, name)
+        self._orphan_copies(name, replays)
         for session in list(self.broker.sessions.values()):
             if session.handoff is not None and session.handoff.home == name:
                 session.handoff.end(session)  # no more relays will come from it
         if self.role == "core":
-            self._spawn(self._adopt_sessions_of(name))
+            self._spawn(self._adopt_sessions_of(name))  # settles the orphans when done
+        else:
+            self.orphans.settle(name)  # a replicant adopts nothing
+
+    def _orphan_copies(self, dead: str, replays: list[Forward]) -> None:
+        """Copies of what ``dead`` never acknowledged, for the sessions it held, to every live
+        node and to this one (see cluster/orphans.py); the publishers' PUBACKs wait for all."""
+        links = self.links
+        assert links is not None
+        others = [n for n in self.members if n != self.me]
+        tokens = []
+        for fwd in replays:
+            g = fwd.group
+            if g is not None and not g.startswith("\x00"):
+                continue  # a shared group's: the replay gave it to another member
+            group = "\x02" + dead + (g or "")
+            for node in others:
+                copy = Forward(fwd.topic, fwd.payload, fwd.qos, fwd.retain, fwd.props,
+                               fwd.origin, fwd.mid, group, fwd.token)  # fmt: skip
+                links.forward(node, copy)
+            msg = Message(fwd.topic, fwd.payload, fwd.qos, fwd.retain, fwd.props, "",
+                          self.broker.clock())  # fmt: skip
+            msg.fwd_id = (fwd.origin, fwd.mid)
+            self.orphans.arrived(dead, msg, g[1:] if g else None)
+            if fwd.token and links.hold(fwd.token):
+                tokens.append(fwd.token)
+        self.orphans.waiting = False
+        if tokens:
+            self._spawn(self._release_when_settled(tokens))
+
+    async def _release_when_settled(self, tokens: list[int]) -> None:
+        pending = self.orphans.unsettled()
+        if pending:
+            await asyncio.wait(pending, timeout=_ORPHAN_WAIT)
+        links = self.links
+        assert links is not None
+
+        def release() -> None:
+            for t in tokens:
+                links.release(t)
+
+        if self.broker.durable is None:
+            release()
+        else:
+            self._forward_ack_gate(release)
 
     def _replay(self, fwd: Forward, dead: str) -> None:
         """Send an unacknowledged forward along the current routes (receivers de-duplicate)."""
@@ -546,6 +606,10 @@ class Cluster:
         msg = Message(fwd.topic, fwd.payload, fwd.qos, fwd.retain, fwd.props, "", broker.clock())
         msg.fwd_id = (fwd.origin, fwd.mid)
         group = fwd.group
+        if group is not None and group.startswith("\x02"):  # for a dead node's sessions
+            dead, _, cid = group[1:].partition("\x00")
+            self.orphans.arrived(dead, msg, cid or None)
+            return
         if group is not None and group.startswith("\x01"):  # the old home relays no more
             session = broker.sessions.get(group[1:])
             if session is not None and session.handoff is not None:
@@ -553,11 +617,15 @@ class Cluster:
             return
         if group is not None and group.startswith("\x00"):
             cid = group[1:]
-            early = self._early.get(cid)
-            if early is not None and cid not in broker.sessions:
-                # Sent after the session by its old home, ahead of our taking it in.
-                early.append(msg)
-                return
+            if cid not in broker.sessions:
+                early = self._early.get(cid)
+                if early is not None:  # sent after the session, ahead of our taking it in
+                    early.append(msg)
+                    return
+                onward = self._relay_of(cid)
+                if onward is not None and onward.relay is not None:
+                    onward.relay(msg, msg.qos)  # it moved on from here too: after it
+                    return
         broker.stats.messages_received += 1
         broker.stats.received_qos[msg.qos] += 1
         broker.deliver_forwarded(msg, fwd.group)
@@ -602,6 +670,8 @@ class Cluster:
                     if home in self.members:  # alive: it relays for a while
                         self._moved_here(loaded, home)
                     broker.sessions[client_id] = loaded
+                    if home and home != self.me and home not in self.members:
+                        self.orphans.session_from(home, loaded)  # from its store cores
                 session, present = broker.attach_session(channel, client_id, clean_start, expiry)
                 session.epoch = epoch
                 early = self._early.pop(client_id, [])
@@ -734,10 +804,13 @@ class Cluster:
             try:
                 answer = await self.links.request(target, "adopt", body, _TAKEOVER_TIMEOUT)
             except LinkError as e:
-                log.warning("offline session %s not handed to %s, kept here: %s", cid, target, e)
-                if pending is not None:
-                    broker.schedule_will(cid, pending[1], max(0.0, pending[0] - now))
-                return False
+                if not await self._adopted_anyway(session, target):
+                    log.warning("offline session %s not handed to %s, kept here: %s",
+                                cid, target, e)  # fmt: skip
+                    if pending is not None:
+                        broker.schedule_will(cid, pending[1], max(0.0, pending[0] - now))
+                    return False
+                answer = b"adopted, its answer late"
             if broker.sessions.get(cid) is not session:
                 return False
             late = list(session.queue)[sent:]
@@ -749,6 +822,23 @@ class Cluster:
             self.stats["takeovers_out"] += 1
             log.info("offline session %s handed to %s (%s)", cid, target, answer.decode())
             return True
+
+    async def _adopted_anyway(self, session: Session, target: str) -> bool:
+        """No answer to our hand-over of ``session`` in time: the target may have taken it or
+        may still take it. A compare-and-swap on the registry entry settles which: ours (a new
+        epoch, so a late adopt fails) or the target's (it has the session: treat it as sent)."""
+        cid = session.client_id
+        value = registry_entry(self.me, session, session.expiry_interval, None, 0, False,
+                               self.broker.clock())  # fmt: skip
+        try:
+            ok, kv = await self.etcd.cas(f"sessions/{cid}", value, session.epoch)
+            if ok and kv is not None:
+                session.epoch = kv.mod_revision
+                return False
+            kv = await self.etcd.get(f"sessions/{cid}")
+        except EtcdError:
+            return False  # the registry write that fails too fences us off the session later
+        return kv is not None and parse_entry(kv.value).get("node") == target
 
     async def _adopt_pushed(self, origin: str, payload: bytes) -> bytes:
         head, _, state = payload.partition(b"\n")
@@ -763,13 +853,22 @@ class Cluster:
             entry = json.loads(state)
             value = registry_entry(self.me, None, int(entry["expiry"]), None, 0, False,
                                    broker.clock())  # fmt: skip
-            ok, new = await self.etcd.cas(f"sessions/{cid}", value, header["epoch"])
+            # The old home may learn from the registry that we have it before we install it
+            # (our answer late) and relay at once: those wait here for the session.
+            early: list[Message] = []
+            self._early[cid] = early
+            try:
+                ok, new = await self.etcd.cas(f"sessions/{cid}", value, header["epoch"])
+            finally:
+                self._early.pop(cid, None)
             if not ok or new is None or cid in broker.sessions:
                 raise ValueError(f"session {cid} moved on meanwhile")
             mark = broker.commits.mark()
             session = self._moved_here(load_session(broker, state), origin)
             session.epoch = new.mod_revision
             broker.sessions[cid] = session
+            for msg in early:
+                broker.deliver_relayed(session, msg)
             if broker.durable is not None and session.durable is not None:
                 broker.durable.save_session(session, None, 0, False)
             if session.expiry_interval < 0xFFFFFFFF:
@@ -845,6 +944,11 @@ class Cluster:
         if links is not None:  # after the last relay, on the same link: it may stop waiting
             links.forward(home, Forward("relayed", b"", 1, False, None, self.me, links.new_mid(),
                                         "\x01" + session.client_id))  # fmt: skip
+
+    def _relay_of(self, cid: str) -> Session | None:
+        """The newest session of ``cid`` this node still relays for, if any."""
+        mine = [s for s in self._relaying if s.client_id == cid]
+        return max(mine, key=lambda s: s.epoch) if mine else None
 
     async def settle(self) -> None:
         """Until the sessions that left this node no longer need it (their relays ended)."""
@@ -957,24 +1061,27 @@ class Cluster:
     async def _adopt_sessions_of(self, dead: str) -> None:
         """Claim the sessions whose home died (each by one core: rendezvous hash over the
         live cores), re-add their routes, and publish or schedule their wills."""
-        await asyncio.sleep(0.2)  # let the dead node's route deletions arrive first
         try:
-            kvs, _ = await self.etcd.get_prefix("sessions/")
-        except EtcdError as e:
-            log.warning("cannot list sessions of %s to adopt them: %s", dead, e)
-            return
-        cores = self._cores()
-        broker = self.broker
-        for kv in kvs:
-            entry = parse_entry(kv.value)
-            if entry.get("node") != dead:
-                continue
-            cid = kv.key[len("sessions/") :]
-            # The first live store core adopts: it holds a replica (the second one too).
-            owners = store_cores(cid, cores)
-            if not owners or owners[0] != self.me:
-                continue
-            await self._adopt(cid, kv, entry, broker, dead)
+            await asyncio.sleep(0.2)  # let the dead node's route deletions arrive first
+            try:
+                kvs, _ = await self.etcd.get_prefix("sessions/")
+            except EtcdError as e:
+                log.warning("cannot list sessions of %s to adopt them: %s", dead, e)
+                return
+            cores = self._cores()
+            broker = self.broker
+            for kv in kvs:
+                entry = parse_entry(kv.value)
+                if entry.get("node") != dead:
+                    continue
+                cid = kv.key[len("sessions/") :]
+                # The first live store core adopts: it holds a replica (the second one too).
+                owners = store_cores(cid, cores)
+                if not owners or owners[0] != self.me:
+                    continue
+                await self._adopt(cid, kv, entry, broker, dead)
+        finally:
+            self.orphans.settle(dead)
 
     async def _adopt(
         self, cid: str, kv: KV, entry: dict[str, Any], broker: Broker, dead: str
@@ -1001,6 +1108,7 @@ class Cluster:
                 restore_subscriptions(broker, session, entry.get("subs", []))
             session.epoch = new.mod_revision
             broker.sessions[cid] = session
+            self.orphans.session_from(dead, session)
             self._offline(session, expiry)
             if will is not None:
                 broker.schedule_will(cid, will, min(int(entry.get("will_delay", 0)), expiry))
