@@ -15,12 +15,11 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from roost.broker import scram
+from roost.broker.authapi import AuthRequest, Done, Refusal
 from roost.broker.passwords import PasswordFile, ScramCredentials, check_password
 from roost.broker.passwords import load as load_passwords
 from roost.config import Authentication, ConfigError, HttpAuth
@@ -34,26 +33,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("roost.auth")
 
 Verdict = Literal["allow", "deny", "ignore"]
-#: None: accepted; else (reason code, reason string) for the CONNACK.
-Refusal = tuple[int, str] | None
-Done = Callable[[Refusal], None]
 
 _BAD_CREDENTIALS: Refusal = (RC.BAD_USER_NAME_OR_PASSWORD, "bad user name or password")
 #: allow_anonymous is off and nothing can check a password: no credential is good enough.
 _NO_BACKEND: Refusal = (RC.NOT_AUTHORIZED, "no credentials can be checked here")
 _CACHE_MAX = 10_000
-
-
-@dataclass(frozen=True)
-class AuthRequest:
-    client_id: str
-    username: str | None
-    password: bytes | None
-    peer: str  # "host:port"
-    listener: str
-    protocol_version: int = 4
-    #: The username comes from a verified client certificate (it is the credential).
-    from_certificate: bool = False
 
 
 def peer_host(peer: str) -> str:
@@ -62,6 +46,9 @@ def peer_host(peer: str) -> str:
 
 
 class Authenticator:
+    """The node's ``AuthService`` (``roost.broker.authapi``): the channel calls
+    ``authenticate`` and ``enhanced``; the node runner closes it."""
+
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.passwords = PasswordFile()
