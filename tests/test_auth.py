@@ -4,6 +4,8 @@ certificate CN as username; each path refuses what it must and lets in what it m
 from __future__ import annotations
 
 import base64
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -212,21 +214,77 @@ def test_password_file_with_paho(secure):
     bad.c.loop_stop()
 
 
-def test_password_change_applies_without_restart(secure, pwfile):
-    port = secure.port
-    assert _connack(port, MQTT_5, client_id="ch", username="carol", password=b"c").reason_code == 0
-    assert roost_passwd(pwfile, "carol", "--iterations", "4096", "-p", "c2").returncode == 0
-    assert (
-        _connack(port, MQTT_5, client_id="ch", username="carol", password=b"c").reason_code
-        == RC.BAD_USER_NAME_OR_PASSWORD
-    )
-    assert _connack(port, MQTT_5, client_id="ch", username="carol", password=b"c2").reason_code == 0
-    assert roost_passwd(pwfile, "carol", "--delete").returncode == 0
-    # Now unknown to the file: the HTTP hook says ignore, so nobody lets carol in.
-    assert (
-        _connack(port, MQTT_5, client_id="ch", username="carol", password=b"c2").reason_code
-        == RC.BAD_USER_NAME_OR_PASSWORD
-    )
+def _ok(port: int, user: str, password: bytes) -> bool:
+    reply = _connack(port, MQTT_5, client_id="reload", username=user, password=password)
+    assert reply.reason_code in (0, RC.BAD_USER_NAME_OR_PASSWORD), reply
+    return reply.reason_code == 0
+
+
+def _until(cond, timeout: float, what: str) -> float:
+    """Seconds until ``cond()`` held, polling; fails after ``timeout``."""
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, what
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+@pytest.fixture
+def reloading(tmp_path: Path) -> Iterator[tuple[BrokerProcess, Path]]:
+    """A broker of its own on a password file with dave (password d1)."""
+    path = tmp_path / "passwd"
+    assert roost_passwd(str(path), "dave", "--iterations", "4096", "-p", "d1").returncode == 0
+    cfg = {"authentication": {"allow_anonymous": False, "password_file": str(path)}}
+    with BrokerProcess(cfg) as b:
+        yield b, path
+
+
+def test_password_change_applies_within_the_reload_period(reloading):
+    """The node looks at the file every 2 s (one timer, not a stat per CONNECT)."""
+    b, path = reloading
+    assert _ok(b.port, "dave", b"d1")
+    assert roost_passwd(str(path), "dave", "--iterations", "4096", "-p", "d2").returncode == 0
+    took = _until(lambda: _ok(b.port, "dave", b"d2"), 2.0 + 1.5, "the new password never worked")
+    assert not _ok(b.port, "dave", b"d1")
+    assert "password file" in b.log() and "loaded: 1 users" in b.log()
+    assert roost_passwd(str(path), "dave", "--delete").returncode == 0
+    _until(lambda: not _ok(b.port, "dave", b"d2"), 3.5, "a deleted user still got in")
+    print(f"new password accepted {took:.2f} s after the change")
+
+
+def test_sighup_reloads_the_password_file_at_once(reloading):
+    """A change the timer cannot see (same size, inode and mtime) is read on SIGHUP."""
+    b, path = reloading
+    st = path.stat()
+    text = path.read_text()
+    tmp = path.with_name("other")
+    assert roost_passwd(str(tmp), "dave", "--iterations", "4096", "-p", "d3").returncode == 0
+    other = tmp.read_text()
+    assert len(other) == len(text)
+    with open(path, "r+") as f:  # in place: same inode
+        f.write(other)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    time.sleep(2.5)  # a timer period: it saw nothing to read
+    assert _ok(b.port, "dave", b"d1") and not _ok(b.port, "dave", b"d3")
+    b.proc.send_signal(signal.SIGHUP)
+    _until(lambda: _ok(b.port, "dave", b"d3"), 1.0, "SIGHUP did not reload the password file")
+    assert not _ok(b.port, "dave", b"d1")
+
+
+def test_broken_password_file_keeps_the_last_good_one(reloading):
+    b, path = reloading
+    good = path.read_text()
+    path.write_text(good + "eve:$scram-sha-256$4096$nope\n")
+    msg = f"password file {path} not loaded, keeping the last good one: {path}:2:"
+    _until(lambda: msg in b.log(), 3.5, "no error naming the file")
+    assert _ok(b.port, "dave", b"d1")
+    assert b.log().count(msg) == 1, "logged once, not on every look"
+    b.proc.send_signal(signal.SIGHUP)  # SIGHUP too keeps it, and says so again
+    _until(lambda: b.log().count(msg) == 2, 2.0, "SIGHUP did not try the file")
+    assert _ok(b.port, "dave", b"d1")
+    path.write_text(good)
+    _until(lambda: "loaded: 1 users" in b.log(), 3.5, "the repaired file was not read")
+    assert _ok(b.port, "dave", b"d1")
 
 
 # --------------------------------------------------------------------------- HTTP hook
@@ -508,6 +566,32 @@ def test_certificate_cn_is_the_credential(pwfile):
     ch2 = Channel(broker, t2, "127.0.0.1:5001", "tcp:default")
     ch2.data_received(encode(Connect("dev2", MQTT_5), MQTT_5))
     assert _connack_in(t2).reason_code == RC.BAD_USER_NAME_OR_PASSWORD and t2.closed
+
+
+def test_connect_does_not_look_at_the_password_file(pwfile, monkeypatch):
+    """CONNECTs read the records in memory; only the node's timer and SIGHUP stat the file
+    (the reload tests above show that on a real broker)."""
+    from roost.broker import passwords
+    from roost.broker.channel import Channel
+    from roost.mqtt import encode
+
+    cfg: Config = load_config(None, environ={})
+    cfg.authentication.allow_anonymous = False
+    cfg.authentication.password_file = pwfile
+    broker = Broker(cfg)
+    stats: list[str] = []
+    real_stat = os.stat
+    monkeypatch.setattr(passwords.os, "stat", lambda p, *a, **k: stats.append(p) or
+                        real_stat(p, *a, **k))  # fmt: skip
+    for i in range(20):  # unknown user, and a known one without a password: no PBKDF2
+        t = _Transport()
+        ch = Channel(broker, t, f"127.0.0.1:{6000 + i}", "tcp:default")
+        user = "nobody" if i % 2 else "alice"
+        ch.data_received(encode(Connect(f"s{i}", MQTT_5, username=user), MQTT_5))
+        assert _connack_in(t).reason_code == RC.BAD_USER_NAME_OR_PASSWORD
+    assert stats == []
+    broker.authn.reload_passwords()
+    assert stats == [pwfile]
 
 
 def test_bad_auth_config_names_the_key(tmp_path):

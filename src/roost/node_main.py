@@ -108,7 +108,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
-        # SIGHUP: re-read the ACL file (the password file is re-read whenever it changes).
+        # SIGHUP: re-read the ACL and password files (the latter is also watched, below).
         loop.add_signal_handler(signal.SIGHUP, broker.reload_auth)
     log.info("roost %s started (node %s)", __version__, config.node.name)
 
@@ -121,9 +121,11 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
                 log.exception("timer tick failed")
 
     tick_task = asyncio.create_task(ticker())
+    password_task = asyncio.create_task(broker.authn.watch_password_file())
     await stop.wait()
     log.info("shutting down")
     tick_task.cancel()
+    password_task.cancel()
     await mgmt.close()
     await listeners.close_all()
     broker.shutdown()

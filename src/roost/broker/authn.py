@@ -15,12 +15,11 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from roost.broker import scram
+from roost.broker.authapi import AuthRequest, Done, Refusal
 from roost.broker.passwords import PasswordFile, ScramCredentials, check_password
 from roost.broker.passwords import load as load_passwords
 from roost.config import Authentication, ConfigError, HttpAuth
@@ -34,26 +33,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("roost.auth")
 
 Verdict = Literal["allow", "deny", "ignore"]
-#: None: accepted; else (reason code, reason string) for the CONNACK.
-Refusal = tuple[int, str] | None
-Done = Callable[[Refusal], None]
 
 _BAD_CREDENTIALS: Refusal = (RC.BAD_USER_NAME_OR_PASSWORD, "bad user name or password")
 #: allow_anonymous is off and nothing can check a password: no credential is good enough.
 _NO_BACKEND: Refusal = (RC.NOT_AUTHORIZED, "no credentials can be checked here")
 _CACHE_MAX = 10_000
-
-
-@dataclass(frozen=True)
-class AuthRequest:
-    client_id: str
-    username: str | None
-    password: bytes | None
-    peer: str  # "host:port"
-    listener: str
-    protocol_version: int = 4
-    #: The username comes from a verified client certificate (it is the credential).
-    from_certificate: bool = False
+#: Seconds between looks at the password file (one stat a node, not one per CONNECT).
+PASSWORD_FILE_PERIOD = 2.0
 
 
 def peer_host(peer: str) -> str:
@@ -62,6 +48,9 @@ def peer_host(peer: str) -> str:
 
 
 class Authenticator:
+    """The node's ``AuthService`` (``roost.broker.authapi``): the channel calls
+    ``authenticate`` and ``enhanced``; the node runner closes it."""
+
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.passwords = PasswordFile()
@@ -144,8 +133,7 @@ class Authenticator:
 
     def _file_verdict_cached(self, req: AuthRequest) -> Verdict | None:
         """The password file's answer when it needs no PBKDF2, else None."""
-        pf = self.passwords
-        pf.refresh(self.config.password_file)
+        pf = self._password_file(self.config.password_file)
         assert req.username is not None
         creds = pf.lookup(req.username)
         if creds is None:
@@ -155,6 +143,28 @@ class Authenticator:
         if pf.cached_ok(req.username, req.password):
             return "allow"
         return None
+
+    def _password_file(self, path: str) -> PasswordFile:
+        """The loaded file; read at once only when hot config named another one."""
+        if path != self.passwords.path:
+            self.passwords.refresh(path)
+        return self.passwords
+
+    def reload_passwords(self, force: bool = False) -> None:
+        """Read the password file again if it changed (the timer) or anyway (``force``:
+        SIGHUP, the REST reload); a broken file keeps the users in force."""
+        path = self.config.password_file
+        if path:
+            self.passwords.refresh(path, force)
+
+    async def watch_password_file(self, period: float = PASSWORD_FILE_PERIOD) -> None:
+        """The node's one timer for the password file: a change applies within ``period``."""
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.reload_passwords()
+            except Exception:
+                log.exception("checking the password file failed")
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -275,8 +285,7 @@ class Authenticator:
         path = self.config.password_file
         if not path:
             return None
-        self.passwords.refresh(path)
-        return self.passwords.lookup(username)
+        return self._password_file(path).lookup(username)
 
     def clear_cache(self) -> None:
         self._http_cache.clear()

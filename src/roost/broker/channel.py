@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
-from roost.broker.authn import AuthRequest
+from roost.broker.authapi import AuthRequest
 from roost.broker.message import Message
 from roost.broker.router import SubOpts
 from roost.mqtt import reason_codes as RC
@@ -39,8 +39,8 @@ from roost.mqtt.packets import (
 from roost.mqtt.topics import has_wildcard, parse_shared, valid_topic_filter, valid_topic_name
 
 if TYPE_CHECKING:
+    from roost.broker.authapi import AuthService, EnhancedAuthMethod, Step
     from roost.broker.node import Broker
-    from roost.broker.scram import EnhancedAuthMethod, Step
     from roost.broker.session import Session
 
 log = logging.getLogger("roost.channel")
@@ -76,6 +76,8 @@ class Channel:
         cert_username: str | None = None,
     ) -> None:
         self.broker = broker
+        # Authentication through its protocol only: the backends do I/O on the node's loop.
+        self.auth: AuthService = broker.authn
         # Set by TLS transports with peer_cert_as_username: replaces the CONNECT's username.
         self.cert_username = cert_username
         self.transport = transport
@@ -455,7 +457,7 @@ class Channel:
         self.client_id = client_id
         method = props.get("authentication_method")
         if method is not None:
-            exchange = broker.authn.enhanced(method)
+            exchange = self.auth.enhanced(method)
             if exchange is None:
                 return self._refuse(RC.BAD_AUTHENTICATION_METHOD, f"{method} is not offered")
             self._enhanced = (method, exchange, c)
@@ -466,7 +468,7 @@ class Channel:
                               c.protocol_version, self.cert_username is not None)  # fmt: skip
         # The answer may come later (password hash, HTTP): hold what the client sends meanwhile.
         self._held = []
-        broker.authn.authenticate(
+        self.auth.authenticate(
             request, lambda refusal: self._authenticated(refusal, c, username, assigned)
         )
 
@@ -529,7 +531,7 @@ class Channel:
         if pending is None and self.connected and a.reason_code == RC.RE_AUTHENTICATE:
             if method is None or method != self._auth_method:
                 raise MQTTError("re-authentication with another method", RC.PROTOCOL_ERROR)
-            exchange = self.broker.authn.enhanced(method)
+            exchange = self.auth.enhanced(method)
             if exchange is None:
                 return self.disconnect(RC.BAD_AUTHENTICATION_METHOD)
             self._enhanced = (method, exchange, None)

@@ -78,9 +78,11 @@ class Broker:
         return self.acl.active
 
     def reload_auth(self) -> str | None:
-        """Re-read the ACL file and drop auth caches (SIGHUP, REST API); the error, if any (the
-        rules in force then stay as they were)."""
+        """Re-read the password and ACL files and drop auth caches (SIGHUP, REST API); the
+        ACL's error, if any (the rules in force then stay as they were; a broken password file
+        is logged and keeps its users too)."""
         self.authn.clear_cache()
+        self.authn.reload_passwords(force=True)
         try:
             n = self.acl.reload()
         except ConfigError as e:

@@ -74,7 +74,8 @@ def check_password(creds: ScramCredentials, password: str) -> bool:
 
 
 class PasswordFile:
-    """The records of one file, read again whenever the file changes (checked on each use)."""
+    """The records of one file. Nothing here looks at the disk on a lookup: the node calls
+    ``refresh`` from a timer and on SIGHUP (``Authenticator.watch_password_file``)."""
 
     def __init__(self) -> None:
         self.path = ""
@@ -85,26 +86,35 @@ class PasswordFile:
         self._verified: dict[str, bytes] = {}
         self._key = secrets.token_bytes(32)
 
-    def refresh(self, path: str) -> None:
-        """Load ``path`` if it is new or changed; a broken file keeps the last good records."""
+    def refresh(self, path: str, force: bool = False) -> bool:
+        """Load ``path`` if it is new or changed (or ``force``): True when the records changed.
+
+        A broken file keeps the last good records; a missing one leaves none (the file was
+        taken away). Either is logged once, naming the file.
+        """
         try:
             st = os.stat(path)
         except OSError as e:
             if path != self.path or self.users:
-                log.error("password file %s: %s", path, e.strerror)
+                log.error("password file %s: %s; no user can log in with a password",
+                          path, e.strerror)  # fmt: skip
+            changed = bool(self.users)
             self.path, self._stamp, self.users, self._verified = path, None, {}, {}
-            return
+            return changed
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if path == self.path and stamp == self._stamp:
-            return
+        if path == self.path and stamp == self._stamp and not force:
+            return False
         try:
             users = load(path)
         except (OSError, ValueError) as e:
-            if stamp != self._stamp:
-                log.error("password file not loaded, keeping the last good one: %s", e)
-            self._stamp = stamp
-            return
+            if stamp != self._stamp or force:
+                log.error("password file %s not loaded, keeping the last good one: %s", path, e)
+            self.path, self._stamp = path, stamp  # tried: read again when it changes
+            return False
+        if self.path:  # the first load is the start's, which says nothing
+            log.info("password file %s loaded: %d users", path, len(users))
         self.path, self._stamp, self.users, self._verified = path, stamp, users, {}
+        return True
 
     def lookup(self, username: str) -> ScramCredentials | None:
         return self.users.get(username)

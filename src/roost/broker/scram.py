@@ -22,25 +22,11 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol
 
+from roost.broker.authapi import EnhancedAuthMethod, Step
 from roost.broker.passwords import ScramCredentials
 
-
-@dataclass
-class Step:
-    status: Literal["continue", "success", "failure"]
-    data: bytes = b""
-    reason: str = ""
-
-
-class EnhancedAuthMethod(Protocol):
-    #: The authenticated identity, set on success (becomes the client's username).
-    username: str | None
-
-    def start(self, data: bytes, username: str | None) -> Step: ...
-    def next(self, data: bytes) -> Step: ...
+__all__ = ["METHODS", "EnhancedAuthMethod", "ScramSha256", "Step", "register"]
 
 
 CredentialLookup = Callable[[str], "ScramCredentials | None"]

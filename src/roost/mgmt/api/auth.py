@@ -139,7 +139,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 @route(
     "POST",
     "/api/v1/authorization/reload",
-    "Re-read the ACL file and drop authentication caches (as SIGHUP does)",
+    "Re-read the ACL and password files and drop authentication caches (as SIGHUP does)",
     "config",
     responses={200: AclReloaded},
 )
