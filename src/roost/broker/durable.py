@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from roost.broker.message import Message
 from roost.broker.router import SubOpts
 from roost.broker.session import AWAIT_COMP, Delivery, Session
-from roost.store.sqlite import StoredState, dump_props, load_props
+from roost.store.sqlite import StoredState, dump_fwd, dump_props, load_props
 
 if TYPE_CHECKING:
     from roost.broker.node import Broker
@@ -89,7 +89,8 @@ class Durable:
 
     def _message_op(self, msg: Message) -> tuple[Any, ...]:
         return ("msg", msg.mid, msg.topic, msg.payload, msg.qos, msg.retain,
-                dump_props(msg.props), msg.sender, self._wall(msg.expires_at))  # fmt: skip
+                dump_props(msg.props), msg.sender, self._wall(msg.expires_at),
+                dump_fwd(msg.fwd_id))  # fmt: skip
 
     def session_ops(self, session: Session) -> list[tuple[Any, ...]]:
         """The whole stored state of a session as operations (for a new replica)."""
@@ -208,6 +209,7 @@ class Durable:
                         sd.topic, sd.payload, sd.msg_qos, False, sd.props, sd.sender, sd.expires_at
                     )
                     msg.mid = sd.message_id
+                    msg.fwd_id = sd.fwd_id
                 d = Delivery(msg, sd.qos, sd.retain, sd.sub_ids, None)
                 d.seq = sd.seq
                 if sd.packet_id is not None and sd.packet_id not in session.inflight:

@@ -136,7 +136,10 @@ def stored_to_state(s: StoredSession, wall_now: float) -> bytes:
 
     def msg(d: StoredDelivery) -> list[Any]:
         left = None if d.expires_at is None else max(0.0, d.expires_at - wall_now)
-        return [d.topic, _b64(d.payload), d.msg_qos, False, dump_props(d.props), d.sender, left]
+        out = [d.topic, _b64(d.payload), d.msg_qos, False, dump_props(d.props), d.sender, left]
+        if d.fwd_id is not None:
+            out.append(list(d.fwd_id))
+        return out
 
     inflight, queue = [], []
     for d in s.deliveries:

@@ -12,9 +12,8 @@ Each node holds the copies until it has adopted what it adopts of the dead node'
 ("settled"), gives each copy to the sessions it holds that came from the dead node (adopted, or
 fetched from a store core by a client that reconnected first) whose subscriptions match, and
 only then acknowledges them. A session that arrives from the dead node later gets the held ones
-too. Each session takes a message once: the ids it brought along and those it was given are
-remembered (a copy that the dead node had stored and replicated before dying is not recognised
-when its replica carries no id; QoS 1 allows that repeat).
+too. Each session takes a message once: the ids it brought along (the store keeps them, so a
+copy of what the dead node had stored and replicated is recognised) and those it was given.
 """
 
 from __future__ import annotations

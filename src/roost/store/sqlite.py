@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS messages (
     retain INTEGER NOT NULL,
     props TEXT,
     sender TEXT NOT NULL,
-    expires_at REAL
+    expires_at REAL,
+    fwd TEXT                              -- JSON [origin node, id]: its cluster-wide identity
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     client_id TEXT NOT NULL,
@@ -75,6 +76,7 @@ class StoredDelivery:
     packet_id: int | None
     state: int
     message_id: int
+    fwd_id: tuple[str, int] | None = None
 
 
 @dataclass
@@ -103,6 +105,17 @@ class StoredState:
     sessions: list[StoredSession]
     retained: list[StoredRetained]
     max_message_id: int
+
+
+def dump_fwd(fwd_id: tuple[str, int] | None) -> str | None:
+    return None if fwd_id is None else json.dumps(list(fwd_id))
+
+
+def _load_fwd(text: str | None) -> tuple[str, int] | None:
+    if not text:
+        return None
+    origin, mid = json.loads(text)
+    return str(origin), int(mid)
 
 
 def load_props(text: str | None) -> dict[str, Any] | None:
@@ -135,6 +148,9 @@ class SqliteStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         self.db.executescript(SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(messages)")}
+        if "fwd" not in columns:  # a store written before messages kept their identity
+            self.db.execute("ALTER TABLE messages ADD COLUMN fwd TEXT")
 
     def load(self) -> StoredState:
         db = self.db
@@ -149,7 +165,7 @@ class SqliteStore:
             )
         rows = db.execute(
             "SELECT d.client_id, d.seq, m.topic, m.payload, m.qos, m.props, m.sender,"
-            " m.expires_at, d.qos, d.retain, d.sub_ids, d.packet_id, d.state, m.id"
+            " m.expires_at, d.qos, d.retain, d.sub_ids, d.packet_id, d.state, m.id, m.fwd"
             " FROM deliveries d JOIN messages m ON m.id = d.message_id"
             " ORDER BY d.client_id, d.seq"
         )
@@ -172,6 +188,7 @@ class SqliteStore:
                     r[11],
                     r[12],
                     r[13],
+                    _load_fwd(r[14]),
                 )
             )
         for cid, pid in db.execute("SELECT client_id, packet_id FROM awaiting_rel"):
@@ -207,8 +224,9 @@ class SqliteStore:
                 " (client_id, seq, message_id, qos, retain, sub_ids) VALUES (?, ?, ?, ?, ?, ?)",
                 op[1:],
             )
-        elif kind == "msg":  # id, topic, payload, qos, retain, props, sender, expires_at
-            x("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)", op[1:])
+        elif kind == "msg":  # id, topic, payload, qos, retain, props, sender, expires_at, fwd
+            row = op[1:] if len(op) == 10 else (*op[1:], None)  # an older node's has no fwd
+            x("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
         elif kind == "dlv_pid":  # client_id, seq, packet_id, state
             x(
                 "UPDATE deliveries SET packet_id = ?, state = ? WHERE client_id = ? AND seq = ?",
