@@ -87,11 +87,11 @@ def test_subscribers_node_killed_with_messages_queued_and_in_flight(cluster4: Lo
     sub.disconnect()  # offline: everything published now is queued on core1 (and replicas)
     pub = SeqPublisher(core0.port, "dur/t", "dur-pub").start()
     time.sleep(1.0)
-    acked_before = len(pub._infos)
+    acked_before = pub.acked_now()  # PUBACKs lag the publishes on a busy machine
     core1.kill()
     time.sleep(0.5)
     acked = pub.stop()
-    assert acked_before > 50 and len(acked) >= acked_before - 5
+    assert acked_before > 50 and len(acked) >= acked_before
     back = PahoClient(core2.port, cid)
     flags, _, _ = back.connect(clean_start=False, properties=EXPIRY)
     assert flags.session_present, "the session survived its node"
