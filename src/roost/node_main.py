@@ -82,6 +82,7 @@ async def _join_cluster(broker: Broker, mgmt: Management) -> Cluster | None:
         "redirect_to") or None)
     evacuation.server_reference = cluster.server_reference
     evacuation.settle = cluster.settle
+    evacuation.release_replicas = cluster.release_replicas
     mgmt.cluster_rebalance = cluster.rebalance
     mgmt.cluster_fanout = cluster.fanout
     cluster.mgmt_op = lambda op, args: local_op(mgmt, op, args)

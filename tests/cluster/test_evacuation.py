@@ -11,7 +11,7 @@ import pytest
 
 from roost.cluster.dev import LocalCluster
 from tests.clients import V5, V311, PahoClient, props
-from tests.cluster.test_failures import etcd_keys, wait_until
+from tests.cluster.test_failures import etcd_keys, wait_routes, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -241,3 +241,41 @@ def test_evacuation_under_load_loses_no_acknowledged_message(stay_away: bool) ->
                 assert first == sorted(first), f"load-{i}: {name}'s messages out of order"
         for cl in moved:
             cl.disconnect()
+
+
+def test_an_evacuated_store_core_hands_its_replicas_to_another_core() -> None:
+    """A core that is a session's other store core evacuates and is then killed, and so is the
+    session's home: the replica moved to the third core during the evacuation, so the queued
+    messages survive (two nodes lost, but one of them left first)."""
+    from roost.cluster.replication import store_cores
+
+    with LocalCluster(cores=3, extra={"cluster": {"lease_ttl": 3}}) as cluster:
+        core0, core1, core2 = cluster.nodes
+        names = [n.name for n in cluster.nodes]
+        # Home core0, its only other store core core1: core2 keeps nothing of it at first.
+        cid = next(c for c in (f"replica-{i}" for i in range(1000))
+                   if store_cores(c, names) == ["core0", "core1"])  # fmt: skip
+        sub = PahoClient(core0.port, cid, protocol=V5)
+        sub.connect(clean_start=True, properties=props(SessionExpiryInterval=600))
+        sub.subscribe("rep/t", 1)
+        wait_routes(core2.port, "rep/t", [sub])
+        sub.disconnect()
+        pub = PahoClient(core2.port, "replica-pub", protocol=V5)
+        pub.connect()
+        for i in range(50):
+            pub.publish("rep/t", f"p:{i}".encode(), 1)  # PUBACKed once replicated
+        pub.disconnect()
+        core1.api("POST", "/api/v1/node/evacuation",
+                  {"conn_evict_rate": 100, "sess_evict_rate": 100, "wait_takeover": 0})  # fmt: skip
+        wait_until(lambda: evacuation(core1)["status"] == "done", 60, "evacuation to finish")
+        assert evacuation(core1)["replicas_released"] is True, evacuation(core1)
+        core1.kill()
+        core0.kill()
+        back = PahoClient(core2.port, cid, protocol=V5)
+        flags, _, _ = back.connect(clean_start=False, timeout=20,
+                                   properties=props(SessionExpiryInterval=600))  # fmt: skip
+        assert flags.session_present, "the session survived its home and its first store core"
+        got = [int(m.payload.split(b":")[1]) for m in back.recv_all(50, timeout=20)]
+        got = [g for g in got if g >= 0]
+        assert sorted(set(got)) == list(range(50)), f"{len(set(got))} of 50 queued messages"
+        back.disconnect()

@@ -751,14 +751,50 @@ class Cluster:
             if self.replicas is None:
                 raise ValueError("not a store core")
             return await self.replicas.apply(origin, payload)
+        if kind == "replicas_off":  # the asker evacuates: does it keep no copy of ours?
+            rep = self.replicator
+            off = origin not in self._core_set and (rep is None or rep.idle())
+            return b"1" if off else b"0"
         if kind == "fetch":
             req = json.loads(payload)
             return await self._take_replica(req["client_id"], req["origin"], req["epoch"])
         raise ValueError(f"unknown request {kind!r}")
 
     def _cores(self, exclude: str | None = None) -> list[str]:
-        return sorted(n for n, i in self.members.items()
-                      if i.get("role") == "core" and n != exclude)  # fmt: skip
+        """The live cores that keep sessions (store cores, adopters, hand-over targets): not
+        those evacuating, unless every core is."""
+        cores = [n for n, i in self.members.items() if i.get("role") == "core" and n != exclude]
+        staying = [n for n in cores if not self._evacuating(n)]
+        return sorted(staying or cores)
+
+    def _evacuating(self, node: str) -> bool:
+        if node == self.me:
+            return self.broker.evacuating
+        return self.members.get(node, {}).get("status") == "evacuating"
+
+    async def release_replicas(self, timeout: float = 60.0) -> bool:
+        """Evacuation: until no node keeps its sessions' copies here any more (an evacuating
+        core stops being a store core, so the homes copy those sessions to another core);
+        False if some node did not say so in time."""
+        await self._put_node_key()  # the others see "evacuating" now, not at the next refresh
+        self._cores_changed()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        waiting = {n for n in self.members if n != self.me}
+        while loop.time() < deadline:
+            for peer in sorted(waiting):
+                try:
+                    answer = await self.links.request(peer, "replicas_off", b"", 2.0)  # type: ignore[union-attr]
+                except (LinkError, ValueError):
+                    continue
+                if answer == b"1":
+                    waiting.discard(peer)
+            waiting &= set(self.members)
+            rep = self.replicator
+            if not waiting and (rep is None or rep.idle()):
+                return True
+            await asyncio.sleep(0.2)
+        return False
 
     async def _push_to_core(self, session: Session) -> None:
         core = rendezvous(session.client_id, self._cores())

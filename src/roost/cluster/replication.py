@@ -129,6 +129,10 @@ class Replicator(Progress):
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
+    def idle(self) -> bool:
+        """Nothing waits to be sent or answered."""
+        return not self._pending and (self._task is None or self._task.done())
+
     def send_to(self, target: str, items: list[tuple[str, int, tuple[Any, ...]]]) -> None:
         """Queue a snapshot of a session for a new store core (not gated)."""
         self._pending.setdefault(target, []).extend(items)

@@ -43,6 +43,10 @@ class Evacuation:
         self.server_reference: Callable[[], str] | None = None
         #: Set by the cluster layer: wait until the sessions that left need this node no more.
         self.settle: Callable[[], Awaitable[None]] | None = None
+        #: Set by the cluster layer: wait until no node keeps session copies here; False when
+        #: some did not say so in time.
+        self.release_replicas: Callable[[], Awaitable[bool]] | None = None
+        self.replicas_released: bool | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(
@@ -70,6 +74,7 @@ class Evacuation:
         self.finished_at = None
         self.evicted_connections = 0
         self.moved_sessions = 0
+        self.replicas_released = None
         self.broker.evacuating = True
         self._task = asyncio.create_task(self._run())
 
@@ -98,6 +103,7 @@ class Evacuation:
             "sessions": sessions,
             "evicted_connections": self.evicted_connections,
             "moved_sessions": self.moved_sessions,
+            "replicas_released": self.replicas_released,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             **self.params,
@@ -110,10 +116,16 @@ class Evacuation:
             await self._move_sessions()
             if self.settle is not None:
                 await self.settle()
+            if self.release_replicas is not None:
+                self.replicas_released = await self.release_replicas()
             self.status = "done"
             left = self.service.session_count()
+            notes = []
             if left:
-                self.message = f"{left} offline sessions kept on this node"
+                notes.append(f"{left} offline sessions kept on this node")
+            if self.replicas_released is False:
+                notes.append("some nodes still keep session copies on this node")
+            self.message = "; ".join(notes)
         except asyncio.CancelledError:
             raise
         except Exception as e:

@@ -50,6 +50,8 @@ class EvacuationInfo(BaseModel):
     sessions: int
     evicted_connections: int
     moved_sessions: int
+    #: Cluster: whether every node stopped keeping session copies on this node (None: not yet).
+    replicas_released: bool | None = None
     started_at: float | None = None
     finished_at: float | None = None
 
