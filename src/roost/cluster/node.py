@@ -457,7 +457,7 @@ class Cluster:
         for fwd in replays:
             self._replay(fwd, name)
         self._orphan_copies(name, replays)
-        for session in list(self.broker.sessions.values()):
+        for session in [*self.broker.sessions.values(), *self._relaying]:
             if session.handoff is not None and session.handoff.home == name:
                 session.handoff.end(session)  # no more relays will come from it
         if self.role == "core":
@@ -611,9 +611,14 @@ class Cluster:
             self.orphans.arrived(dead, msg, cid or None)
             return
         if group is not None and group.startswith("\x01"):  # the old home relays no more
-            session = broker.sessions.get(group[1:])
-            if session is not None and session.handoff is not None:
-                session.handoff.end(session)
+            cid = group[1:]
+            # Its session here, or one that moved on from here meanwhile: the one whose handoff
+            # waits for that node (the marker's origin).
+            here = broker.sessions.get(cid)
+            for session in [*([here] if here is not None else []), *self._relaying]:
+                handoff = session.handoff
+                if session.client_id == cid and handoff is not None and handoff.home == fwd.origin:
+                    handoff.end(session)
             return
         if group is not None and group.startswith("\x00"):
             cid = group[1:]
@@ -624,7 +629,7 @@ class Cluster:
                     return
                 onward = self._relay_of(cid)
                 if onward is not None and onward.relay is not None:
-                    onward.relay(msg, msg.qos)  # it moved on from here too: after it
+                    broker.deliver_relayed(onward, msg)  # it moved on from here too: after it
                     return
         broker.stats.messages_received += 1
         broker.stats.received_qos[msg.qos] += 1
