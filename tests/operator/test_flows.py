@@ -68,7 +68,10 @@ async def test_scale_down_and_up_with_evacuation() -> None:
         async def scaled() -> bool:
             sts = await env.get("StatefulSet", "mq-core")
             st = await env.status()
-            return sts["spec"]["replicas"] == 1 and st.get("phase") == "Running"
+            # The replicant set shrinks on its own schedule: wait for its pod to go too.
+            rep_gone = any(what == "pod-deleted" and who.startswith("mq-replicant-")
+                           for what, who in env.journal)  # fmt: skip
+            return sts["spec"]["replicas"] == 1 and st.get("phase") == "Running" and rep_gone
 
         await env.until("scaled down", scaled)
         j = env.journal
