@@ -61,6 +61,13 @@ class ListenerBase(_Model):
         return parse_bind(self.bind)[0]
 
 
+TlsVersion = Literal["tlsv1.2", "tlsv1.3"]
+
+
+def _all_tls_versions() -> list[TlsVersion]:
+    return ["tlsv1.2", "tlsv1.3"]
+
+
 class TlsOptions(_Model):
     """Certificates for a TLS-based listener; empty certfile means a self-signed one is made."""
 
@@ -71,9 +78,7 @@ class TlsOptions(_Model):
     fail_if_no_peer_cert: bool = False
     #: Use this field of a verified client certificate as the MQTT username.
     peer_cert_as_username: Literal["", "cn"] = ""
-    versions: list[Literal["tlsv1.2", "tlsv1.3"]] = Field(
-        default_factory=lambda: ["tlsv1.2", "tlsv1.3"]
-    )
+    versions: list[TlsVersion] = Field(default_factory=_all_tls_versions)
 
 
 class TcpListener(ListenerBase):

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -148,8 +149,9 @@ def run_node(args: argparse.Namespace) -> int:
         print(f"roost: {e}", file=sys.stderr)
         return 2
     setup_logging(config.log)
+    runner: Callable[[Coroutine[Any, Any, None]], None]
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop
 
         runner = uvloop.run
     except ImportError:

@@ -7,6 +7,8 @@ its value (under 1.6 % with SUB = 64): two significant digits, at a fixed cost p
 
 from __future__ import annotations
 
+from typing import Any
+
 SUB_BITS = 6
 SUB = 1 << SUB_BITS
 _LINEAR = 2 * SUB  # values below this are exact
@@ -107,7 +109,7 @@ class Histogram:
             "m": self.max,
         }
 
-    def merge_sparse(self, data: dict) -> None:  # type: ignore[type-arg]
+    def merge_sparse(self, data: dict[str, Any]) -> None:
         counts = self.counts
         for i, n in data["b"].items():
             counts[int(i)] += n

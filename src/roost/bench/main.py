@@ -159,7 +159,7 @@ def _install_loop(opts: argparse.Namespace) -> None:
     if os.environ.get("ROOST_BENCH_LOOP", "auto") == "asyncio" or opts.transport == "quic":
         return
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop
     except ImportError:
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -173,7 +173,9 @@ def start_workers(opts: argparse.Namespace, run_id: int,
     out = []
     for part in partition(opts):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker_main, args=(opts, part, run_id, child), daemon=True)
+        proc = ctx.Process(  # type: ignore[attr-defined]  # typeshed: concrete contexts only
+            target=_worker_main, args=(opts, part, run_id, child), daemon=True
+        )
         proc.start()
         child.close()
         out.append((proc, parent))

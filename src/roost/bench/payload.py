@@ -35,4 +35,4 @@ def parse(payload: bytes) -> tuple[int, int, int] | None:
     """(key, time ns, sequence), or None for a payload that is not ours."""
     if len(payload) < SIZE or payload[:4] != MAGIC:
         return None
-    return HEADER.unpack_from(payload, 4)  # type: ignore[return-value]
+    return HEADER.unpack_from(payload, 4)

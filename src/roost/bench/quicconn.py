@@ -50,7 +50,7 @@ class QuicConn:
         if o.certfile:
             self.qc.configuration.load_cert_chain(o.certfile, o.keyfile)
         self.qc.configuration.server_name = o.host
-        self.qc.messages = _Sink(self)  # type: ignore[assignment]
+        self.qc.messages = _Sink(self)  # type: ignore[assignment]  # duck-typed: put_nowait only
         self.ticket_used = ticket is not None
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.data: list[MqttStream] = []
@@ -71,7 +71,8 @@ class QuicConn:
             self.abort()
             raise
         self.data = [self.qc.open_stream() for _ in range(self.client.opts.quic_streams)]
-        quic = self.qc.protocol._quic  # type: ignore[union-attr]
+        assert self.qc.protocol is not None  # connect() made it
+        quic = self.qc.protocol._quic
         for s in self.data:
             # aioquic wants streams opened in order: a later one used first finishes the
             # earlier ones. Opening them all now leaves them free to use in any order.
@@ -127,7 +128,7 @@ class QuicConn:
 
     def _backlog(self) -> int:
         """Bytes written to our streams that the broker has not acknowledged yet."""
-        quic = self.qc.protocol._quic if self.qc.protocol else None  # type: ignore[union-attr]
+        quic = self.qc.protocol._quic if self.qc.protocol else None
         if quic is None:
             return 0
         backlog = 0

@@ -79,8 +79,13 @@ class Runner:
 
     async def sleep(self, delay: float) -> None:
         """A sleep that ``stop`` cuts short."""
-        fut = self._loop.create_future()
-        handle = self._loop.call_later(delay, lambda: fut.done() or fut.set_result(None))
+        fut: asyncio.Future[None] = self._loop.create_future()
+
+        def wake() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        handle = self._loop.call_later(delay, wake)
         self._sleepers.add(fut)
         try:
             await fut

@@ -27,6 +27,11 @@ def client_id(command: str, seq: int, prefix: str | None, shortids: bool, ifaddr
     return f"{prefix}_bench_{command}_{seq}"
 
 
+def _random_level(top: int) -> Callable[[int], str]:
+    """A %rand_N level: a fresh number in 1..N each message."""
+    return lambda _seq: str(random.randint(1, top))
+
+
 class Topic:
     """A topic template bound to one client; ``render(msg_seq)`` gives the topic of a message.
 
@@ -48,12 +53,12 @@ class Topic:
                 dynamic = True
             elif (m := _RAND.match(level)) is not None:
                 top = max(1, int(m.group(1)))
-                parts.append(lambda _s, top=top: str(random.randint(1, top)))
+                parts.append(_random_level(top))
                 dynamic = True
             else:
                 parts.append(level)
         self._parts = parts
-        self.static = None if dynamic else "/".join(parts)  # type: ignore[arg-type]
+        self.static = None if dynamic else "/".join(p for p in parts if isinstance(p, str))
 
     def render(self, msg_seq: int = 0) -> str:
         if self.static is not None:

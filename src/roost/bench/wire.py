@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from roost.bench import payload as P
 from roost.bench.frames import FrameMaker
@@ -73,7 +73,8 @@ class TcpConn(asyncio.Protocol):
     # asyncio callbacks --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream connection's protocol gets a Transport; BaseTransport is the base signature.
+        self.transport = transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
@@ -155,9 +156,9 @@ class TcpConn(asyncio.Protocol):
                 p = body + 2 + ((data[body] << 8) | data[body + 1])
                 qos = (first >> 1) & 3
                 if qos:
-                    pid = data[p : p + 2]
+                    pid_bytes = data[p : p + 2]
                     p += 2
-                    acks.append((b"\x40\x02" if qos == 1 else b"\x50\x02") + pid)
+                    acks.append((b"\x40\x02" if qos == 1 else b"\x50\x02") + pid_bytes)
                 if v5:
                     pl = data[p]
                     if pl < 0x80:
@@ -221,16 +222,16 @@ class TcpConn(asyncio.Protocol):
             t.resume_reading()
 
     def _on_packet(self, packet: object) -> None:
-        t = type(packet)
-        if t is Connack:
+        # `type(packet) is X` narrows the packet for mypy.
+        if type(packet) is Connack:
             if not self.connack.done():
-                self.connack.set_result(packet)  # type: ignore[arg-type]
-        elif t is Suback:
-            fut = self._suback.pop(packet.packet_id, None)  # type: ignore[attr-defined]
+                self.connack.set_result(packet)
+        elif type(packet) is Suback:
+            fut = self._suback.pop(packet.packet_id, None)
             if fut is not None and not fut.done():
-                fut.set_result(packet)  # type: ignore[arg-type]
-        elif t is Disconnect:
-            self.disconnect_reason = packet.reason_code  # type: ignore[attr-defined]
+                fut.set_result(packet)
+        elif type(packet) is Disconnect:
+            self.disconnect_reason = packet.reason_code
 
     def _fatal(self, why: str) -> None:
         if not self.closed.done():

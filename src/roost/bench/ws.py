@@ -7,7 +7,7 @@ import asyncio
 import base64
 import hashlib
 import os
-from typing import Any
+from typing import Any, cast
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -77,8 +77,9 @@ class WsAdapter(asyncio.Protocol):
         self._upgraded = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.write(self._request)  # type: ignore[union-attr]
+        # A stream connection's protocol gets a Transport; BaseTransport is the base signature.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.write(self._request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():
@@ -149,5 +150,5 @@ class WsAdapter(asyncio.Protocol):
             self.transport.close()
             return
         self._upgraded = True
-        self.inner.connection_made(_Writer(self))  # type: ignore[arg-type]
+        self.inner.connection_made(_Writer(self))  # type: ignore[arg-type]  # duck-typed transport
         self.ready.set_result(None)

@@ -22,7 +22,7 @@ from roost.broker import scram
 from roost.broker.authapi import AuthRequest, Done, Refusal
 from roost.broker.passwords import PasswordFile, ScramCredentials, check_password
 from roost.broker.passwords import load as load_passwords
-from roost.config import Authentication, ConfigError, HttpAuth
+from roost.config import Authentication, ConfigError, HttpAuth, SslListener, WssListener
 from roost.mqtt import reason_codes as RC
 
 if TYPE_CHECKING:
@@ -85,9 +85,9 @@ class Authenticator:
         cert_listeners = [
             f"{kind}:{name}"
             for kind, name, lst in cfg.listeners.enabled()
-            if getattr(lst, "ssl_options", None) is not None
-            and lst.ssl_options.peer_cert_as_username  # type: ignore[attr-defined]
-            and lst.ssl_options.verify == "verify_peer"  # type: ignore[attr-defined]
+            if isinstance(lst, SslListener | WssListener)
+            and lst.ssl_options.peer_cert_as_username
+            and lst.ssl_options.verify == "verify_peer"
         ]
         who = "nobody can connect"
         if cert_listeners:

@@ -63,14 +63,15 @@ class Bans:
         if not self._bans:
             return None
         now = self.clock()
-        for key in (("clientid", client_id), ("username", username), ("peerhost", peerhost)):
-            if key[1] is None:
+        for kind, who in (("clientid", client_id), ("username", username), ("peerhost", peerhost)):
+            if who is None:
                 continue
-            ban = self._bans.get(key)  # type: ignore[arg-type]
+            key = (kind, who)
+            ban = self._bans.get(key)
             if ban is None:
                 continue
             if ban.until is not None and ban.until <= now:
-                del self._bans[key]  # type: ignore[arg-type]
+                del self._bans[key]
                 continue
             return ban
         return None

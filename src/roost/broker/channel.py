@@ -383,23 +383,24 @@ class Channel:
         self.disconnect(e.reason_code, e.message)
 
     def _handle(self, packet: Packet) -> None:
+        # `type(packet) is X`, not `t is X`: only the former narrows the packet for mypy.
         t = type(packet)
-        if t is Publish:
-            self._on_publish(packet)  # type: ignore[arg-type]
-        elif t is Puback:
+        if type(packet) is Publish:
+            self._on_publish(packet)
+        elif type(packet) is Puback:
             if self.session is not None:
-                self.session.on_puback(packet.packet_id)  # type: ignore[attr-defined]
-        elif t is Auth:
-            self._on_auth(packet)  # type: ignore[arg-type]
+                self.session.on_puback(packet.packet_id)
+        elif type(packet) is Auth:
+            self._on_auth(packet)
         elif not self.connected and t is not Connect:
             raise MQTTError("the first packet must be CONNECT", RC.PROTOCOL_ERROR)
-        elif t is Pubrec:
-            self._on_pubrec(packet)  # type: ignore[arg-type]
-        elif t is Pubrel:
-            self._on_pubrel(packet)  # type: ignore[arg-type]
-        elif t is Pubcomp:
+        elif type(packet) is Pubrec:
+            self._on_pubrec(packet)
+        elif type(packet) is Pubrel:
+            self._on_pubrel(packet)
+        elif type(packet) is Pubcomp:
             assert self.session is not None
-            self.session.on_pubcomp(packet.packet_id)  # type: ignore[attr-defined]
+            self.session.on_pubcomp(packet.packet_id)
         elif t is Pingreq:
             gate = self._gate
             if gate is not None and not self.closed and gate[0].__class__ is _Barrier \
@@ -410,16 +411,16 @@ class Channel:
                 self.transport.write(_PINGRESP)
             else:
                 self.write(_PINGRESP)
-        elif t is Subscribe:
-            self._on_subscribe(packet)  # type: ignore[arg-type]
-        elif t is Unsubscribe:
-            self._on_unsubscribe(packet)  # type: ignore[arg-type]
-        elif t is Disconnect:
-            self._on_disconnect(packet)  # type: ignore[arg-type]
-        elif t is Connect:
+        elif type(packet) is Subscribe:
+            self._on_subscribe(packet)
+        elif type(packet) is Unsubscribe:
+            self._on_unsubscribe(packet)
+        elif type(packet) is Disconnect:
+            self._on_disconnect(packet)
+        elif type(packet) is Connect:
             if self.connected or self._enhanced is not None:
                 raise MQTTError("second CONNECT", RC.PROTOCOL_ERROR)
-            self._on_connect(packet)  # type: ignore[arg-type]
+            self._on_connect(packet)
         else:
             raise MQTTError(f"a client may not send {t.__name__.upper()}", RC.PROTOCOL_ERROR)
 
@@ -649,7 +650,7 @@ class Channel:
         broker = self.broker
         cfg = broker.config.mqtt
         topic = p.topic
-        props = p.properties
+        props: dict[str, Any] | None = p.properties
         if props:
             alias = props.get("topic_alias")
             if alias is not None:
@@ -672,6 +673,7 @@ class Channel:
             broker.stats.publish_rate_exceeded += 1
             raise MQTTError("publish rate exceeded", RC.QUOTA_EXCEEDED)
         qos = p.qos
+        pid = p.packet_id or 0  # the decoder gives every QoS>0 PUBLISH one: 0 means QoS 0
         if qos > cfg.max_qos_allowed:
             raise MQTTError(f"QoS {qos} not supported", RC.QOS_NOT_SUPPORTED)
         if p.retain and not cfg.retain_available:
@@ -679,7 +681,6 @@ class Channel:
         session = self.session
         assert session is not None
         if qos == 2:
-            pid = p.packet_id
             if pid in session.awaiting_rel:
                 self.write(_ack(0x50, pid, 0))  # duplicate: acknowledge, do not route again
                 return
@@ -692,9 +693,9 @@ class Channel:
             log.info("publish by %s to %r denied", self.client_id, topic)
             if qos:
                 code = RC.NOT_AUTHORIZED if self.v5 else 0
-                self.write(_ack(0x40 if qos == 1 else 0x50, p.packet_id, code))  # type: ignore[arg-type]
+                self.write(_ack(0x40 if qos == 1 else 0x50, pid, code))
                 if qos == 2 and not self.v5:
-                    session.awaiting_rel[p.packet_id] = self.now()  # type: ignore[index]
+                    session.awaiting_rel[pid] = self.now()
             return
         msg = Message(topic, p.payload, qos, p.retain, props, self.client_id, self.now())
         # A full queue refuses an MQTT 5 publisher's message (it is told, 0x97); a 3.1.1 one
@@ -706,11 +707,11 @@ class Channel:
                 code = RC.QUOTA_EXCEEDED  # every matching subscriber refused it: nobody has it
             else:
                 code = 0 if matched or not self.v5 else RC.NO_MATCHING_SUBSCRIBERS
-            ack = _ack(0x40 if qos == 1 else 0x50, p.packet_id, code)  # type: ignore[arg-type]
+            ack = _ack(0x40 if qos == 1 else 0x50, pid, code)
             if qos == 2 and code < 0x80:
-                session.awaiting_rel[p.packet_id] = msg.timestamp  # type: ignore[index]
+                session.awaiting_rel[pid] = msg.timestamp
                 if session.durable is not None:
-                    session.durable.rel_add(session, p.packet_id)  # type: ignore[arg-type]
+                    session.durable.rel_add(session, pid)
             self._hold_until_stored(mark)
             if broker.over:
                 self._hold_for_room(broker.over)
@@ -823,8 +824,10 @@ class Channel:
     def _on_unsubscribe(self, u: Unsubscribe) -> None:
         codes = []
         mark = self._store_mark()
+        session = self.session
+        assert session is not None  # connected: _handle let it through
         for f in u.topic_filters:
-            found = self.broker.unsubscribe(self.session, f)  # type: ignore[arg-type]
+            found = self.broker.unsubscribe(session, f)
             codes.append(0 if found else RC.NO_SUBSCRIPTION_EXISTED)
         self._hold_until_stored(mark)
         self.send(Unsuback(u.packet_id, codes if self.v5 else []))

@@ -11,13 +11,17 @@ relays no more.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from roost.broker.message import RecentIds
 
 if TYPE_CHECKING:
     from roost.broker.message import Message
+    from roost.broker.router import SubOpts
     from roost.broker.session import Session
+
+#: What Session.deliver takes: message, qos, retain, subscription ids, shared subscription.
+DeliverArgs = tuple["Message", int, bool, tuple[int, ...], "SubOpts | None"]
 
 SEEN_CAP = 100_000  # message ids remembered while relays may come
 
@@ -29,9 +33,9 @@ class Handoff:
         self.home = home  # the old home, which relays
         self.seen = RecentIds(cap)
         #: Per publishing node: (message id, deliver arguments) that came directly, in order.
-        self.held: dict[str, deque[tuple[int, tuple[Any, ...]]]] = {}
+        self.held: dict[str, deque[tuple[int, DeliverArgs]]] = {}
 
-    def direct(self, msg: Message, args: tuple[Any, ...]) -> None:
+    def direct(self, msg: Message, args: DeliverArgs) -> None:
         fid = msg.fwd_id
         assert fid is not None
         if self.seen.add(fid):
@@ -41,7 +45,7 @@ class Handoff:
         fid = msg.fwd_id
         assert fid is not None
         if self.seen.add(fid):
-            _deliver(session, [(msg, msg.qos, False)])
+            _deliver(session, [(msg, msg.qos, False, (), None)])
             return
         # Its direct copy is held: it and what came directly before it may go now.
         held = self.held.get(fid[0])
@@ -64,7 +68,7 @@ class Handoff:
             self.seen.add(msg.fwd_id)
 
 
-def _deliver(session: Session, items: list[tuple[Any, ...]]) -> None:
+def _deliver(session: Session, items: list[DeliverArgs]) -> None:
     if not items:
         return
     h, session.handoff = session.handoff, None

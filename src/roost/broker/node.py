@@ -424,7 +424,7 @@ class Broker:
                 n += 1
             return n, []
         # Overlapping filters: one copy per client at the highest QoS with every sub id.
-        per_client: dict[str, list] = {}
+        per_client: dict[str, list[Any]] = {}  # [session, qos, rap, sub ids]
         groups: list[tuple[str, str]] = []
         for entry in entries:
             for cid, opts in entry.subs.items():

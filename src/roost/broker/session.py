@@ -362,7 +362,7 @@ class Session:
                 self._done(d)
                 taken.append(d)
         if any(d.shared is not None for d in self.queue):
-            keep = deque()
+            keep: deque[Delivery] = deque()
             for d in self.queue:
                 if d.shared is not None:
                     self._done(d)

@@ -34,6 +34,7 @@ class Stats:
     connect_rate_refused: int
     connections_refused: int
     connections_total: int
+    delivery_denied: int
     dropped_expired: int
     dropped_no_subscribers: int
     dropped_qos0_offline: int

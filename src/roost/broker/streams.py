@@ -40,10 +40,10 @@ class ControlChannel(Channel):
 
     close_reason = 0
 
-    def disconnect(self, reason: int, reason_string: str = "") -> None:
+    def disconnect(self, reason: int, reason_string: str = "", server_reference: str = "") -> None:
         if not self.closed:
             self.close_reason = reason
-        super().disconnect(reason, reason_string)
+        super().disconnect(reason, reason_string, server_reference)
 
 
 class StreamChannel(Channel):
@@ -87,7 +87,7 @@ class StreamChannel(Channel):
             )
         super()._handle(packet)
 
-    def disconnect(self, reason: int, reason_string: str = "") -> None:
+    def disconnect(self, reason: int, reason_string: str = "", server_reference: str = "") -> None:
         """DISCONNECT belongs on the control stream: an error here ends the whole connection."""
-        self.parent.disconnect(reason, reason_string)
+        self.parent.disconnect(reason, reason_string, server_reference)
         self.close()

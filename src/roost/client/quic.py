@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
@@ -47,6 +47,8 @@ from roost.mqtt.packets import (
     Will,
 )
 
+_P = TypeVar("_P", bound=Packet)
+
 
 class QuicMqttError(ConnectionError):
     pass
@@ -60,7 +62,8 @@ class MqttStream:
         self.stream_id = stream_id
         self.decoder = Decoder(version=client.version, server_side=False)
         self._next_pid = 1
-        self._waiters: dict[tuple[int, int], asyncio.Future[Packet]] = {}
+        # (packet type, packet id) -> the future _wait returned, typed there by the class.
+        self._waiters: dict[tuple[int, int], asyncio.Future[Any]] = {}
         self.finished = False
 
     def _pid(self) -> int:
@@ -72,9 +75,9 @@ class MqttStream:
         data = packet if isinstance(packet, bytes) else encode(packet, self.client.version)
         self.client._send(self.stream_id, data)
 
-    def _wait(self, ptype: int, pid: int) -> asyncio.Future[Packet]:
-        fut: asyncio.Future[Packet] = asyncio.get_running_loop().create_future()
-        self._waiters[(ptype, pid)] = fut
+    def _wait(self, cls: type[_P], pid: int) -> asyncio.Future[_P]:
+        fut: asyncio.Future[_P] = asyncio.get_running_loop().create_future()
+        self._waiters[(cls.type, pid)] = fut
         return fut
 
     async def publish(
@@ -105,32 +108,34 @@ class MqttStream:
             self.send(Publish(topic, payload, 0, retain, properties=properties))
             return None
         pid = self._pid()
-        ack = self._wait(Puback.type if qos == 1 else Pubrec.type, pid)
+        ack: asyncio.Future[Puback] | asyncio.Future[Pubrec]
+        ack = self._wait(Puback, pid) if qos == 1 else self._wait(Pubrec, pid)
         self.send(Publish(topic, payload, qos, retain, packet_id=pid, properties=properties))
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
-        def on_ack(f: asyncio.Future[Packet]) -> None:
+        def on_ack(f: asyncio.Future[Puback] | asyncio.Future[Pubrec]) -> None:
             if done.done():
                 return
-            if f.exception() is not None:
-                done.set_exception(f.exception())  # type: ignore[arg-type]
+            exc = f.exception()
+            if exc is not None:
+                done.set_exception(exc)
                 return
-            packet = f.result()
-            code = packet.reason_code  # type: ignore[attr-defined]
+            code = f.result().reason_code
             if qos == 1 or code >= 0x80:
                 done.set_result(code)
                 return
-            comp = self._wait(Pubcomp.type, pid)
+            comp = self._wait(Pubcomp, pid)
             self.send(Pubrel(pid))
             comp.add_done_callback(on_comp)
 
-        def on_comp(f: asyncio.Future[Packet]) -> None:
+        def on_comp(f: asyncio.Future[Pubcomp]) -> None:
             if done.done():
                 return
-            if f.exception() is not None:
-                done.set_exception(f.exception())  # type: ignore[arg-type]
+            exc = f.exception()
+            if exc is not None:
+                done.set_exception(exc)
             else:
-                done.set_result(f.result().reason_code)  # type: ignore[attr-defined]
+                done.set_result(f.result().reason_code)
 
         ack.add_done_callback(on_ack)
         return done
@@ -139,15 +144,15 @@ class MqttStream:
         self, topic_filter: str, qos: int = 0, timeout: float = 10.0, **opts: Any
     ) -> list[int]:
         pid = self._pid()
-        fut = self._wait(Suback.type, pid)
+        fut = self._wait(Suback, pid)
         self.send(Subscribe(pid, [Subscription(topic_filter, qos, **opts)]))
-        return list((await asyncio.wait_for(fut, timeout)).reason_codes)  # type: ignore[attr-defined]
+        return list((await asyncio.wait_for(fut, timeout)).reason_codes)
 
     async def unsubscribe(self, topic_filter: str, timeout: float = 10.0) -> list[int]:
         pid = self._pid()
-        fut = self._wait(Unsuback.type, pid)
+        fut = self._wait(Unsuback, pid)
         self.send(Unsubscribe(pid, [topic_filter]))
-        return list((await asyncio.wait_for(fut, timeout)).reason_codes)  # type: ignore[attr-defined]
+        return list((await asyncio.wait_for(fut, timeout)).reason_codes)
 
     def close(self) -> None:
         """Finish this stream (FIN); on a data stream that ends only this stream."""
@@ -161,29 +166,27 @@ class MqttStream:
 
     def _on_packet(self, p: Packet) -> None:
         client = self.client
-        t = type(p)
-        if t is Publish:
-            if p.qos == 1:  # type: ignore[attr-defined]
-                self.send(Puback(p.packet_id))  # type: ignore[attr-defined, arg-type]
-            elif p.qos == 2:  # type: ignore[attr-defined]
-                self.send(Pubrec(p.packet_id))  # type: ignore[attr-defined, arg-type]
-            client.messages.put_nowait((self.stream_id, p))  # type: ignore[arg-type]
+        # `type(p) is X` narrows p for mypy (the decoder gives only these exact classes).
+        if type(p) is Publish:
+            if p.packet_id is not None:  # QoS 1 or 2
+                self.send(Puback(p.packet_id) if p.qos == 1 else Pubrec(p.packet_id))
+            client.messages.put_nowait((self.stream_id, p))
             return
-        if t is Pubrel:
-            self.send(Pubcomp(p.packet_id))  # type: ignore[attr-defined]
+        if type(p) is Pubrel:
+            self.send(Pubcomp(p.packet_id))
             return
-        if t is Connack:
+        if type(p) is Connack:
             if client._connack is not None and not client._connack.done():
-                client._connack.set_result(p)  # type: ignore[arg-type]
+                client._connack.set_result(p)
             return
-        if t is Disconnect:
-            client.disconnect_packet = p  # type: ignore[assignment]
+        if type(p) is Disconnect:
+            client.disconnect_packet = p
             return
-        if t is Pingresp:
+        if type(p) is Pingresp:
             client.pingresps += 1
             return
         pid = getattr(p, "packet_id", None)
-        fut = self._waiters.pop((p.type, pid), None)  # type: ignore[arg-type]
+        fut = self._waiters.pop((p.type, pid), None) if pid is not None else None
         if fut is not None and not fut.done():
             fut.set_result(p)
 
@@ -269,7 +272,7 @@ class QuicClient:
         transport, _ = await loop.create_datagram_endpoint(
             lambda: proto, local_addr=(self.local_host, local_port)
         )
-        return transport  # type: ignore[return-value]
+        return transport
 
     async def connect(
         self,

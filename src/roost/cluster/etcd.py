@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import grpc
 from aetcd import rpc
@@ -511,8 +511,15 @@ class Etcd:
         return w
 
 
-def _sized(req: T) -> T:
-    size = req.ByteSize()  # type: ignore[attr-defined]
+class _Message(Protocol):
+    def ByteSize(self) -> int: ...  # protobuf's encoded size
+
+
+M = TypeVar("M", bound=_Message)
+
+
+def _sized(req: M) -> M:
+    size = req.ByteSize()
     if size > MAX_REQUEST_BYTES:
         raise ValueError(f"etcd request of {size} bytes is over etcd's 1.5 MiB limit")
     return req

@@ -43,12 +43,13 @@ import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from roost.broker.message import RecentIds
 from roost.config import parse_bind
 from roost.mqtt import MQTT_5, Connack, Connect, Decoder, MQTTError, Packet, encode, encode_publish
 from roost.mqtt import properties as P
+from roost.mqtt.packets import Puback, Publish
 from roost.mqtt.primitives import decode_varint, encode_string, encode_varint
 from roost.mqtt.properties import decode_properties, encode_properties
 
@@ -343,8 +344,9 @@ class _Link(asyncio.Protocol):
     # asyncio side -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        # A stream server's protocol gets a Transport; BaseTransport is only the base signature.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.links._conns.add(self)
         self.started = self.last_rx = self.loop.time()
         self.timer = self.loop.call_later(self.keepalive / 2, self._tick)
@@ -788,15 +790,15 @@ class Links:
                 if first >> 4 == 3 and peer is not None
                 else None
             )
-            if parsed is not None:
+            if parsed is not None and peer is not None:  # parsed only with a peer
                 fwd, pid = parsed
-                peer.forwards_received += 1  # type: ignore[union-attr]
+                peer.forwards_received += 1
                 if pid is None:
                     self._deliver(fwd)
                 else:
                     if acks is None:
                         acks = []
-                    acks.append(_puback(pid, self._deliver_once(peer, fwd)))  # type: ignore[arg-type]
+                    acks.append(_puback(pid, self._deliver_once(peer, fwd)))
             elif first == 0x40 and peer is not None:
                 if end - body < 2:
                     raise MQTTError("PUBACK without a packet id")
@@ -854,13 +856,13 @@ class Links:
         t = p.type
         if peer is None:
             self._handshake(link, p)
-        elif t == 3:
-            if p.topic.startswith("$roost/"):  # type: ignore[attr-defined]
+        elif type(p) is Publish:  # type 3 (`type(p) is` narrows p for mypy)
+            if p.topic.startswith("$roost/"):
                 self._on_control(link, p)
             else:
                 log.warning("link to %s sent a PUBLISH that is no forward", peer.name)
-        elif t == 4:  # a PUBACK with a reason code or properties (not ours, but valid)
-            entry = peer.inflight.pop(p.packet_id, None)  # type: ignore[attr-defined]
+        elif type(p) is Puback:  # with a reason code or properties (not ours, but valid)
+            entry = peer.inflight.pop(p.packet_id, None)
             if entry is not None:
                 peer.forwards_acked += 1
                 if entry[1]:
@@ -948,7 +950,7 @@ class Links:
             link.ready.set_exception(LinkError(f"the address of {name} answers as {actual!r}"))
             link.abort()
             return
-        peer = self._peers.get(name)  # type: ignore[arg-type]
+        peer = self._peers.get(name) if name is not None else None
         if peer is None or peer.gone:
             link.ready.set_exception(LinkError(f"{name} is no longer a peer"))
             link.abort()

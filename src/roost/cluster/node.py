@@ -685,7 +685,7 @@ class Cluster:
                     broker.deliver_relayed(session, msg)  # acknowledged by their origin
         finally:
             self._early.pop(client_id, None)
-            if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]
+            if not lock.locked() and not lock._waiters:
                 self._locks.pop(client_id, None)
 
     async def _claim(
@@ -711,8 +711,9 @@ class Cluster:
                 self.stats["takeovers_in"] += 1
                 request = json.dumps({"client_id": client_id, "epoch": new.mod_revision,
                                       "clean": clean_start}).encode()  # fmt: skip
+                assert self.links is not None  # members come from the cluster links serve
                 try:
-                    state = await self.links.request(home, "takeover", request,  # type: ignore[union-attr]
+                    state = await self.links.request(home, "takeover", request,
                                                      _TAKEOVER_TIMEOUT)  # fmt: skip
                     return new.mod_revision, state or None, str(home)
                 except LinkError as e:
@@ -725,8 +726,8 @@ class Cluster:
             entry = parse_entry(kv.value) if kv is not None else {}
             if clean_start:
                 return new.mod_revision, None, str(home or "")
-            state = await self._fetch_replica(client_id, str(home), new.mod_revision)
-            return new.mod_revision, state or self._state_from_entry(client_id, entry), str(home)
+            replica = await self._fetch_replica(client_id, str(home), new.mod_revision)
+            return new.mod_revision, replica or self._state_from_entry(client_id, entry), str(home)
         raise EtcdError(f"session {client_id}: registry entry changed 10 times in a row")
 
     def _state_from_entry(self, client_id: str, entry: dict[str, Any]) -> bytes | None:
@@ -920,9 +921,13 @@ class Cluster:
             self.stats["adopted"] += 1
             # "adopted" promises what a SUBACK and a PUBACK do: routes in etcd, deliveries
             # stored here and on the session's store cores. The old home relies on it.
-            committed = asyncio.get_running_loop().create_future()
-            broker.commits.wait(broker.commits.moved(mark), lambda: committed.done()
-                                or committed.set_result(None))  # fmt: skip
+            committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def _committed() -> None:
+                if not committed.done():
+                    committed.set_result(None)
+
+            broker.commits.wait(broker.commits.moved(mark), _committed)
             # Bounded below the asker's timeout: it is ours now whatever the wait says.
             await asyncio.wait([committed], timeout=_TAKEOVER_TIMEOUT / 2)
         return b"adopted"

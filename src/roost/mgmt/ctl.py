@@ -22,7 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -160,7 +160,9 @@ def _local_url(config: Any) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _local_credentials(config: Any) -> tuple[str, str | tuple[str, str]] | None:
+def _local_credentials(
+    config: Any,
+) -> tuple[Literal["bearer"], str] | tuple[Literal["basic"], tuple[str, str]] | None:
     """("bearer", key) or ("basic", (user, password)) the local node's config leads to."""
     if config is None:
         return None
@@ -190,9 +192,9 @@ class Client:
         if not key and not user:
             local = _local_credentials(config)
             if local is not None and local[0] == "bearer":
-                key = local[1]  # type: ignore[assignment]
+                key = local[1]
             elif local is not None:
-                user, password = local[1]  # type: ignore[misc]
+                user, password = local[1]
         if key:
             self.headers["Authorization"] = f"Bearer {key}"
         elif user:
@@ -407,8 +409,8 @@ def _dispatch(c: Client, a: argparse.Namespace) -> tuple[str, Any, int] | None:
         return f"deleted the retained message on {a.topic}", {"deleted": a.topic}, 0
     if cmd == "listeners":
         if action == "list":
-            data = c.call("GET", "/api/v1/listeners")["data"]
-            return table(data, LISTENER_COLS), data, 0
+            rows = c.call("GET", "/api/v1/listeners")["data"]
+            return table(rows, LISTENER_COLS), rows, 0
         d = c.call("POST", f"/api/v1/listeners/{_seg(a.id)}/{action}")
         return f"{d['id']}: {d['status']}", d, 0
     if cmd == "bans":

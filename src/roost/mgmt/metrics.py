@@ -9,6 +9,7 @@ import asyncio
 import os
 import resource
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from roost import __version__
@@ -60,7 +61,7 @@ class _Writer:
         self.lines: list[str] = []
 
     def metric(
-        self, name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]
+        self, name: str, kind: str, help_: str, samples: Sequence[tuple[dict[str, str], float]]
     ) -> None:
         self.lines.append(f"# HELP {name} {help_}")
         self.lines.append(f"# TYPE {name} {kind}")

@@ -7,6 +7,7 @@ the body is buffered. Everything malformed raises :class:`MQTTError` with an MQT
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from roost.mqtt import properties as P
@@ -298,7 +299,12 @@ def _reason_and_props(
     return code, props
 
 
-def _ack_decoder(cls: type, allowed: frozenset[int]):  # type: ignore[no-untyped-def]
+_BodyDecoder = Callable[[bytes | bytearray, int, int, int], Packet]
+
+
+def _ack_decoder(
+    cls: type[Puback | Pubrec | Pubrel | Pubcomp], allowed: frozenset[int]
+) -> _BodyDecoder:
     def decode(buf: bytes | bytearray, pos: int, end: int, version: int) -> Packet:
         packet_id = _u16(buf, pos, end)
         if packet_id == 0:
@@ -412,7 +418,7 @@ def _decode_auth(buf: bytes | bytearray, pos: int, end: int, version: int) -> Au
     return Auth(code, props)
 
 
-_DECODERS = {
+_DECODERS: dict[int, _BodyDecoder] = {
     2: _decode_connack,
     4: _ack_decoder(Puback, RC.PUBACK_CODES),
     5: _ack_decoder(Pubrec, RC.PUBACK_CODES),
@@ -456,7 +462,9 @@ def encode_publish(
         size += len(props)
     parts = [bytes((first,)), encode_varint(size), tlen.to_bytes(2, "big"), topic]
     if qos:
-        parts.append(packet_id.to_bytes(2, "big"))  # type: ignore[union-attr]
+        if packet_id is None:
+            raise ValueError("a QoS 1 or 2 PUBLISH needs a packet identifier")
+        parts.append(packet_id.to_bytes(2, "big"))
     if props is not None:
         parts.append(props)
     parts.append(payload)
@@ -528,8 +536,8 @@ def encode(packet: Packet, version: int = MQTT_3_1_1) -> bytes:
             parts.append(encode_properties(u.properties))
         parts.extend(encode_string(f) for f in u.topic_filters)
         return _frame(0xA2, b"".join(parts))
-    if t == P.CONNECT:
-        return _encode_connect(packet)  # type: ignore[arg-type]
+    if isinstance(packet, Connect):
+        return _encode_connect(packet)
     raise ValueError(f"cannot encode {packet!r}")
 
 

@@ -39,7 +39,7 @@ class Packet:
             return NotImplemented
         return all(getattr(self, s) == getattr(other, s) for s in _fields(type(self)))
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # mutable, equal by value: tell mypy unhashable
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{s}={getattr(self, s)!r}" for s in _fields(type(self)))
@@ -65,7 +65,7 @@ class Will:
 
     __eq__ = Packet.__eq__
     __repr__ = Packet.__repr__
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # mutable, equal by value: tell mypy unhashable
 
 
 class Connect(Packet):
@@ -197,7 +197,7 @@ class Subscription:
 
     __eq__ = Packet.__eq__
     __repr__ = Packet.__repr__
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # mutable, equal by value: tell mypy unhashable
 
 
 class Subscribe(Packet):

@@ -7,6 +7,9 @@ from roost.mqtt.reason_codes import MALFORMED_PACKET
 
 MAX_VARINT = 268_435_455
 
+# What the decoders read from: a received chunk, the decoder's buffer or a view of either.
+Buffer = bytes | bytearray | memoryview
+
 
 def encode_varint(n: int) -> bytes:
     if n < 0x80:
@@ -26,7 +29,7 @@ def encode_varint(n: int) -> bytes:
             return bytes(out)
 
 
-def decode_varint(buf: bytes | memoryview, pos: int, end: int | None = None) -> tuple[int, int]:
+def decode_varint(buf: Buffer, pos: int, end: int | None = None) -> tuple[int, int]:
     """Decode a variable byte integer at ``pos``; return (value, next position)."""
     if end is None:
         end = len(buf)
@@ -49,7 +52,7 @@ def check_utf8_text(text: str) -> None:
         raise MQTTError("UTF-8 string contains U+0000", MALFORMED_PACKET)
 
 
-def decode_string(buf: bytes | memoryview, pos: int, end: int | None = None) -> tuple[str, int]:
+def decode_string(buf: Buffer, pos: int, end: int | None = None) -> tuple[str, int]:
     if end is None:
         end = len(buf)
     if pos + 2 > end:
@@ -68,7 +71,7 @@ def decode_string(buf: bytes | memoryview, pos: int, end: int | None = None) -> 
     return text, stop
 
 
-def decode_binary(buf: bytes | memoryview, pos: int, end: int | None = None) -> tuple[bytes, int]:
+def decode_binary(buf: Buffer, pos: int, end: int | None = None) -> tuple[bytes, int]:
     if end is None:
         end = len(buf)
     if pos + 2 > end:

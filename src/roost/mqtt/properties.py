@@ -10,6 +10,7 @@ from typing import Any
 
 from roost.mqtt.errors import MQTTError
 from roost.mqtt.primitives import (
+    Buffer,
     decode_binary,
     decode_string,
     decode_varint,
@@ -80,8 +81,8 @@ _NONZERO = frozenset({"receive_maximum", "maximum_packet_size", "subscription_id
 
 
 def decode_properties(
-    buf: bytes | bytearray | memoryview, pos: int, packet_type: int, limit: int | None = None
-) -> tuple[dict, int]:
+    buf: Buffer, pos: int, packet_type: int, limit: int | None = None
+) -> tuple[dict[str, Any], int]:
     """Decode a property block at ``pos`` of a packet ending at ``limit`` (default: the end of
     ``buf``); return (properties, position after it)."""
     if limit is None:
@@ -144,9 +145,9 @@ def _encode_one(pid: int, ptype: int, value: Any) -> bytes:
     if ptype == BYTE:
         return head + bytes((value,))
     if ptype == TWO:
-        return head + value.to_bytes(2, "big")
+        return head + int.to_bytes(value, 2, "big")
     if ptype == FOUR:
-        return head + value.to_bytes(4, "big")
+        return head + int.to_bytes(value, 4, "big")
     if ptype == VARINT:
         return head + encode_varint(value)
     if ptype == STRING:
@@ -160,7 +161,7 @@ def encode_properties(props: dict[str, Any] | None) -> bytes:
     """Encode a property dict, length prefix included. ``None`` or ``{}`` gives ``b"\\x00"``."""
     if not props:
         return b"\x00"
-    parts = []
+    parts: list[bytes] = []
     for name, value in props.items():
         if value is None:
             continue

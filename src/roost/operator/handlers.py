@@ -8,6 +8,7 @@ it observes after an operator restart, with nothing kept in annotations.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -60,7 +61,7 @@ def make_registry(
     @kopf.on.login(registry=registry)
     async def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         info = login(**kwargs)
-        if asyncio.iscoroutine(info):
+        if inspect.isawaitable(info):  # (iscoroutine would not narrow Login's Awaitable)
             info = await info
         if info is not None:
             if ctx.kube is not None:
@@ -106,7 +107,10 @@ def make_registry(
             wakers.pop(uid, None)
 
     @kopf.on.delete(*resource, registry=registry)
-    async def _delete(spec: Mapping[str, Any], name: str, namespace: str, **_: Any) -> None:
+    async def _delete(
+        spec: Mapping[str, Any], name: str, namespace: str | None, **_: Any
+    ) -> None:
+        assert namespace is not None  # the resource is namespaced
         policy = (spec.get("pvcRetentionPolicy") or {}).get("whenDeleted", "Retain")
         if policy != "Delete" or ctx.kube is None:
             log.info("%s/%s deleted; core PVCs retained", namespace, name)

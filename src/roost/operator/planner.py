@@ -130,13 +130,13 @@ def plan(o: Observed) -> Plan:
     old = [p for p in live_cores if p.revision != o.core_revision]
     if old or not cores_all_there:
         plan_.phase = "Upgrading" if old else "Creating"
-        broken = [p for p in old if not p.ready]
-        if broken:
-            pod = max(broken, key=lambda p: p.ordinal)
-            plan_.action = Action("roll-core", pod.name, evacuate=False)
+        broken_cores = [p for p in old if not p.ready]
+        if broken_cores:
+            core = max(broken_cores, key=lambda p: p.ordinal)
+            plan_.action = Action("roll-core", core.name, evacuate=False)
         elif old and settled:
-            pod = max(old, key=lambda p: p.ordinal)
-            plan_.action = Action("roll-core", pod.name, evacuate=True)
+            core = max(old, key=lambda p: p.ordinal)
+            plan_.action = Action("roll-core", core.name, evacuate=True)
         else:
             plan_.waiting = "waiting for core pods to be ready"
         return plan_

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from roost.config import Config
 
@@ -19,7 +20,7 @@ KIND = "RoostCluster"
 PLURAL = "roostclusters"
 
 #: Marks a field as a free-form Kubernetes object in the generated schema.
-K8S_OBJECT = {"x-kubernetes-preserve-unknown-fields": True}
+K8S_OBJECT: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
 
 
 class _Spec(BaseModel):

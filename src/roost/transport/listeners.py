@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from roost.broker.node import Broker
-from roost.config import ListenerBase, QuicListener, SslListener, WsListener
+from roost.config import ListenerBase, QuicListener, SslListener, WsListener, WssListener
 from roost.transport.tcp import start_tcp_listener
 from roost.transport.tls import server_context
 
@@ -23,8 +23,8 @@ async def start_listener(
         return qserver, [qserver.address]
     ctx = None
     as_cn = False
-    if isinstance(lst, SslListener) or kind == "wss":
-        opts = lst.ssl_options  # type: ignore[attr-defined]
+    if isinstance(lst, SslListener | WssListener):  # kind ssl or wss
+        opts = lst.ssl_options
         ctx = server_context(opts, data_dir)
         as_cn = opts.peer_cert_as_username == "cn"
     if kind in ("ws", "wss"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from roost.broker.channel import Channel
 from roost.broker.node import Broker
@@ -25,6 +25,13 @@ from roost.mqtt import reason_codes as RC
 from roost.transport.quicstack import QuicStack, load
 from roost.transport.tcp import WRITE_HIGH_WATER
 from roost.transport.tls import resolve_cert
+
+if TYPE_CHECKING:
+    # The checker sees aioquic's protocol as the mixin's base (qh3's has the same API); at run
+    # time protocol_class puts the chosen stack's protocol after the mixin.
+    from aioquic.asyncio.protocol import QuicConnectionProtocol as _StackProtocol
+else:
+    _StackProtocol = object
 
 log = logging.getLogger("roost.transport")
 
@@ -96,7 +103,7 @@ class _Stream:
         self.conn.channel_closed_stream(self.stream_id)
 
 
-class _MqttQuic:
+class _MqttQuic(_StackProtocol):
     """One QUIC connection's MQTT side; mixed into the stack's QuicConnectionProtocol by
     :func:`protocol_class`."""
 
@@ -109,7 +116,7 @@ class _MqttQuic:
     def __init__(
         self, quic: Any, *args: Any, broker: Broker, state: QuicListenerState, **kw: Any
     ) -> None:
-        super().__init__(quic, *args, **kw)  # type: ignore[call-arg]
+        super().__init__(quic, *args, **kw)
         self.stack.own_configuration(quic)
         self.broker = broker
         self.state = state
@@ -146,7 +153,7 @@ class _MqttQuic:
         if task is not None:
             task.cancel()
         try:
-            super().transmit()  # type: ignore[misc]
+            super().transmit()
         except self.stack.connection_error as e:
             # qh3 raises "packet builder capacity exhausted" when it may send no more for now
             # (the anti-amplification limit before the client's address is validated) instead
@@ -165,7 +172,7 @@ class _MqttQuic:
         p._timer_at = timer_at
 
     def _transmit_soon(self) -> None:
-        super()._transmit_soon()  # type: ignore[misc]
+        super()._transmit_soon()
 
     def close(self, error_code: int = 0, reason_phrase: str = "") -> None:
         # qh3's protocol close() takes no code: close the connection itself on both stacks.
@@ -173,12 +180,12 @@ class _MqttQuic:
         self.transmit()
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        super().datagram_received(data, addr)  # type: ignore[misc]
+        super().datagram_received(data, addr)
         if self.paused:
             self._resume_acked()
 
     def datagrams_received(self, data: list[bytes], addr: Any) -> None:
-        super().datagrams_received(data, addr)  # type: ignore[misc]  # qh3 with GRO
+        super().datagrams_received(data, addr)  # type: ignore[misc]  # only qh3 has it (GRO)
         if self.paused:
             self._resume_acked()
 
@@ -197,11 +204,11 @@ class _MqttQuic:
         t = type(event)
         events = self.stack.events
         if t is events.StreamDataReceived:
-            self._on_stream_data(event.stream_id, event.data, event.end_stream)  # type: ignore[attr-defined]
+            self._on_stream_data(event.stream_id, event.data, event.end_stream)
         elif t is events.HandshakeCompleted:
-            self._on_handshake(event)  # type: ignore[arg-type]
+            self._on_handshake(event)
         elif t is events.StreamReset or t is events.StopSendingReceived:
-            self._on_stream_end(event.stream_id, aborted=True)  # type: ignore[attr-defined]
+            self._on_stream_end(event.stream_id, aborted=True)
         elif t is events.ProtocolNegotiated:
             self.negotiated = True
         elif t is events.ConnectionTerminated:
@@ -244,20 +251,20 @@ class _MqttQuic:
             if data:
                 ch.data_received(data)
         elif sid == 0:
-            ch = self.control
-            if ch is None:
+            ctl = self.control
+            if ctl is None:
                 if self._timer_stream is not None:
                     self._timer_stream.cancel()
                     self._timer_stream = None
                 self.peer = self.stack.peer(self._quic)
                 st = _Stream(self, 0)
-                ch = self.control = ControlChannel(self.broker, st, self.peer, self.state.name)
-                st.channel = ch
-            was_connected = ch.connected
+                ctl = self.control = ControlChannel(self.broker, st, self.peer, self.state.name)
+                st.channel = ctl
+            was_connected = ctl.connected
             if data:
-                ch.data_received(data)
-            if ch.connected and not was_connected:
-                self._on_connected(ch)
+                ctl.data_received(data)
+            if ctl.connected and not was_connected:
+                self._on_connected(ctl)
         else:
             control = self.control
             if control is None or not control.connected:
@@ -421,7 +428,7 @@ class RoostQuicServer:
     def __init__(self, server: Any, state: QuicListenerState) -> None:
         self.server = server
         self.state = state
-        sock = server._transport.get_extra_info("sockname")  # type: ignore[union-attr]
+        sock = server._transport.get_extra_info("sockname")
         self.address: tuple[str, int] = (sock[0], sock[1])
 
     def close(self) -> None:
@@ -452,7 +459,7 @@ async def start_quic_listener(
     proto = protocol_class(stack)
 
     def create_protocol(quic: Any, **kw: Any) -> _MqttQuic:
-        return proto(quic, broker=broker, state=state, **kw)  # type: ignore[no-any-return]
+        return proto(quic, broker=broker, state=state, **kw)
 
     server = await stack.serve(
         cfg.host,

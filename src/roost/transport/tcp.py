@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from typing import cast
 
 from roost.broker.channel import Channel
 from roost.broker.node import Broker
@@ -69,7 +70,8 @@ class MqttStreamProtocol(CoalescedWrites, asyncio.Protocol):
     # asyncio side -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream server's protocol gets a Transport; BaseTransport is only the base signature.
+        self.transport = transport = cast(asyncio.Transport, transport)
         lst = self.listener
         if lst.connections >= lst.max_connections:
             lst.refused += 1
@@ -83,7 +85,7 @@ class MqttStreamProtocol(CoalescedWrites, asyncio.Protocol):
         if lst.cert_as_username:
             cn = peer_cn(transport.get_extra_info("peercert"))
         self.channel = Channel(self.broker, self, peer_s, lst.name, cn)
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
         if self.channel is not None and not self._closing:
@@ -171,10 +173,9 @@ async def start_tcp_listener(
     loop = asyncio.get_running_loop()
     # A client that stalls its TLS handshake holds a socket; give up on it after 10 s. Closing,
     # wait as long for the client's close_notify as a plain connection lingers.
-    kw: dict[str, float] = {}
-    if ssl_context is not None:
-        kw = {"ssl_handshake_timeout": 10.0, "ssl_shutdown_timeout": LINGER}
+    tls = ssl_context is not None
     return await loop.create_server(
         lambda: MqttStreamProtocol(broker, state), host, port, ssl=ssl_context, reuse_address=True,
-        backlog=1024, **kw,
+        backlog=1024, ssl_handshake_timeout=10.0 if tls else None,
+        ssl_shutdown_timeout=LINGER if tls else None,
     )  # fmt: skip

@@ -17,6 +17,7 @@ import logging
 import ssl
 import struct
 from collections.abc import Callable
+from typing import cast
 
 from roost.broker.channel import Channel
 from roost.broker.node import Broker
@@ -92,7 +93,8 @@ class WsProtocol(CoalescedWrites, asyncio.Protocol):
     # asyncio side -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream server's protocol gets a Transport; BaseTransport is only the base signature.
+        self.transport = transport = cast(asyncio.Transport, transport)
         lst = self.listener
         if lst.connections >= lst.max_connections:
             lst.refused += 1
@@ -104,7 +106,7 @@ class WsProtocol(CoalescedWrites, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         # As on TCP: past this many unsent bytes, deliveries wait in the (bounded) session queue.
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
         if self._done:
@@ -329,8 +331,8 @@ async def start_ws_listener(
     state = ListenerState(name, max_connections, cert_as_username)
     broker.listener_states[name] = state
     loop = asyncio.get_running_loop()
-    kw = {"ssl_handshake_timeout": 10.0} if ssl_context is not None else {}
     return await loop.create_server(
         lambda: WsProtocol(broker, state, path, origins), host, port, ssl=ssl_context,
-        reuse_address=True, backlog=1024, **kw,
+        reuse_address=True, backlog=1024,
+        ssl_handshake_timeout=10.0 if ssl_context is not None else None,
     )  # fmt: skip

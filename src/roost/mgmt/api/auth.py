@@ -129,11 +129,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
                               f" {who.name} has {who.role}")  # fmt: skip
     request["user"] = who.name
     request["caller"] = who
-    resp = await handler(request)
+    answer = await handler(request)
     if request.method not in ("GET", "HEAD", "OPTIONS"):
         audit.info("audit: %s %s by %s %s (%s) from %s: %d", request.method, path, who.via,
-                   who.name, who.role, addr, resp.status)  # fmt: skip
-    return resp
+                   who.name, who.role, addr, answer.status)  # fmt: skip
+    return answer
 
 
 @route(

@@ -73,9 +73,9 @@ def openapi_document() -> dict[str, Any]:
             errors["401"] = "Missing or wrong credentials"
             errors["403"] = "The caller's role may not do this"
             errors["429"] = "Too many failed logins from this address; retry later"
-        for status, text in errors.items():
+        for code, text in errors.items():
             op["responses"].setdefault(
-                status,
+                code,
                 {
                     "description": text,
                     "content": {
