@@ -835,6 +835,9 @@ class Cluster:
                 return False  # the client came back (or left) meanwhile
             if self.links is None:
                 return False
+            await self._drain_handoff(session)
+            if broker.sessions.get(cid) is not session or session.channel is not None:
+                return False
             now = broker.clock()
             pending = broker.pending_will(cid)
             header: dict[str, Any] = {"epoch": session.epoch}
@@ -944,6 +947,8 @@ class Cluster:
             session = self.broker.sessions.get(client_id)
             if session is not None and session.epoch > req["epoch"]:
                 return b""  # our claim is newer than the asker's
+            if session is not None:
+                await self._drain_handoff(session)
             clean = bool(req.get("clean"))  # a clean start wants nothing of the old session
             relay = None if clean else (lambda msg, qos: self._relay(origin, client_id, msg, qos))
             session = self.broker.take_session(client_id, relay=relay)
@@ -990,6 +995,17 @@ class Cluster:
         if links is not None:  # after the last relay, on the same link: it may stop waiting
             links.forward(home, Forward("relayed", b"", 1, False, None, self.me, links.new_mid(),
                                         "\x01" + session.client_id))  # fmt: skip
+
+    async def _drain_handoff(self, session: Session, bound: float = 1.0) -> None:
+        """The session moved here moments ago and moves on now: first let the copies it holds
+        (come directly, waiting for the old home's relayed copies) meet those, usually within
+        milliseconds. A relayed copy arriving after it left would be passed on behind later
+        messages. Bounded: one that never comes (its publisher's node stopped routing to the
+        old home) does not hold the takeover."""
+        deadline = asyncio.get_running_loop().time() + bound
+        while (session.handoff is not None and any(session.handoff.held.values())
+               and asyncio.get_running_loop().time() < deadline):  # fmt: skip
+            await asyncio.sleep(0.01)
 
     def _relay_of(self, cid: str) -> Session | None:
         """The newest session of ``cid`` this node still relays for, if any."""
