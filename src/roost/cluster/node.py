@@ -266,7 +266,10 @@ class Cluster:
         cfg = self.broker.config
         if self.role == "core":
             self.replicas = ReplicaStore(cfg.node.data_dir, cfg.persistence.fsync)
-            self.replicas.load_known()
+            self.replicas.load_known()  # kept even with replication off: others may send
+        durable.new_mid_space(secrets.randbits(30) << 32)
+        if not cfg.cluster.replication:
+            return
 
         def epoch_of(cid: str) -> int:
             s = self.broker.sessions.get(cid)
@@ -274,7 +277,6 @@ class Cluster:
 
         self.replicator = Replicator(self.me, links, lambda: list(self._core_set), epoch_of)
         durable.replicate = self.replicator.op
-        durable.new_mid_space(secrets.randbits(30) << 32)
         self.broker.commits.add(self.replicator)
 
     def _cores_changed(self) -> None:
