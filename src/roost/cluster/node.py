@@ -898,14 +898,20 @@ class Cluster:
 
     async def _flush_registry_now(self) -> None:
         while self._registry_dirty:
+            # A pass writes the entries dirty now, so it covers the changes submitted so far;
+            # those made during it (a client subscribing while a write is under way) are left
+            # dirty for the next pass, whose target covers them. (Counting them in this pass
+            # but marking only the earlier target left their SUBACKs waiting forever.)
             target = self.registry.submitted
-            await self._flush_registry_pass()
-            if not self._registry_dirty:
+            batch, self._registry_dirty = self._registry_dirty, set()
+            if await self._flush_registry_pass(batch):
                 self.registry.done(target)
 
-    async def _flush_registry_pass(self) -> None:
-        while self._registry_dirty:
-            cid = self._registry_dirty.pop()
+    async def _flush_registry_pass(self, batch: set[str]) -> bool:
+        """Write the entries of ``batch``; False if some must be written again (etcd)."""
+        complete = True
+        while batch:
+            cid = batch.pop()
             session = self.broker.sessions.get(cid)
             if session is None or not session.epoch:
                 continue
@@ -920,6 +926,7 @@ class Cluster:
                 # Keep it dirty (the replies waiting for it keep waiting) and try again.
                 log.warning("registry entry of %s not written, retrying: %s", cid, e)
                 self._registry_dirty.add(cid)
+                complete = False
                 await asyncio.sleep(0.5)
                 continue
             if ok and kv is not None:
@@ -929,6 +936,7 @@ class Cluster:
                 # session right now (takeover), so keep it for that; drop it only if nobody
                 # came for it (the new home got it from the store cores).
                 self._spawn(self._drop_if_unclaimed(cid, session))
+        return complete
 
     async def _drop_if_unclaimed(self, cid: str, session: Session) -> None:
         await asyncio.sleep(_TAKEOVER_TIMEOUT * 2)
