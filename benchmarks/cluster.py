@@ -358,7 +358,12 @@ def _sample(nodes: list[NodeProcess], etcd: list[int], gen: list[int]) -> dict[s
     }
 
 
-def run_pipe(p: Placement, qos: int, run: int, args: argparse.Namespace) -> PipeRun:
+def run_pipe(
+    p: Placement, qos: int, run: int, args: argparse.Namespace,
+    sub_name: Callable[[str, int], str] | None = None, persistent: bool = False,
+) -> PipeRun:  # fmt: skip
+    """One run; ``sub_name(tag, i)`` names subscriber process i (its clients are
+    ``<name>-<j>``); ``persistent``: the subscribers have persistent sessions."""
     res = PipeRun(p.case, qos, run)
     ctx = mp.get_context("fork")
     timing = mqttload.Timing(args.warmup, args.duration, quiet=1.0, drain_max=args.drain)
@@ -389,7 +394,7 @@ def run_pipe(p: Placement, qos: int, run: int, args: argparse.Namespace) -> Pipe
                     args=(
                         mqttload.run_subscribers,
                         i,
-                        f"{tag}-sub{i}",
+                        sub_name(tag, i) if sub_name else f"{tag}-sub{i}",
                         p.sub_port,
                         n,
                         topic,
@@ -397,6 +402,7 @@ def run_pipe(p: Placement, qos: int, run: int, args: argparse.Namespace) -> Pipe
                         args.payload,
                         qos,
                         ctl,
+                        not persistent,
                     ),
                 )
             )

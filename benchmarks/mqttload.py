@@ -67,9 +67,11 @@ def _utf8(s: str) -> bytes:
     return struct.pack("!H", len(raw)) + raw
 
 
-def connect_packet(client_id: str) -> bytes:
-    # MQTT 3.1.1, clean session, keepalive 0 (off) so no PINGREQ is ever needed.
-    body = _utf8("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 0) + _utf8(client_id)
+def connect_packet(client_id: str, clean: bool = True) -> bytes:
+    # MQTT 3.1.1, keepalive 0 (off) so no PINGREQ is ever needed. Clean session 0 makes the
+    # session persistent (the broker stores its deliveries).
+    flags = 0x02 if clean else 0
+    body = _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", 0) + _utf8(client_id)
     return b"\x10" + _vbi(len(body)) + body
 
 
@@ -108,10 +110,10 @@ def _read_packet(sock: socket.socket) -> tuple[int, bytes]:
     return first, _recv_exact(sock, length)
 
 
-def open_client(port: int, client_id: str) -> socket.socket:
+def open_client(port: int, client_id: str, clean: bool = True) -> socket.socket:
     sock = socket.create_connection((HOST, port), timeout=SETUP_TIMEOUT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(connect_packet(client_id))
+    sock.sendall(connect_packet(client_id, clean))
     first, body = _read_packet(sock)
     if first != 0x20 or len(body) != 2 or body[1] != 0:
         raise LoadError(f"bad CONNACK for {client_id}: {first:#x} {body.hex()}")
@@ -394,14 +396,16 @@ def run_subscribers(
     payload_len: int,
     qos: int,
     ctl: Control,
+    clean: bool = True,
 ) -> None:
     """``count`` subscriber connections in one process; counts PUBLISHes inside the window.
 
-    Every message is expected on a topic as long as ``topic``, with ``payload_len`` bytes."""
+    Every message is expected on a topic as long as ``topic``, with ``payload_len`` bytes.
+    ``clean`` False: persistent sessions (the broker stores what it delivers to them)."""
     socks: list[socket.socket] = []
     try:
         for i in range(count):
-            sock = open_client(port, f"{name}-{i}")
+            sock = open_client(port, f"{name}-{i}", clean)
             socks.append(sock)
             subscribe(sock, topic_filter, qos)
     except Exception:

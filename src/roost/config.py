@@ -411,6 +411,9 @@ class ClusterSettings(_Model):
     link: LinkSettings = Field(default_factory=LinkSettings)
     #: Seconds of the node's etcd lease: a node that dies leaves the cluster this long after.
     lease_ttl: int = Field(10, ge=2, le=300)
+    #: Send this node's persistent sessions to their two store cores (off: a session survives
+    #: a restart of its node, not its loss; for benchmarks and clusters that accept that).
+    replication: bool = True
 
     @property
     def enabled(self) -> bool:

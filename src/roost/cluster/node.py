@@ -281,7 +281,10 @@ class Cluster:
         cfg = self.broker.config
         if self.role == "core":
             self.replicas = ReplicaStore(cfg.node.data_dir, cfg.persistence.fsync)
-            self.replicas.load_known()
+            self.replicas.load_known()  # kept even with replication off: others may send
+        durable.new_mid_space(secrets.randbits(30) << 32)
+        if not cfg.cluster.replication:
+            return
 
         def epoch_of(cid: str) -> int:
             s = self.broker.sessions.get(cid)
@@ -289,7 +292,6 @@ class Cluster:
 
         self.replicator = Replicator(self.me, links, lambda: list(self._core_set), epoch_of)
         durable.replicate = self.replicator.op
-        durable.new_mid_space(secrets.randbits(30) << 32)
         self.broker.commits.add(self.replicator)
 
     def _cores_changed(self) -> None:
@@ -1062,14 +1064,20 @@ class Cluster:
 
     async def _flush_registry_now(self) -> None:
         while self._registry_dirty:
+            # A pass writes the entries dirty now, so it covers the changes submitted so far;
+            # those made during it (a client subscribing while a write is under way) are left
+            # dirty for the next pass, whose target covers them. (Counting them in this pass
+            # but marking only the earlier target left their SUBACKs waiting forever.)
             target = self.registry.submitted
-            await self._flush_registry_pass()
-            if not self._registry_dirty:
+            batch, self._registry_dirty = self._registry_dirty, set()
+            if await self._flush_registry_pass(batch):
                 self.registry.done(target)
 
-    async def _flush_registry_pass(self) -> None:
-        while self._registry_dirty:
-            cid = self._registry_dirty.pop()
+    async def _flush_registry_pass(self, batch: set[str]) -> bool:
+        """Write the entries of ``batch``; False if some must be written again (etcd)."""
+        complete = True
+        while batch:
+            cid = batch.pop()
             session = self.broker.sessions.get(cid)
             if session is None or not session.epoch:
                 continue
@@ -1084,6 +1092,7 @@ class Cluster:
                 # Keep it dirty (the replies waiting for it keep waiting) and try again.
                 log.warning("registry entry of %s not written, retrying: %s", cid, e)
                 self._registry_dirty.add(cid)
+                complete = False
                 await asyncio.sleep(0.5)
                 continue
             if ok and kv is not None:
@@ -1093,6 +1102,7 @@ class Cluster:
                 # session right now (takeover), so keep it for that; drop it only if nobody
                 # came for it (the new home got it from the store cores).
                 self._spawn(self._drop_if_unclaimed(cid, session))
+        return complete
 
     async def _drop_if_unclaimed(self, cid: str, session: Session) -> None:
         await asyncio.sleep(_TAKEOVER_TIMEOUT * 2)
