@@ -112,18 +112,10 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(signal.SIGHUP, broker.reload_auth)
     log.info("roost %s started (node %s)", __version__, config.node.name)
 
-    async def ticker() -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            try:
-                broker.tick()
-            except Exception:
-                log.exception("timer tick failed")
-
-    tick_task = asyncio.create_task(ticker())
+    broker.start_timers()
     await stop.wait()
     log.info("shutting down")
-    tick_task.cancel()
+    broker.stop_timers()
     await mgmt.close()
     await listeners.close_all()
     broker.shutdown()
