@@ -114,19 +114,11 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(signal.SIGHUP, broker.reload_auth)
     log.info("roost %s started (node %s)", __version__, config.node.name)
 
-    async def ticker() -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            try:
-                broker.tick()
-            except Exception:
-                log.exception("timer tick failed")
-
-    tick_task = asyncio.create_task(ticker())
+    broker.start_timers()
     password_task = asyncio.create_task(broker.authn.watch_password_file())
     await stop.wait()
     log.info("shutting down")
-    tick_task.cancel()
+    broker.stop_timers()
     password_task.cancel()
     await mgmt.close()
     await listeners.close_all()

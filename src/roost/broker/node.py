@@ -2,21 +2,23 @@
 
 Transports create a :class:`~roost.broker.channel.Channel` per connection; the node keeps the
 sessions, routes every PUBLISH to the matching sessions, and runs the timers (keepalive, will
-delay, session expiry, $SYS) from ``tick``.
+delay, session expiry, $SYS): exact timers for wills and session expiry, a ``tick`` every
+half second for the rest, all on the injected :class:`~roost.broker.clock.Clock`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from roost import __version__
 from roost.broker.acl import Acl
 from roost.broker.authn import Authenticator
 from roost.broker.bans import Ban, Bans, peer_host
+from roost.broker.clock import Clock, Handle, LoopClock
 from roost.broker.commits import Commits
 from roost.broker.flapping import FlappingDetector
 from roost.broker.limits import Limits
@@ -36,12 +38,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("roost.broker")
 
+#: Seconds between two runs of ``Broker.tick`` (keepalive, connect timeout, $SYS...).
+TICK = 0.5
+
+
+class _Unarmed:
+    """The timer of a will or expiry set before ``start_timers`` (e.g. restored from the
+    store): nothing timed happens before the node serves, ``start_timers`` arms it."""
+
+    def cancel(self) -> None:
+        pass
+
+
+_UNARMED = _Unarmed()
+
 
 class Broker:
-    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
         self.config = config
-        self.clock = clock
-        self.started_at = clock()
+        #: Schedules the node's timers; ``clock`` is its ``now`` (monotonic seconds).
+        self.timers: Clock = clock or LoopClock()
+        self.clock: Callable[[], float] = self.timers.now
+        self.started_at = self.clock()
         self.stats = Stats()
         self.router = Router()
         self.retainer = Retainer()
@@ -50,8 +68,10 @@ class Broker:
         self.limits = Limits(self)
         self.sessions: dict[str, Session] = {}
         self.channels: set[Channel] = set()  # every live channel, connected or not
-        self._wills: dict[str, tuple[float, Message]] = {}  # client id -> (due, will)
-        self._expiring: dict[str, float] = {}  # offline session -> expiry time
+        # client id -> (due time, will, its timer); offline session -> (expiry time, its timer)
+        self._wills: dict[str, tuple[float, Message, Handle]] = {}
+        self._expiring: dict[str, tuple[float, Handle]] = {}
+        self._ticker: Handle | None = None
         self._next_sys = 0.0
         self._id_counter = 0
         # Set by the node runner when the store is durable (see roost.broker.durable).
@@ -64,8 +84,8 @@ class Broker:
         # being routed: the publishing channel reads them to choose its PUBACK/PUBREC.
         self.refused: list[Session] = []
         self.over: list[Session] = []
-        self.bans = Bans()
-        self.flapping = FlappingDetector(lambda: self.config.flapping_detect, clock)
+        self.bans = Bans(self.timers.wall)
+        self.flapping = FlappingDetector(lambda: self.config.flapping_detect, self.clock)
         #: Set while this node is evacuated: new connections are sent elsewhere.
         self.evacuating = False
         #: Set while this node is cut off from the cluster: it serves and acknowledges nothing.
@@ -119,7 +139,7 @@ class Broker:
         session = self.sessions.get(client_id)
         if session is None or session.channel is not None:
             return False
-        self._expiring.pop(client_id, None)
+        self._cancel_expiry(client_id)
         self._end_session(session)
         return True
 
@@ -145,10 +165,10 @@ class Broker:
         """Attach a channel to this node's session, taking over an older local connection;
         (session, present)."""
         session = self.sessions.get(client_id)
-        due = self._expiring.get(client_id)
-        if session is not None and due is not None and self.clock() >= due:
-            # Expired, though the timer has not reached it yet: it is not resumed.
-            del self._expiring[client_id]
+        expiring = self._expiring.get(client_id)
+        if session is not None and expiring is not None and self.clock() >= expiring[0]:
+            # Expired, though the timer has not fired yet: it is not resumed.
+            self._cancel_expiry(client_id)
             log.info("session %s expired", client_id)
             self._end_session(session)
             session = None
@@ -159,13 +179,13 @@ class Broker:
             old.disconnect(RC.SESSION_TAKEN_OVER)
             # Closing the old connection ends its session if that had expiry 0.
             session = self.sessions.get(client_id)
-        self._expiring.pop(client_id, None)
+        self._cancel_expiry(client_id)
         if session is not None and clean_start:
             self._end_session(session)
             session = None
         elif session is not None:
             # Resumed before the will delay ran out: the will is not sent.
-            self._wills.pop(client_id, None)
+            self.pending_will(client_id)
         present = session is not None
         if session is None:
             session = self.new_session(client_id)
@@ -195,7 +215,7 @@ class Broker:
         ends that), else they go at once."""
         session = self.sessions.get(client_id)
         if session is None:
-            self._wills.pop(client_id, None)
+            self.pending_will(client_id)
             return None
         if session.handoff is not None:
             session.handoff.end(session)  # what it holds goes with it, in order
@@ -206,8 +226,8 @@ class Broker:
             ch.will = None  # the new connection's node decides about wills now
             session.channel = None
             ch.disconnect(RC.SESSION_TAKEN_OVER)
-        self._wills.pop(client_id, None)
-        self._expiring.pop(client_id, None)
+        self.pending_will(client_id)
+        self._cancel_expiry(client_id)
         if relay is not None:
             session.relay = relay
         else:
@@ -245,7 +265,7 @@ class Broker:
         if will is not None:
             delay = min(channel.will_delay, session.expiry_interval)
             if delay:
-                self._wills[session.client_id] = (now + delay, will)
+                self._set_will(session.client_id, now + delay, will)
                 pending_will = will
             else:
                 self._publish_will(will, now)
@@ -254,7 +274,7 @@ class Broker:
             self._end_session(session)
             return
         if session.expiry_interval < 0xFFFFFFFF:
-            self._expiring[session.client_id] = now + session.expiry_interval
+            self.schedule_expiry(session.client_id, now + session.expiry_interval)
         if session.durable is not None:
             session.durable.save_session(session, pending_will, channel.will_delay, False)
         if self.cluster is not None:
@@ -262,19 +282,45 @@ class Broker:
 
     def pending_will(self, client_id: str) -> tuple[float, Message] | None:
         """Take the will waiting for its delay (due time, will), e.g. to hand it elsewhere."""
-        return self._wills.pop(client_id, None)
+        entry = self._wills.pop(client_id, None)
+        if entry is None:
+            return None
+        entry[2].cancel()
+        return entry[0], entry[1]
 
     def schedule_expiry(self, client_id: str, due: float) -> None:
-        self._expiring[client_id] = due
+        """End the session at ``due`` (the clock's time) unless a connection resumes it."""
+        self._cancel_expiry(client_id)
+        self._expiring[client_id] = (due, self._timer(due, partial(self._expire, client_id)))
+
+    def _cancel_expiry(self, client_id: str) -> None:
+        entry = self._expiring.pop(client_id, None)
+        if entry is not None:
+            entry[1].cancel()
+
+    def _expire(self, client_id: str) -> None:
+        del self._expiring[client_id]
+        session = self.sessions.get(client_id)
+        if session is not None and session.channel is None:
+            log.info("session %s expired", client_id)
+            self._end_session(session)
 
     def schedule_will(self, client_id: str, will: Message, delay: float) -> None:
         if delay > 0:
-            self._wills[client_id] = (self.clock() + delay, will)
+            self._set_will(client_id, self.clock() + delay, will)
         else:
             self._publish_will(will, self.clock())
 
+    def _set_will(self, client_id: str, due: float, will: Message) -> None:
+        self.pending_will(client_id)
+        self._wills[client_id] = (due, will, self._timer(due, partial(self._will_due, client_id)))
+
+    def _will_due(self, client_id: str) -> None:
+        _, will, _ = self._wills.pop(client_id)
+        self._publish_will(will, self.clock())
+
     def _end_session(self, session: Session) -> None:
-        pending = self._wills.pop(session.client_id, None)
+        pending = self.pending_will(session.client_id)
         if pending is not None:
             self._publish_will(pending[1], self.clock())
         for f in list(session.subscriptions):
@@ -491,26 +537,45 @@ class Broker:
 
     # ----------------------------------------------------------------------------- timers
 
+    def _timer(self, due: float, fn: Callable[[], None]) -> Handle:
+        if self._ticker is None:
+            return _UNARMED
+        return self.timers.call_later(due - self.clock(), fn)
+
+    def start_timers(self) -> None:
+        """Run ``tick`` every ``TICK`` seconds (on the clock) and the wills' and expiries'
+        timers, until ``stop_timers``."""
+        self._ticker = self.timers.call_later(TICK, self._run_tick)
+        for cid, (due, will, _) in list(self._wills.items()):
+            self._wills[cid] = (due, will, self._timer(due, partial(self._will_due, cid)))
+        for cid, (due, _) in list(self._expiring.items()):
+            self._expiring[cid] = (due, self._timer(due, partial(self._expire, cid)))
+
+    def stop_timers(self) -> None:
+        """No more ticks, wills or expiries from here on (shutting down)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        for _, _, timer in self._wills.values():
+            timer.cancel()
+        for _, timer in self._expiring.values():
+            timer.cancel()
+
+    def _run_tick(self) -> None:
+        self._ticker = self.timers.call_later(TICK, self._run_tick)
+        try:
+            self.tick()
+        except Exception:
+            log.exception("timer tick failed")
+
     def tick(self) -> None:
-        """Run due timers; the transport layer calls this about once a second."""
+        """Run the periodic checks: keepalive, connect and drain timeouts, flapping window,
+        QoS 2 receive timeout, $SYS."""
         now = self.clock()
         for ch in list(self.channels):
             ch.tick(now)
         if self.flapping:
             self.flapping.purge()
-        if self._wills:
-            for cid, (due, will) in list(self._wills.items()):
-                if now >= due:
-                    del self._wills[cid]
-                    self._publish_will(will, now)
-        if self._expiring:
-            for cid, due in list(self._expiring.items()):
-                if now >= due:
-                    del self._expiring[cid]
-                    session = self.sessions.get(cid)
-                    if session is not None and session.channel is None:
-                        log.info("session %s expired", cid)
-                        self._end_session(session)
         for session in self.sessions.values():
             if session.awaiting_rel:
                 limit = now - self.config.mqtt.await_rel_timeout
