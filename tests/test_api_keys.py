@@ -21,8 +21,9 @@ pytestmark = pytest.mark.timeout(120)
 
 CFG = {
     "sys_topics": {"enabled": False},
+    # Wrong secrets are tried on purpose here: no lock-out of 127.0.0.1 midway.
     "api": {"users": {"admin": "test-pass", "watcher": "watcher-pass"},
-            "roles": {"watcher": "viewer"}},
+            "roles": {"watcher": "viewer"}, "max_login_failures": 1000},
 }  # fmt: skip
 
 
