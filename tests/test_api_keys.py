@@ -100,8 +100,10 @@ def test_expired_keys_are_refused(node):
 def test_only_admins_make_change_or_delete_keys(node):
     admin = Api(node.api_url, key=node.api_key)
     viewer_key = _make(admin, "grafana", role="viewer")["api_secret"]
-    for who in (Api(node.api_url, key=viewer_key), Api(node.api_url, basic=("watcher",
-                                                                             "watcher-pass"))):
+    for who in (
+        Api(node.api_url, key=viewer_key),
+        Api(node.api_url, basic=("watcher", "watcher-pass")),
+    ):
         assert who.get("/api/v1/api_keys")[0] == 200  # reading (no secrets) is a viewer's
         assert who.call("POST", "/api/v1/api_keys", {"name": "mine"})[0] == 403
         assert who.call("PUT", "/api/v1/api_keys/grafana", {"role": "admin"})[0] == 403
