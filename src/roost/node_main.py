@@ -21,6 +21,7 @@ from roost.datadir import ensure_data_dir
 from roost.logs import setup_logging
 from roost.mgmt import hotconfig
 from roost.mgmt.api import Management, local_op
+from roost.mgmt.apikeys import KeyConflict
 from roost.mgmt.listeners import ListenerSet
 from roost.store.persister import Persister
 from roost.store.sqlite import SqliteStore
@@ -90,6 +91,8 @@ async def _join_cluster(broker: Broker, mgmt: Management) -> Cluster | None:
     # The cluster's config replaces the file's cluster-wide sections before listeners open.
     await cluster.state.attach(lambda new: hotconfig.apply_config(broker, mgmt.listeners, new))
     mgmt.cluster_state = cluster.state
+    # API keys made through the REST API: in etcd, usable on every node.
+    mgmt.key_writer = await cluster.mirror_api_keys(mgmt.key_table, KeyConflict)
     return cluster
 
 

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from roost.broker.channel import Channel
     from roost.broker.node import Broker
     from roost.broker.session import Session
+    from roost.cluster.apikeys import ApiKeyMirror, KeySink
     from roost.cluster.etcd import Watch
     from roost.config import Config
 
@@ -226,6 +227,15 @@ class Cluster:
         self._spawn(self._refresh_loop())
         log.info("joined cluster %s as %s (%s), link %s, %d nodes", self.config.name, self.me,
                  self.role, self.link_address, len(self.members))  # fmt: skip
+
+    async def mirror_api_keys(self, sink: KeySink, conflict: type[Exception]) -> ApiKeyMirror:
+        """Mirror ``apikeys/`` into ``sink`` (the REST API's key table); close() ends it."""
+        from roost.cluster.apikeys import ApiKeyMirror
+
+        mirror = ApiKeyMirror(self.etcd, sink, conflict)
+        await mirror.start()
+        self._watches.extend(mirror.watches)
+        return mirror
 
     async def close(self) -> None:
         self.joined = False

@@ -119,6 +119,18 @@ def add_parser(sub: Any) -> None:
     bd.add_argument("kind", choices=["clientid", "username", "peerhost"])
     bd.add_argument("who")
 
+    keys = cmds.add_parser("api-keys", help="API keys made through the API").add_subparsers(
+        dest="action", required=True
+    )
+    _leaf(keys, "list")
+    kc = _leaf(keys, "create", help="make a key; prints its secret, shown only once")
+    kc.add_argument("name")
+    kc.add_argument("--role", choices=["viewer", "operator", "admin"], default="admin")
+    kc.add_argument("--description", default="")
+    kc.add_argument("--for", dest="seconds", type=float, help="seconds (default: never expires)")
+    kc.add_argument("--disabled", action="store_true", help="made disabled")
+    _leaf(keys, "delete").add_argument("name")
+
     conf = cmds.add_parser("config", help="running configuration").add_subparsers(
         dest="action", required=True
     )
@@ -312,6 +324,8 @@ SUB_COLS = [
 LISTENER_COLS = [("id", "ID"), ("bind", "BIND"), ("status", "STATUS"),
                  ("connections", "CONNECTIONS"), ("max_connections", "MAX")]  # fmt: skip
 BAN_COLS = [("as", "AS"), ("who", "WHO"), ("reason", "REASON"), ("by", "BY"), ("until", "UNTIL")]
+KEY_COLS = [("name", "NAME"), ("role", "ROLE"), ("enable", "ENABLED"), ("expired_at", "EXPIRES"),
+            ("expired", "EXPIRED"), ("description", "DESCRIPTION")]  # fmt: skip
 RET_COLS = [("topic", "TOPIC"), ("qos", "QOS"), ("payload_size", "SIZE"), ("from_clientid", "FROM")]
 
 
@@ -424,6 +438,21 @@ def _dispatch(c: Client, a: argparse.Namespace) -> tuple[str, Any, int] | None:
             return f"banned {a.kind} {a.who}", d, 0
         c.call("DELETE", f"/api/v1/banned/{_seg(a.kind)}/{_seg(a.who)}")
         return f"lifted the ban on {a.kind} {a.who}", {"deleted": [a.kind, a.who]}, 0
+    if cmd == "api-keys":
+        if action == "list":
+            data = c.call("GET", "/api/v1/api_keys")["data"]
+            return table(data, KEY_COLS), data, 0
+        if action == "create":
+            body = {"name": a.name, "role": a.role, "description": a.description,
+                    "enable": not a.disabled}  # fmt: skip
+            if a.seconds:
+                body["expired_at"] = time.time() + a.seconds
+            d = c.call("POST", "/api/v1/api_keys", body)
+            text = (f"{d['api_secret']}\n(the secret of key {d['name']}, role {d['role']}: "
+                    "shown this once)")  # fmt: skip
+            return text, d, 0
+        c.call("DELETE", f"/api/v1/api_keys/{_seg(a.name)}")
+        return f"deleted the API key {a.name}", {"deleted": a.name}, 0
     if cmd == "config":
         cfg = c.call("GET", "/api/v1/config")
         if action == "get":

@@ -23,7 +23,7 @@ from roost.broker.service import (
     iso_time,
 )
 from roost.config import Config, ConfigError, parse_bind
-from roost.datadir import admin_password
+from roost.datadir import admin_password, ensure_data_dir
 from roost.mgmt import hotconfig, metrics
 from roost.mgmt.api.auth import ROLE_BY_HANDLER, Credentials, LoginGuard, auth_middleware
 from roost.mgmt.api.core import (
@@ -36,6 +36,8 @@ from roost.mgmt.api.core import (
     log,
 )
 from roost.mgmt.api.dashboard import _dashboard, _index
+from roost.mgmt.apikeys import FILE_NAME as KEYS_FILE
+from roost.mgmt.apikeys import FileKeys, KeyTable, KeyWriter
 from roost.mgmt.evacuation import Evacuation
 from roost.mgmt.listeners import ListenerSet
 
@@ -87,6 +89,10 @@ class Management(Credentials):
         self.runner: web.AppRunner | None = None
         self._keys: dict[str, str] = {}  # key -> name
         self._keys_src: tuple[str, float] | None = None
+        #: Keys made through the API; a lone node keeps them in its data dir, a cluster's
+        #: layer sets ``key_writer`` to its etcd mirror before start().
+        self.key_table = KeyTable()
+        self.key_writer: KeyWriter | None = None
         self.logins = LoginGuard()
         #: The admin's password when api.users has none (resolved at start, see roost.datadir).
         self.admin_password: str | None = None
@@ -163,6 +169,11 @@ class Management(Credentials):
     async def start(self) -> web.AppRunner:
         if "admin" not in self.broker.config.api.users:
             self.admin_password = admin_password(self.broker.config)
+        if self.key_writer is None:
+            data_dir = ensure_data_dir(self.broker.config.node.data_dir)
+            keys = FileKeys(data_dir / KEYS_FILE, self.key_table)
+            keys.load()
+            self.key_writer = keys
         app = make_app(self)
         server_log = logging.getLogger("aiohttp.server")
         if not any(isinstance(f, _MalformedRequestFilter) for f in server_log.filters):
@@ -217,6 +228,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 def make_app(m: Management) -> web.Application:
     # The resource modules declare their routes when imported.
     from roost.mgmt.api import (  # noqa: F401
+        apikeys,
         bans,
         clients,
         cluster,

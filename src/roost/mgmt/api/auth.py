@@ -25,6 +25,7 @@ from roost.mgmt.api.core import (
     mgmt_of,
     route,
 )
+from roost.mgmt.apikeys import KeyTable
 
 
 class AclReloaded(BaseModel):
@@ -110,7 +111,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         resp.headers["Retry-After"] = str(max(1, round(locked)))  # fmt: skip
         return resp
     header = request.headers.get("Authorization", "")
-    who = m.authenticate(header)
+    who = m.authenticate(header) or await m.authenticate_made_key(header)
     if who is None:
         if header:  # no header is no login attempt (a browser's first request)
             n = m.logins.failed(addr, api.max_login_failures, api.login_lockout)
@@ -152,11 +153,13 @@ async def authorization_reload(request: web.Request) -> web.Response:
 
 
 class Credentials:
-    """API keys (from the bootstrap file, re-read when it changes), users and roles; mixed into
-    ``Management``, which sets ``broker``, ``admin_password`` and the key cache."""
+    """API keys (from the bootstrap file, re-read when it changes, and those made through the
+    API: ``key_table``), users and roles; mixed into ``Management``, which sets ``broker``,
+    ``admin_password``, the key cache and the key table."""
 
     broker: Broker
     admin_password: str | None
+    key_table: KeyTable
     _keys: dict[str, str]
     _keys_src: tuple[str, float] | None
 
@@ -242,3 +245,19 @@ class Credentials:
                 if name == user and hmac.compare_digest(key.encode(), pw.encode()):
                     return self._key_caller(name)
         return None
+
+    async def authenticate_made_key(self, header: str) -> Caller | None:
+        """The caller for a key made through the API (bearer secret, or basic name:secret)."""
+        scheme, _, cred = header.partition(" ")
+        scheme, cred = scheme.lower(), cred.strip()
+        if scheme == "bearer" and cred:
+            key = await self.key_table.verify(None, cred)
+        elif scheme == "basic":
+            try:
+                name, sep, secret = base64.b64decode(cred, validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            key = await self.key_table.verify(name, secret) if sep else None
+        else:
+            return None
+        return None if key is None else Caller(key.name, key.role, "key")
