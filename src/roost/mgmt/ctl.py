@@ -440,8 +440,8 @@ def _dispatch(c: Client, a: argparse.Namespace) -> tuple[str, Any, int] | None:
         return f"lifted the ban on {a.kind} {a.who}", {"deleted": [a.kind, a.who]}, 0
     if cmd == "api-keys":
         if action == "list":
-            data = c.call("GET", "/api/v1/api_keys")["data"]
-            return table(data, KEY_COLS), data, 0
+            keys: list[dict[str, Any]] = c.call("GET", "/api/v1/api_keys")["data"]
+            return table(keys, KEY_COLS), keys, 0
         if action == "create":
             body = {"name": a.name, "role": a.role, "description": a.description,
                     "enable": not a.disabled}  # fmt: skip
