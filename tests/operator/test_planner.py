@@ -200,3 +200,25 @@ def test_phase_stays_upgrading_through_a_rollout() -> None:
     o = replace(BASE, core_pods=cores(3, "c2"), core_revision="c2", replicant_revision="r2")
     o = replace(o, deployments=[DeploymentState("r2", 2, 0)], replicant_pods=reps(2, "r2", False))
     assert plan(o).phase == "Creating" and plan(replace(o, rolling_out=True)).phase == "Upgrading"
+
+
+def test_a_claim_being_bound_is_not_yet_unschedulable() -> None:
+    import datetime
+
+    from roost.operator.reconcile import pod_state
+
+    def pod(message: str, seconds_ago: float) -> dict[str, object]:
+        t = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=seconds_ago)
+        cond = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": message,
+            "lastTransitionTime": t.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        return {"metadata": {"name": "r-core-0"}, "status": {"conditions": [cond]}}
+
+    unbound = "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims."
+    assert pod_state(pod(unbound, 2)).unschedulable == ""
+    assert pod_state(pod(unbound, 60)).unschedulable == unbound
+    assert pod_state(pod("0/3 nodes: Insufficient cpu.", 1)).unschedulable

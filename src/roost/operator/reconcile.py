@@ -117,12 +117,28 @@ def _waiting_reason(pod: Obj) -> str:
     return ""
 
 
+#: Seconds a pod may wait for its claim to be bound (a provisioner at work) before it counts.
+UNBOUND_CLAIM_GRACE = 30.0
+
+
+def _age(timestamp: str | None) -> float:
+    if not timestamp:
+        return float("inf")
+    t = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    return (datetime.datetime.now(datetime.UTC) - t).total_seconds()
+
+
 def _unschedulable(pod: Obj) -> str:
     """The scheduler's message for a pod it cannot place (e.g. "0/3 nodes are available: ...")."""
     for c in pod.get("status", {}).get("conditions", []):
         unplaced = c.get("status") == "False" and c.get("reason") == "Unschedulable"
         if c.get("type") == "PodScheduled" and unplaced:
-            return str(c.get("message") or "no node fits")
+            message = str(c.get("message") or "no node fits")
+            # Every new core waits so for its PVC: only a claim that stays unbound is trouble.
+            waiting = "unbound immediate PersistentVolumeClaims" in message
+            if waiting and _age(c.get("lastTransitionTime")) < UNBOUND_CLAIM_GRACE:
+                return ""
+            return message
     return ""
 
 

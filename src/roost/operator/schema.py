@@ -49,11 +49,6 @@ def _unique_rule(kinds: tuple[str, ...]) -> str:
     return f"({ports}).all(p, ({ports}).exists_one(q, q == p))"
 
 
-def _first_duplicate(kinds: tuple[str, ...]) -> str:
-    ports = _port_list(kinds)
-    return f"string(({ports}).filter(p, !({ports}).exists_one(q, q == p))[0])"
-
-
 def _port_names() -> str:
     """CEL on the spec: the listeners Service's port names (render.listener_ports' naming).
 
@@ -71,19 +66,17 @@ def _port_names() -> str:
     return f"(has(self.config) && has({ls}) ? {' + '.join(parts)} : [{', '.join(defaults)}])"
 
 
-def _service_type(m: str) -> str:
-    return f"(has({m}.type) ? {m}.type : 'ClusterIP')"
-
-
 @dataclass(frozen=True)
 class Rule:
-    """A CEL rule on one schema definition; ``expression`` builds the message the user sees
-    (naming the value), ``message`` is the API server's fallback if that fails."""
+    """A CEL rule on one schema definition, or on one of its scalar ``field``s: there the API
+    server's error shows the value itself (``spec.coreTemplate.replicas: Invalid value: 4:
+    ...``). No messageExpression: the API server estimates any string built at run time (even
+    ``string(self.replicas)``) as too costly and refuses the CRD."""
 
     definition: str
     rule: str
     message: str
-    expression: str = ""
+    field: str = ""
 
 
 _LSVC = "self.listenersServiceTemplate"
@@ -92,39 +85,31 @@ _DSVC = "self.dashboardServiceTemplate"
 CEL_RULES: list[Rule] = [
     Rule(
         "CoreTemplate",
-        "!has(self.replicas) || self.replicas % 2 == 1",
+        "self % 2 == 1",
         "coreTemplate.replicas must be odd (1, 3, 5 or 7): etcd needs a majority of core nodes",
-        "'coreTemplate.replicas must be odd (1, 3, 5 or 7): etcd needs a majority of core "
-        "nodes; it is ' + string(self.replicas)",
+        "replicas",
     ),
     Rule(
         "Listeners",
         _unique_rule(TCP_KINDS),
         "two enabled TCP listeners (tcp, ssl, ws, wss) use the same port",
-        "'two enabled TCP listeners (tcp, ssl, ws, wss) use the same port: ' + "
-        + _first_duplicate(TCP_KINDS)
-        + " + '; give one another port or set enabled: false'",
     ),
     Rule(
         "Listeners",
         _unique_rule(("quic",)),
         "two enabled QUIC listeners use the same UDP port",
-        "'two enabled QUIC listeners use the same UDP port: ' + " + _first_duplicate(("quic",)),
     ),
     Rule(
         "ServiceTemplate",
         "!has(self.nodePorts) || size(self.nodePorts) == 0 || "
         "(has(self.type) && self.type in ['NodePort', 'LoadBalancer'])",
         "nodePorts need type NodePort or LoadBalancer",
-        "'nodePorts need type NodePort or LoadBalancer, not ' + " + _service_type("self"),
     ),
     Rule(
         "ServiceTemplate",
         "!has(self.externalTrafficPolicy) || "
         "(has(self.type) && self.type in ['NodePort', 'LoadBalancer'])",
         "externalTrafficPolicy needs type NodePort or LoadBalancer",
-        "'externalTrafficPolicy: ' + self.externalTrafficPolicy + ' needs type NodePort or "
-        "LoadBalancer, not ' + " + _service_type("self"),
     ),
     Rule(
         "DisruptionBudget",
@@ -133,50 +118,41 @@ CEL_RULES: list[Rule] = [
     ),
     Rule(
         "ApiSettings",
-        "!has(self.enabled) || self.enabled",
+        "self",
         "config.api.enabled must be true on Kubernetes: the probes and the operator use the "
         "nodes' REST API",
+        "enabled",
     ),
     Rule(
         "ApiSettings",
-        f"!has(self.bind) || self.bind in ['0.0.0.0:{MGMT_PORT}', ':{MGMT_PORT}', '{MGMT_PORT}']",
-        f"config.api.bind must be 0.0.0.0:{MGMT_PORT} on Kubernetes",
-        "'config.api.bind is ' + self.bind + ', not "
-        f"0.0.0.0:{MGMT_PORT}: the probes and the operator reach each node on port "
-        f"{MGMT_PORT} of its pod address; remove the key'",
+        f"self in ['0.0.0.0:{MGMT_PORT}', ':{MGMT_PORT}', '{MGMT_PORT}']",
+        f"config.api.bind must be 0.0.0.0:{MGMT_PORT} on Kubernetes: the probes and the "
+        f"operator reach each node on port {MGMT_PORT} of its pod address; remove the key",
+        "bind",
     ),
     Rule(
         "RoostClusterSpec",
         f"!has({_LSVC}) || !has({_LSVC}.nodePorts) || "
         f"{_LSVC}.nodePorts.all(k, k in {_port_names()})",
-        "listenersServiceTemplate.nodePorts names a port the listeners Service does not have "
-        "(<listener type>-<listener name> of an enabled listener)",
-        f"'listenersServiceTemplate.nodePorts: ' + {_LSVC}.nodePorts.filter(k, "
-        f"!(k in {_port_names()})).join(', ') + ' is not a port of the listeners Service; "
-        f"its ports: ' + {_port_names()}.join(', ')",
+        "listenersServiceTemplate.nodePorts names a port the listeners Service does not have; "
+        "its ports are <listener type>-<listener name> of the enabled listeners, e.g. "
+        "tcp-default, quic-default",
     ),
     Rule(
         "RoostClusterSpec",
         f"!has({_DSVC}) || !has({_DSVC}.nodePorts) || {_DSVC}.nodePorts.all(k, k == 'dashboard')",
         "dashboardServiceTemplate.nodePorts has one port: dashboard",
-        f"'dashboardServiceTemplate.nodePorts: ' + {_DSVC}.nodePorts.filter(k, "
-        "k != 'dashboard').join(', ') + ' is not a port of the dashboard Service; its port: "
-        "dashboard'",
     ),
 ]
 
 
-def _validations(definition: str) -> list[Schema]:
-    out = []
-    for r in CEL_RULES:
-        if r.definition != definition:
-            continue
-        # No fieldPath: Kubernetes 1.27 does not know it; the message names the field.
-        v: Schema = {"rule": r.rule, "message": r.message}
-        if r.expression:
-            v["messageExpression"] = r.expression
-        out.append(v)
-    return out
+def _validations(definition: str, field: str = "") -> list[Schema]:
+    # No fieldPath: Kubernetes 1.27 does not know it; the message names the field.
+    return [
+        {"rule": r.rule, "message": r.message}
+        for r in CEL_RULES
+        if r.definition == definition and r.field == field
+    ]
 
 
 #: Extra constraints the pydantic validators hold but do not write into the JSON schema.
@@ -236,6 +212,9 @@ def _structural(node: Any, defs: dict[str, Schema], name: str | None = None) -> 
             out["properties"][prop].update(extra)
     if name is not None and _validations(name):
         out["x-kubernetes-validations"] = _validations(name)
+    for r in CEL_RULES:
+        if name is not None and r.definition == name and r.field:
+            out["properties"][r.field]["x-kubernetes-validations"] = _validations(name, r.field)
     if name == "Listeners":
         # The broker's default listeners, written into the object by the API server when a kind
         # is left out: the port rules above only see what the object holds, so without them a
