@@ -332,6 +332,7 @@ class OperatorProcess:
                     f"--interval={interval}",
                     f"--node-port={node_port}",
                     "--liveness=",
+                    "--evacuation-retry=3",
                     "--log-level=info",
                 ],
                 stdin=subprocess.DEVNULL,

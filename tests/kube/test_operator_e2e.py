@@ -41,6 +41,10 @@ CRD_MESSAGES = {
     "even": "coreTemplate.replicas must be odd (1, 3, 5 or 7): etcd needs a majority of core nodes",
     "ports": "two enabled TCP listeners (tcp, ssl, ws, wss) use the same port",
     "nodeports": "nodePorts need type NodePort or LoadBalancer",
+    "nodeport-name": "listenersServiceTemplate.nodePorts names a port the listeners Service "
+    "does not have",
+    "api-off": "config.api.enabled must be true on Kubernetes",
+    "api-bind": "config.api.bind must be 0.0.0.0:18083 on Kubernetes",
 }
 
 
@@ -260,6 +264,14 @@ def test_create_to_ready(e2e: E2E, ns: str) -> None:
             {"listenersServiceTemplate": {"nodePorts": {"quic-default": 30567}}},
             "spec.listenersServiceTemplate",
         ),
+        (
+            "nodeport-name",
+            # A typo would leave the port to a random node port, silently.
+            {"listenersServiceTemplate": {"type": "NodePort", "nodePorts": {"quic-defualt": 1}}},
+            "spec",
+        ),
+        ("api-off", {"config": {"api": {"enabled": False}}}, "spec.config.api.enabled"),
+        ("api-bind", {"config": {"api": {"bind": "127.0.0.1:18083"}}}, "spec.config.api.bind"),
     ],
 )
 def test_invalid_spec_refused_by_the_api_server(

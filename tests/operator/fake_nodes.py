@@ -41,6 +41,11 @@ class FakeNodes:
         self.journal = journal
         self.nodes: dict[str, FakeNode] = {}  # by ip
         self.keys_seen: set[str] = set()
+        #: Pod name prefix -> how its evacuations go: "fail" (reported failed), "hold" (never
+        #: done; stopped only by DELETE). Others finish after two polls.
+        self.evacuation_modes: dict[str, str] = {}
+        #: Pod name prefixes whose nodes refuse PUT /api/v1/config.
+        self.refuse_config: set[str] = set()
         self.sites: dict[str, web.TCPSite] = {}
         app = web.Application(middlewares=[self._auth])
         app.router.add_get("/status", self.status)
@@ -51,6 +56,7 @@ class FakeNodes:
         app.router.add_put("/api/v1/config", self.put_config)
         app.router.add_post("/api/v1/node/evacuation", self.start_evacuation)
         app.router.add_get("/api/v1/node/evacuation", self.evacuation_status)
+        app.router.add_delete("/api/v1/node/evacuation", self.stop_evacuation)
         self.runner = web.AppRunner(app)
 
     async def start(self) -> None:
@@ -121,6 +127,11 @@ class FakeNodes:
     async def put_config(self, request: web.Request) -> web.Response:
         me = self._me(request)
         body = await request.json()
+        if any(me.pod.startswith(p) for p in self.refuse_config):
+            self.journal.append(("config-refused", me.pod))
+            return web.json_response(
+                {"code": "INVALID_CONFIG", "message": "the test refuses this config"}, status=400
+            )
         Config.model_validate(body)  # the contract: a full config, node section excluded
         me.config = body
         self.journal.append(("put-config", me.pod))
@@ -134,10 +145,26 @@ class FakeNodes:
         self.journal.append(("evacuate", me.pod))
         return web.json_response({"status": "evacuating"}, status=202)
 
+    def _mode(self, pod: str) -> str:
+        return next((m for p, m in self.evacuation_modes.items() if pod.startswith(p)), "")
+
+    async def stop_evacuation(self, request: web.Request) -> web.Response:
+        me = self._me(request)
+        me.evacuation = "idle"
+        self.journal.append(("evacuation-stopped", me.pod))
+        return web.Response(status=204)
+
     async def evacuation_status(self, request: web.Request) -> web.Response:
         me = self._me(request)
         me.polls += 1
-        if me.evacuation == "evacuating" and me.polls >= 2:
+        mode = self._mode(me.pod)
+        if me.evacuation == "evacuating" and mode == "fail" and me.polls >= 2:
+            me.evacuation = "failed"
+            self.journal.append(("evacuation-failed", me.pod))
+            return web.json_response(
+                {"status": "failed", "connections": 7, "sessions": 3, "message": "no node took"}
+            )
+        if me.evacuation == "evacuating" and mode != "hold" and me.polls >= 2:
             me.evacuation, me.connections = "done", 0
             self.journal.append(("evacuated", me.pod))
         left = 0 if me.evacuation == "done" else me.connections

@@ -158,3 +158,67 @@ def test_core_pods_roll_only_once_the_statefulset_controller_saw_the_template() 
     assert not sts_caught_up({"metadata": {"generation": 5}, "status": {"observedGeneration": 4}})
     assert sts_caught_up({"metadata": {"generation": 5}, "status": {"observedGeneration": 5}})
     assert not sts_caught_up({"metadata": {"generation": 2}, "status": {}})
+
+
+def test_an_unschedulable_pod_degrades_with_the_schedulers_message() -> None:
+    why = "0/3 nodes are available: 3 node(s) didn't match pod anti-affinity rules."
+    stuck = PodState("r-replicant-r1-2", "r1", False, unschedulable=why)
+    o = replace(
+        BASE,
+        replicant_desired=3,
+        deployments=[DeploymentState("r1", 3, 2)],
+        replicant_pods=[*reps(2), stuck],
+    )
+    p = plan(o)
+    assert p.phase == "Degraded" and not p.ready
+    assert p.degraded_reason == "PodsUnschedulable"
+    assert p.degraded == f"r-replicant-r1-2: Unschedulable: {why}"
+    # A core that no node fits, at creation.
+    core = PodState("r-core-2", "c1", False, unschedulable="0/3 nodes: Insufficient cpu.")
+    p = plan(replace(BASE, core_pods=[*cores(2), core], deployments=[], replicant_pods=[]))
+    assert p.phase == "Degraded" and "r-core-2: Unschedulable: 0/3 nodes: Insufficient cpu." in (
+        p.degraded
+    )
+    # Both kinds of trouble are listed, the scheduler's first.
+    bad = PodState("r-core-1", "c1", False, waiting_reason="ImagePullBackOff")
+    p = plan(replace(BASE, core_pods=[cores(1)[0], bad, core]))
+    assert p.degraded.index("Unschedulable") < p.degraded.index("ImagePullBackOff")
+    # A pod being deleted is no longer a problem.
+    assert not plan(replace(o, replicant_pods=[*reps(2), replace(stuck, deleting=True)])).degraded
+
+
+def test_phase_stays_upgrading_through_a_rollout() -> None:
+    """Between two replaced cores (one deleted, not back yet) the planner alone would say
+    Creating; during a rollout that is the upgrade going on."""
+    pods = [*cores(2, "c1"), PodState("r-core-2", "c2", False)]
+    o = replace(BASE, core_revision="c2", core_pods=pods)
+    assert plan(o).phase == "Upgrading"
+    last = replace(o, core_pods=[PodState("r-core-0", "c2", False), *cores(3, "c2")[1:]])
+    assert plan(last).phase == "Creating"  # no rollout known: a cluster starting
+    assert plan(replace(last, rolling_out=True)).phase == "Upgrading"
+    # New replicants starting after the cores: still the upgrade.
+    o = replace(BASE, core_pods=cores(3, "c2"), core_revision="c2", replicant_revision="r2")
+    o = replace(o, deployments=[DeploymentState("r2", 2, 0)], replicant_pods=reps(2, "r2", False))
+    assert plan(o).phase == "Creating" and plan(replace(o, rolling_out=True)).phase == "Upgrading"
+
+
+def test_a_claim_being_bound_is_not_yet_unschedulable() -> None:
+    import datetime
+
+    from roost.operator.reconcile import pod_state
+
+    def pod(message: str, seconds_ago: float) -> dict[str, object]:
+        t = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=seconds_ago)
+        cond = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": message,
+            "lastTransitionTime": t.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        return {"metadata": {"name": "r-core-0"}, "status": {"conditions": [cond]}}
+
+    unbound = "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims."
+    assert pod_state(pod(unbound, 2)).unschedulable == ""
+    assert pod_state(pod(unbound, 60)).unschedulable == unbound
+    assert pod_state(pod("0/3 nodes: Insufficient cpu.", 1)).unschedulable

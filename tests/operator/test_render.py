@@ -198,3 +198,45 @@ def test_replicants_use_the_cores_etcd_and_advertise_their_pod_ip() -> None:
         core["ROOST_CLUSTER__LINK__ADVERTISE"]
         == "$(POD_NAME).mq-headless.$(POD_NAMESPACE).svc:4370"
     )
+
+
+def test_disruption_budgets_per_role() -> None:
+    def budgets(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        objs = render.static_objects("mq", "ns1", UID, parse_spec(raw), "core")
+        for o in objs:
+            validate(o)
+        return {
+            o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "PodDisruptionBudget"
+        }
+
+    default = budgets({})
+    assert (
+        default["mq-core"]["maxUnavailable"] == 1 and default["mq-replicant"]["maxUnavailable"] == 1
+    )
+    assert default["mq-core"]["selector"]["matchLabels"] == render.selector("mq", "core")
+    raw = {
+        "coreTemplate": {"podDisruptionBudget": {"minAvailable": 2}},
+        "replicantTemplate": {"podDisruptionBudget": {"maxUnavailable": "25%"}},
+    }
+    got = budgets(raw)
+    assert got["mq-core"] == {"selector": got["mq-core"]["selector"], "minAvailable": 2}
+    assert got["mq-replicant"]["maxUnavailable"] == "25%"
+    off = budgets({"replicantTemplate": {"podDisruptionBudget": {"enabled": False}}})
+    assert set(off) == {"mq-core"}
+
+
+def test_service_monitor_scrapes_every_pod() -> None:
+    """It selects the headless Service only (every pod, replicants too, behind its mgmt port)."""
+    objs = render.static_objects(
+        "mq", "ns1", UID, parse_spec({"serviceMonitor": {"enabled": True}}), "core"
+    )
+    (sm,) = [o for o in objs if o["kind"] == "ServiceMonitor"]
+    sel = sm["spec"]["selector"]["matchLabels"]
+    services = [o for o in objs if o["kind"] == "Service"]
+    chosen = [s for s in services if sel.items() <= s["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in chosen] == ["mq-headless"]
+    (svc,) = chosen
+    assert svc["spec"]["selector"] == render.selector("mq")  # no role: cores and replicants
+    port = sm["spec"]["endpoints"][0]["port"]
+    assert port in {p["name"] for p in svc["spec"]["ports"]}
+    assert next(p for p in svc["spec"]["ports"] if p["name"] == port)["port"] == render.MGMT_PORT

@@ -95,8 +95,11 @@ def make_registry(
                 def warn(reason: str, message: str, snapshot: Any = snapshot) -> None:
                     kopf.warn(snapshot, reason=reason, message=message)
 
+                def latest() -> Any:
+                    return plain(body.get("spec") or {})  # kopf keeps a daemon's body live
+
                 try:
-                    await Reconciler(ctx, snapshot, warn).run()
+                    await Reconciler(ctx, snapshot, warn, latest).run()
                 except Exception:
                     log.exception("reconciling %s failed; retrying", body["metadata"]["name"])
                 try:

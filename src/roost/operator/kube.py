@@ -7,6 +7,7 @@ the credentials kopf's login produced, so one login serves both.
 from __future__ import annotations
 
 import base64
+import json
 import ssl
 import tempfile
 from typing import Any
@@ -47,6 +48,16 @@ class ApiError(Exception):
     def __init__(self, status: int, text: str) -> None:
         super().__init__(f"HTTP {status}: {text[:300]}")
         self.status = status
+        #: What the API server said (its Status object's message), for the user to read.
+        self.message = _status_message(text) or text[:300]
+
+
+def _status_message(text: str) -> str:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return ""
+    return str(body.get("message", "")) if isinstance(body, dict) else ""
 
 
 def collection_url(kind: str, ns: str) -> str:

@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="port of the broker nodes' REST API on each pod IP (default: 18083, the broker's)",
     )
     parser.add_argument(
+        "--evacuation-retry",
+        type=float,
+        default=30.0,
+        help="seconds before a pod kept after a failed evacuation is asked again",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument(
@@ -41,7 +47,7 @@ def run_operator(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = Settings(interval=args.interval)
+    settings = Settings(interval=args.interval, evacuation_retry=args.evacuation_retry)
     if args.node_port is not None:
         settings.node_port = args.node_port
     registry = make_registry(settings)

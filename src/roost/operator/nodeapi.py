@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ class NodeApiError(Exception):
 class EvacuationResult:
     completed: bool
     detail: str
+    #: Stopped because the step it was for is no longer wanted.
+    cancelled: bool = False
 
 
 class NodeClient:
@@ -68,8 +71,10 @@ class NodeClient:
         wait_takeover: int,
         timeout: float,
         poll: float = 1.0,
+        still_wanted: Callable[[], bool] = lambda: True,
     ) -> EvacuationResult:
-        """Start moving this node's clients away and wait until it reports done."""
+        """Start moving this node's clients away and wait until it reports done; stop it (the
+        node serves again) as soon as ``still_wanted`` says no."""
         await self._call(
             "POST",
             "/api/v1/node/evacuation",
@@ -89,4 +94,10 @@ class NodeClient:
             if time.monotonic() > deadline:
                 left = f"{state.get('connections', '?')} connections"
                 return EvacuationResult(False, f"evacuation timed out with {left} left")
+            if not still_wanted():
+                await self.stop_evacuation()
+                return EvacuationResult(False, "cancelled", cancelled=True)
             await asyncio.sleep(poll)
+
+    async def stop_evacuation(self) -> None:
+        await self._call("DELETE", "/api/v1/node/evacuation")

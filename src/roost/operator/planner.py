@@ -27,6 +27,8 @@ class PodState:
     deleting: bool = False
     #: Why a container waits (ImagePullBackOff, CrashLoopBackOff...), if it does.
     waiting_reason: str = ""
+    #: The scheduler's message when it cannot place the pod (PodScheduled=False).
+    unschedulable: str = ""
 
     @property
     def ordinal(self) -> int:
@@ -53,6 +55,9 @@ class Observed:
     core_pods: list[PodState] = field(default_factory=list)
     deployments: list[DeploymentState] = field(default_factory=list)
     replicant_pods: list[PodState] = field(default_factory=list)
+    #: A rollout to a new revision is under way (status.currentRevision is not the update
+    #: revision): pods starting or not ready then are part of an upgrade, not a creation.
+    rolling_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,9 @@ class Plan:
     phase: str = "Running"
     ready: bool = False
     waiting: str = ""
+    #: What is wrong with the pods (for the Degraded condition), and its reason.
     degraded: str = ""
+    degraded_reason: str = ""
 
 
 BAD_WAIT_REASONS = {
@@ -88,15 +95,29 @@ BAD_WAIT_REASONS = {
 }
 
 
-def _degraded(pods: list[PodState]) -> str:
-    bad = [p for p in pods if p.waiting_reason in BAD_WAIT_REASONS]
-    return ", ".join(f"{p.name}: {p.waiting_reason}" for p in bad)
+def _degraded(pods: list[PodState]) -> tuple[str, str]:
+    """(reason, message) of the pods that cannot run; ("", "") when none."""
+    live = [p for p in pods if not p.deleting]
+    unplaced = [f"{p.name}: Unschedulable: {p.unschedulable}" for p in live if p.unschedulable]
+    bad = [f"{p.name}: {p.waiting_reason}" for p in live if p.waiting_reason in BAD_WAIT_REASONS]
+    if not unplaced and not bad:
+        return "", ""
+    return ("PodsUnschedulable" if unplaced else "PodsFailing"), ", ".join(unplaced + bad)
 
 
 def plan(o: Observed) -> Plan:
+    p = _plan(o)
+    # An upgrade is one phase from the first pod replaced to the last one ready: the pods it
+    # restarts are not a new cluster being created.
+    if o.rolling_out and p.phase == "Creating":
+        p.phase = "Upgrading"
+    return p
+
+
+def _plan(o: Observed) -> Plan:
     live_cores = [p for p in o.core_pods if not p.deleting]
     plan_ = Plan(core_replicas=o.core_replicas if o.core_replicas is not None else o.core_desired)
-    plan_.degraded = _degraded(o.core_pods + o.replicant_pods)
+    plan_.degraded_reason, plan_.degraded = _degraded(o.core_pods + o.replicant_pods)
 
     if o.core_replicas is None:
         plan_.phase, plan_.waiting = "Creating", "core StatefulSet created"

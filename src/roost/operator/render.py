@@ -34,6 +34,8 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_REVISION = "roost.io/revision"
 ANNOTATION_ETCD_BOOTSTRAP = "roost.io/etcd-bootstrap-size"
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+#: On the headless Service only, which has every pod (cores and replicants) behind it.
+LABEL_METRICS = "roost.io/metrics"
 
 
 def labels(name: str, component: str | None = None) -> dict[str, str]:
@@ -230,7 +232,7 @@ def headless_service(name: str, ns: str, owner: dict[str, Any]) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(headless_name(name), ns, owner, labels(name)),
+        "metadata": _meta(headless_name(name), ns, owner, {**labels(name), LABEL_METRICS: "true"}),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
@@ -534,27 +536,38 @@ def replicant_deployment(
     }
 
 
-def pod_disruption_budgets(name: str, ns: str, owner: dict[str, Any]) -> list[Manifest]:
-    return [
-        {
-            "apiVersion": "policy/v1",
-            "kind": "PodDisruptionBudget",
-            "metadata": _meta(f"{name}-{role}", ns, owner, labels(name, role)),
-            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(name, role)}},
-        }
-        for role in ("core", "replicant")
-    ]
+def pod_disruption_budget(
+    name: str, ns: str, owner: dict[str, Any], spec: RoostClusterSpec, role: str
+) -> Manifest | None:
+    """The role's budget for voluntary disruptions; None when the spec turns it off."""
+    tmpl = spec.coreTemplate if role == "core" else spec.replicantTemplate
+    budget = tmpl.podDisruptionBudget
+    if not budget.enabled:
+        return None
+    pdb_spec: dict[str, Any] = {"selector": {"matchLabels": selector(name, role)}}
+    if budget.minAvailable is not None:
+        pdb_spec["minAvailable"] = budget.minAvailable
+    else:
+        pdb_spec["maxUnavailable"] = 1 if budget.maxUnavailable is None else budget.maxUnavailable
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(f"{name}-{role}", ns, owner, labels(name, role)),
+        "spec": pdb_spec,
+    }
 
 
 def service_monitor(name: str, ns: str, owner: dict[str, Any], spec: RoostClusterSpec) -> Manifest:
+    """Scrapes every pod: the headless Service's endpoints are all of them, replicants too
+    (the dashboard Service has the cores only)."""
     sm = spec.serviceMonitor
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
         "metadata": _meta(name, ns, owner, {**labels(name), **sm.labels}),
         "spec": {
-            "selector": {"matchLabels": labels(name)},
-            "endpoints": [{"port": "dashboard", "path": "/metrics", "interval": sm.interval}],
+            "selector": {"matchLabels": {**selector(name), LABEL_METRICS: "true"}},
+            "endpoints": [{"port": "mgmt", "path": "/metrics", "interval": sm.interval}],
         },
     }
 
@@ -569,8 +582,11 @@ def static_objects(
         headless_service(name, ns, owner),
         listeners_service(name, ns, owner, spec, serving_role),
         dashboard_service(name, ns, owner, spec),
-        *pod_disruption_budgets(name, ns, owner),
     ]
+    for role in ("core", "replicant"):
+        pdb = pod_disruption_budget(name, ns, owner, spec, role)
+        if pdb is not None:
+            out.append(pdb)
     if spec.serviceMonitor.enabled:
         out.append(service_monitor(name, ns, owner, spec))
     return out

@@ -10,9 +10,11 @@ operator sees it; :mod:`roost.operator.validate` repeats them for the operator's
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 from roost.config import Listeners
+from roost.operator.render import MGMT_PORT
 from roost.operator.spec import (
     GROUP,
     KIND,
@@ -47,41 +49,111 @@ def _unique_rule(kinds: tuple[str, ...]) -> str:
     return f"({ports}).all(p, ({ports}).exists_one(q, q == p))"
 
 
-#: (schema definition name, CEL rule, message, field path for the message)
-CEL_RULES: list[tuple[str, str, str, str]] = [
-    (
+def _port_names() -> str:
+    """CEL on the spec: the listeners Service's port names (render.listener_ports' naming).
+
+    Without ``config.listeners`` the API server writes no listener defaults, so the broker's
+    default listeners are spelled out here."""
+    ls = "self.config.listeners"
+    parts = []
+    for kind in (*TCP_KINDS, "quic"):
+        m = f"{ls}.{kind}"
+        parts.append(
+            f"(has({m}) ? {m}.filter(k, !has({m}[k].enabled) || {m}[k].enabled)"
+            f".map(k, '{kind}-' + k.lowerAscii().replace('_', '-')) : [])"
+        )
+    defaults = [f"'{kind}-{name}'" for kind, name, _ in Listeners().enabled()]
+    return f"(has(self.config) && has({ls}) ? {' + '.join(parts)} : [{', '.join(defaults)}])"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A CEL rule on one schema definition, or on one of its scalar ``field``s: there the API
+    server's error shows the value itself (``spec.coreTemplate.replicas: Invalid value: 4:
+    ...``). No messageExpression: the API server estimates any string built at run time (even
+    ``string(self.replicas)``) as too costly and refuses the CRD."""
+
+    definition: str
+    rule: str
+    message: str
+    field: str = ""
+
+
+_LSVC = "self.listenersServiceTemplate"
+_DSVC = "self.dashboardServiceTemplate"
+
+CEL_RULES: list[Rule] = [
+    Rule(
         "CoreTemplate",
-        "!has(self.replicas) || self.replicas % 2 == 1",
+        "self % 2 == 1",
         "coreTemplate.replicas must be odd (1, 3, 5 or 7): etcd needs a majority of core nodes",
-        ".replicas",
+        "replicas",
     ),
-    (
+    Rule(
         "Listeners",
         _unique_rule(TCP_KINDS),
         "two enabled TCP listeners (tcp, ssl, ws, wss) use the same port",
-        "",
     ),
-    (
+    Rule(
         "Listeners",
         _unique_rule(("quic",)),
         "two enabled QUIC listeners use the same UDP port",
-        "",
     ),
-    (
+    Rule(
         "ServiceTemplate",
         "!has(self.nodePorts) || size(self.nodePorts) == 0 || "
         "(has(self.type) && self.type in ['NodePort', 'LoadBalancer'])",
         "nodePorts need type NodePort or LoadBalancer",
-        ".nodePorts",
     ),
-    (
+    Rule(
         "ServiceTemplate",
         "!has(self.externalTrafficPolicy) || "
         "(has(self.type) && self.type in ['NodePort', 'LoadBalancer'])",
         "externalTrafficPolicy needs type NodePort or LoadBalancer",
-        ".externalTrafficPolicy",
+    ),
+    Rule(
+        "DisruptionBudget",
+        "!has(self.maxUnavailable) || !has(self.minAvailable)",
+        "podDisruptionBudget: set maxUnavailable or minAvailable, not both",
+    ),
+    Rule(
+        "ApiSettings",
+        "self",
+        "config.api.enabled must be true on Kubernetes: the probes and the operator use the "
+        "nodes' REST API",
+        "enabled",
+    ),
+    Rule(
+        "ApiSettings",
+        f"self in ['0.0.0.0:{MGMT_PORT}', ':{MGMT_PORT}', '{MGMT_PORT}']",
+        f"config.api.bind must be 0.0.0.0:{MGMT_PORT} on Kubernetes: the probes and the "
+        f"operator reach each node on port {MGMT_PORT} of its pod address; remove the key",
+        "bind",
+    ),
+    Rule(
+        "RoostClusterSpec",
+        f"!has({_LSVC}) || !has({_LSVC}.nodePorts) || "
+        f"{_LSVC}.nodePorts.all(k, k in {_port_names()})",
+        "listenersServiceTemplate.nodePorts names a port the listeners Service does not have; "
+        "its ports are <listener type>-<listener name> of the enabled listeners, e.g. "
+        "tcp-default, quic-default",
+    ),
+    Rule(
+        "RoostClusterSpec",
+        f"!has({_DSVC}) || !has({_DSVC}.nodePorts) || {_DSVC}.nodePorts.all(k, k == 'dashboard')",
+        "dashboardServiceTemplate.nodePorts has one port: dashboard",
     ),
 ]
+
+
+def _validations(definition: str, field: str = "") -> list[Schema]:
+    # No fieldPath: Kubernetes 1.27 does not know it; the message names the field.
+    return [
+        {"rule": r.rule, "message": r.message}
+        for r in CEL_RULES
+        if r.definition == definition and r.field == field
+    ]
+
 
 #: Extra constraints the pydantic validators hold but do not write into the JSON schema.
 _EXTRA: dict[str, dict[str, Schema]] = {
@@ -138,15 +210,11 @@ def _structural(node: Any, defs: dict[str, Schema], name: str | None = None) -> 
     if name in _LISTENER_DEFS:
         for prop, extra in _EXTRA["ListenerBase"].items():
             out["properties"][prop].update(extra)
-    if name is not None:
-        rules = [
-            # No fieldPath: Kubernetes 1.27 does not know it; the message names the field.
-            {"rule": rule, "message": msg}
-            for def_name, rule, msg, _path in CEL_RULES
-            if def_name == name
-        ]
-        if rules:
-            out["x-kubernetes-validations"] = rules
+    if name is not None and _validations(name):
+        out["x-kubernetes-validations"] = _validations(name)
+    for r in CEL_RULES:
+        if name is not None and r.definition == name and r.field:
+            out["properties"][r.field]["x-kubernetes-validations"] = _validations(name, r.field)
     if name == "Listeners":
         # The broker's default listeners, written into the object by the API server when a kind
         # is left out: the port rules above only see what the object holds, so without them a
@@ -163,6 +231,7 @@ def spec_schema() -> Schema:
     schema = _structural(raw, raw.get("$defs", {}))
     # The operator names each node; a user's node section would be overwritten.
     schema["properties"]["config"]["properties"].pop("node", None)
+    schema["x-kubernetes-validations"] = _validations("RoostClusterSpec")
     return schema
 
 

@@ -7,9 +7,9 @@ Deployment), and copying their schemas would tie the CRD to one Kubernetes versi
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.config import JsonDict
 
 from roost.config import Config
@@ -39,6 +39,22 @@ def _objs(description: str) -> Any:
     )
 
 
+#: An int or a percentage ("25%"), as Kubernetes' IntOrString.
+IntOrPercent = Annotated[
+    int | str, WithJsonSchema({"x-kubernetes-int-or-string": True, "description": "3 or 25%"})
+]
+
+
+class DisruptionBudget(_Spec):
+    """The PodDisruptionBudget of one role: how many of its pods voluntary disruptions (a node
+    drain, the cluster autoscaler) may take at once. Set one of the two; neither: maxUnavailable 1.
+    """
+
+    enabled: bool = Field(True, description="false: no PodDisruptionBudget for this role.")
+    maxUnavailable: IntOrPercent | None = None
+    minAvailable: IntOrPercent | None = None
+
+
 class PodTemplate(_Spec):
     """What the core and replicant pods share."""
 
@@ -60,6 +76,7 @@ class PodTemplate(_Spec):
     readinessProbe: dict[str, Any] = _obj("Replaces the default readiness probe (core/v1 Probe).")
     livenessProbe: dict[str, Any] = _obj("Replaces the default liveness probe (core/v1 Probe).")
     startupProbe: dict[str, Any] = _obj("Replaces the default startup probe (core/v1 Probe).")
+    podDisruptionBudget: DisruptionBudget = Field(default_factory=DisruptionBudget)
 
 
 class CoreTemplate(PodTemplate):
@@ -90,9 +107,10 @@ class ServiceTemplate(_Spec):
     )
     annotations: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
-    nodePorts: dict[str, int] = Field(
+    nodePorts: dict[str, Annotated[int, Field(ge=1, le=65535)]] = Field(
         default_factory=dict,
-        description="Fixed node ports by service port name, e.g. quic-default: 30567.",
+        description="Fixed node ports by service port name (<listener type>-<listener name>, "
+        "e.g. quic-default: 30567; dashboard on the dashboard Service).",
         json_schema_extra={"maxProperties": 32},
     )
     loadBalancerSourceRanges: list[str] = Field(default_factory=list)
@@ -106,6 +124,11 @@ class Evacuation(_Spec):
     )
     timeoutSeconds: int = Field(
         600, ge=1, description="Give up waiting for an evacuation after this long."
+    )
+    onFailure: Literal["keep", "delete"] = Field(
+        "keep",
+        description="An evacuation that failed or timed out: keep the pod serving (and retry "
+        "later), or delete it anyway (its remaining clients reconnect elsewhere).",
     )
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from roost.config import parse_bind
+from roost.operator.render import MGMT_PORT, listener_ports
 from roost.operator.spec import RoostClusterSpec
 
 
@@ -87,6 +89,50 @@ def cross_field_problems(spec: RoostClusterSpec) -> list[SpecProblem]:
                 )
             else:
                 seen[lst.port] = here
+    api = spec.config.api
+    if not api.enabled:
+        problems.append(
+            SpecProblem(
+                "spec.config.api.enabled",
+                "ApiDisabled",
+                "false would leave the probes and the operator without the nodes' REST API; "
+                "remove the key",
+            )
+        )
+    if parse_bind(api.bind) != ("0.0.0.0", MGMT_PORT):
+        problems.append(
+            SpecProblem(
+                "spec.config.api.bind",
+                "ApiBindChanged",
+                f"{api.bind} is not 0.0.0.0:{MGMT_PORT}: the probes and the operator reach "
+                f"each node on port {MGMT_PORT} of its pod address; remove the key",
+            )
+        )
+    for role in ("coreTemplate", "replicantTemplate"):
+        pdb = getattr(spec, role).podDisruptionBudget
+        if pdb.maxUnavailable is not None and pdb.minAvailable is not None:
+            problems.append(
+                SpecProblem(
+                    f"spec.{role}.podDisruptionBudget",
+                    "DisruptionBudgetAmbiguous",
+                    "set maxUnavailable or minAvailable, not both",
+                )
+            )
+    ports = {
+        "listenersServiceTemplate": [p["name"] for p in listener_ports(spec.config)],
+        "dashboardServiceTemplate": ["dashboard"],
+    }
+    for field, names in ports.items():
+        unknown = sorted(set(getattr(spec, field).nodePorts) - set(names))
+        if unknown:
+            problems.append(
+                SpecProblem(
+                    f"spec.{field}.nodePorts",
+                    "UnknownNodePort",
+                    f"{', '.join(unknown)} is not a port of the Service; its ports: "
+                    f"{', '.join(names)}",
+                )
+            )
     for field in ("listenersServiceTemplate", "dashboardServiceTemplate"):
         svc = getattr(spec, field)
         if svc.type == "ClusterIP" and svc.nodePorts:
