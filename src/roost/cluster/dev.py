@@ -25,6 +25,8 @@ import yaml
 
 from roost.cluster.etcdproc import EtcdCluster
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 def free_port() -> int:
     return free_ports(1)[0]
@@ -143,14 +145,14 @@ class NodeProcess:
             time.sleep(0.05)
         raise RuntimeError(f"node {self.name} not ready within {timeout}s:\n{self.log()}")
 
-    def api(self, method: str, path: str, body: Any = None) -> Any:
+    def api(self, method: str, path: str, body: Any = None, timeout: float = 5) -> Any:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=data,
                                      method=method)  # fmt: skip
         req.add_header("Authorization", f"Bearer {self.api_key}")
         if data is not None:
             req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=5) as r:
+        with _DIRECT.open(req, timeout=timeout) as r:  # loopback: never through a proxy
             raw = r.read()
         return json.loads(raw) if raw else None
 
