@@ -22,7 +22,7 @@ from roost.logs import setup_logging
 from roost.mgmt import hotconfig
 from roost.mgmt.api import Management, local_op
 from roost.mgmt.apikeys import KeyConflict
-from roost.mgmt.listeners import ListenerSet
+from roost.mgmt.listener_set import ListenerSet
 from roost.store.persister import Persister
 from roost.store.sqlite import SqliteStore
 from roost.transport.listeners import start_listener

@@ -19,7 +19,7 @@ from roost.broker.acl import Acl
 from roost.broker.node import Broker
 from roost.config import Config, ConfigError, ListenerBase, explain
 from roost.logs import setup_logging
-from roost.mgmt.listeners import ListenerSet
+from roost.mgmt.listener_set import ListenerSet
 
 log = logging.getLogger("roost.mgmt")
 

@@ -16,7 +16,7 @@ from roost import __version__
 from roost.broker.node import Broker
 
 if TYPE_CHECKING:
-    from roost.mgmt.listeners import ListenerSet
+    from roost.mgmt.listener_set import ListenerSet
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -39,7 +39,7 @@ from roost.mgmt.api.dashboard import _dashboard, _index
 from roost.mgmt.apikeys import FILE_NAME as KEYS_FILE
 from roost.mgmt.apikeys import FileKeys, KeyTable, KeyWriter
 from roost.mgmt.evacuation import Evacuation
-from roost.mgmt.listeners import ListenerSet
+from roost.mgmt.listener_set import ListenerSet
 
 
 class _MalformedRequestFilter(logging.Filter):
