@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roost.broker.router import Router, SubOpts
+from roost.broker.router import Router, SessionSubscription
 from roost.mqtt.topics import matches
 
 LEVELS = st.sampled_from(["a", "b", "c", "$SYS", ""])
@@ -36,7 +36,7 @@ def test_match_equals_brute_force(subs, removals, topics):
     router = Router()
     live: dict[tuple[str, str], None] = {}
     for i, f in subs:
-        router.add(SubOpts(_Session(f"c{i}"), f, 0))  # type: ignore[arg-type]
+        router.add(SessionSubscription(_Session(f"c{i}"), f, 0))  # type: ignore[arg-type]
         live[(f"c{i}", f)] = None
     for topic in topics:  # fill the cache before removals, so stale entries would show
         router.match(topic)
@@ -56,7 +56,7 @@ def test_shared_group_round_robin_prefers_connected():
     router = Router()
     sessions = [_Session(f"m{i}") for i in range(3)]
     for s in sessions:
-        router.add(SubOpts(s, "$share/g/x/+", 1))  # type: ignore[arg-type]
+        router.add(SessionSubscription(s, "$share/g/x/+", 1))  # type: ignore[arg-type]
     (entry,) = router.match("x/y")
     group = entry.groups["g"]
     assert [group.pick().session.client_id for _ in range(6)] == ["m0", "m1", "m2"] * 2

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from roost.broker.authapi import AuthRequest
 from roost.broker.message import Message
-from roost.broker.router import SubOpts
+from roost.broker.router import SessionSubscription
 from roost.mqtt import reason_codes as RC
 from roost.mqtt.codec import Decoder, encode, encode_publish
 from roost.mqtt.errors import MQTTError
@@ -770,7 +770,7 @@ class Channel:
         if s.properties.get("subscription_identifier"):
             sub_id = s.properties["subscription_identifier"][0]
         codes: list[int] = []
-        granted: list[tuple[SubOpts, bool]] = []
+        granted: list[tuple[SessionSubscription, bool]] = []
         mark = self._store_mark()
         for sub in s.subscriptions:
             f = sub.topic_filter
@@ -791,7 +791,7 @@ class Channel:
                 codes.append(code if self.v5 else 0x80)
                 continue
             qos = min(sub.qos, cfg.max_qos_allowed)
-            opts = SubOpts(session, f, qos, sub.no_local, sub.retain_as_published,
+            opts = SessionSubscription(session, f, qos, sub.no_local, sub.retain_as_published,
                            sub.retain_handling, sub_id)  # fmt: skip
             existed = broker.subscribe(opts)
             granted.append((opts, existed))

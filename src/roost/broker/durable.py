@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from roost.broker.message import Message
-from roost.broker.router import SubOpts
+from roost.broker.router import SessionSubscription
 from roost.broker.session import AWAIT_COMP, Delivery, Session
 from roost.store.sqlite import StoredState, dump_fwd, dump_props, load_props
 
@@ -200,7 +200,7 @@ class Durable:
             session.expiry_interval = s.expiry_interval
             session.durable = self
             for f, qos, nl, rap, rh, sub_id in s.subscriptions:
-                broker.subscribe(SubOpts(session, f, qos, nl, rap, rh, sub_id))
+                broker.subscribe(SessionSubscription(session, f, qos, nl, rap, rh, sub_id))
             messages: dict[int, Message] = {}
             for sd in s.deliveries:
                 msg = messages.get(sd.message_id)

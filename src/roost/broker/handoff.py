@@ -17,11 +17,11 @@ from roost.broker.message import RecentIds
 
 if TYPE_CHECKING:
     from roost.broker.message import Message
-    from roost.broker.router import SubOpts
+    from roost.broker.router import SessionSubscription
     from roost.broker.session import Session
 
 #: What Session.deliver takes: message, qos, retain, subscription ids, shared subscription.
-DeliverArgs = tuple["Message", int, bool, tuple[int, ...], "SubOpts | None"]
+DeliverArgs = tuple["Message", int, bool, tuple[int, ...], "SessionSubscription | None"]
 
 SEEN_CAP = 100_000  # message ids remembered while relays may come
 

@@ -24,7 +24,7 @@ from roost.broker.flapping import FlappingDetector
 from roost.broker.limits import Limits
 from roost.broker.message import Message
 from roost.broker.retainer import Retainer
-from roost.broker.router import Router, SubOpts
+from roost.broker.router import Router, SessionSubscription
 from roost.broker.session import REFUSED, Session
 from roost.broker.stats import Stats
 from roost.config import Config, ConfigError
@@ -359,7 +359,7 @@ class Broker:
 
     # ------------------------------------------------------------------------ subscriptions
 
-    def subscribe(self, opts: SubOpts) -> bool:
+    def subscribe(self, opts: SessionSubscription) -> bool:
         """Add or replace a subscription; True if the client already had this filter."""
         session = opts.session
         session.subscriptions[opts.topic_filter] = opts
@@ -371,7 +371,7 @@ class Broker:
             self.cluster.session_changed(session)
         return existed
 
-    def send_retained(self, opts: SubOpts, existed: bool) -> None:
+    def send_retained(self, opts: SessionSubscription, existed: bool) -> None:
         """Deliver the retained messages a new subscription gets (after its SUBACK): none for a
         shared one; retain handling 0: always, 1: only if the filter is new, 2: never."""
         if opts.group is not None or opts.retain_handling == 2:
@@ -497,7 +497,7 @@ class Broker:
             n += 1
         return n, groups
 
-    def _deliver_shared(self, msg: Message, member: SubOpts, force: bool) -> None:
+    def _deliver_shared(self, msg: Message, member: SessionSubscription, force: bool) -> None:
         ids = (member.sub_id,) if member.sub_id else ()
         r = member.session.deliver(msg, min(msg.qos, member.qos), msg.retain and member.rap,
                                    ids, member, force)  # fmt: skip

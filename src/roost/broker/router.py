@@ -15,7 +15,7 @@ from roost.mqtt.topics import parse_shared
 if TYPE_CHECKING:
     from roost.broker.session import Session
 
-class SubOpts:
+class SessionSubscription:
     """One client's subscription to one filter."""
 
     __slots__ = (
@@ -57,10 +57,10 @@ class SharedGroup:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.members: dict[str, SubOpts] = {}
+        self.members: dict[str, SessionSubscription] = {}
         self.next = 0
 
-    def pick(self, exclude: str | None = None) -> SubOpts | None:
+    def pick(self, exclude: str | None = None) -> SessionSubscription | None:
         """Next member, preferring connected ones; ``exclude`` skips a leaving member."""
         members = list(self.members.values())
         n = len(members)
@@ -86,7 +86,7 @@ class FilterEntry:
 
     def __init__(self, topic_filter: str) -> None:
         self.topic_filter = topic_filter
-        self.subs: dict[str, SubOpts] = {}
+        self.subs: dict[str, SessionSubscription] = {}
         self.groups: dict[str, SharedGroup] = {}
 
     def empty(self) -> bool:
@@ -113,7 +113,7 @@ class Router:
 
     # -------------------------------------------------------------- subscribe / unsubscribe
 
-    def add(self, opts: SubOpts) -> bool:
+    def add(self, opts: SessionSubscription) -> bool:
         """Add or replace a subscription; True when it replaced an existing one."""
         group, real = parse_shared(opts.topic_filter)
         opts.group = group
@@ -139,7 +139,7 @@ class Router:
 
     def remove(
         self, client_id: str, topic_filter: str, only: Session | None = None
-    ) -> SubOpts | None:
+    ) -> SessionSubscription | None:
         """Remove a subscription (with ``only``: if it still belongs to that session)."""
         group, real = parse_shared(topic_filter)
         entry = self._trie.get(real)
@@ -176,7 +176,7 @@ class Router:
     def entry(self, real: str) -> FilterEntry | None:
         return self._trie.get(real)
 
-    def pick_shared(self, topic_filter: str, exclude: str) -> SubOpts | None:
+    def pick_shared(self, topic_filter: str, exclude: str) -> SessionSubscription | None:
         """Another member of the shared group behind ``$share/group/filter``."""
         group, real = parse_shared(topic_filter)
         entry = self._trie.get(real)

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from roost.broker.bans import peer_host
 from roost.broker.message import Message
 from roost.broker.node import Broker
-from roost.broker.router import SubOpts
+from roost.broker.router import SessionSubscription
 from roost.broker.session import Session
 from roost.mqtt import reason_codes as RC
 from roost.mqtt.topics import matches, parse_shared, valid_topic_filter, valid_topic_name
@@ -255,7 +255,7 @@ class BrokerService:
 
     # -- subscriptions -----------------------------------------------------------------
 
-    def _sub(self, o: SubOpts) -> SubscriptionInfo:
+    def _sub(self, o: SessionSubscription) -> SubscriptionInfo:
         fields: dict[str, Any] = {
             "clientid": o.session.client_id,
             "node": self.node,
@@ -272,7 +272,7 @@ class BrokerService:
             fields["sub_id"] = o.sub_id
         return SubscriptionInfo(**fields)
 
-    def _subs(self, opts: Iterable[SubOpts]) -> list[SubscriptionInfo]:
+    def _subs(self, opts: Iterable[SessionSubscription]) -> list[SubscriptionInfo]:
         return [self._sub(o) for o in opts]
 
     def client_subscriptions(self, client_id: str) -> list[SubscriptionInfo]:
@@ -327,7 +327,7 @@ class BrokerService:
         b = self.broker
         if b.acl_active and not b.acl.check("subscribe", topic, username, s.client_id, peer):
             raise Refused("NOT_AUTHORIZED", f"{s.client_id} may not subscribe to {topic!r}")
-        opts = SubOpts(s, topic, min(qos, cfg.max_qos_allowed), nl, rap, rh)
+        opts = SessionSubscription(s, topic, min(qos, cfg.max_qos_allowed), nl, rap, rh)
         existed = b.subscribe(opts)
         b.send_retained(opts, existed)
         return self._sub(opts)

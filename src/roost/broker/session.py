@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from roost.broker.durable import Durable
     from roost.broker.handoff import Handoff
     from roost.broker.message import Message
-    from roost.broker.router import SubOpts
+    from roost.broker.router import SessionSubscription
     from roost.broker.stats import Stats
 
 log = logging.getLogger("roost.broker")
@@ -46,7 +46,7 @@ class Delivery:
         qos: int,
         retain: bool,
         sub_ids: tuple[int, ...],
-        shared: SubOpts | None,
+        shared: SessionSubscription | None,
     ) -> None:
         self.msg = msg
         self.qos = qos
@@ -103,7 +103,7 @@ class Session:
         self.full_policy = full_policy
         self.store_qos0 = store_qos0
         self.expiry_interval = 0
-        self.subscriptions: dict[str, SubOpts] = {}
+        self.subscriptions: dict[str, SessionSubscription] = {}
         self.channel: Channel | None = None
         self.inflight: dict[int, Delivery] = {}
         self.queue: deque[Delivery] = deque()
@@ -138,7 +138,7 @@ class Session:
         qos: int,
         retain: bool,
         sub_ids: tuple[int, ...] = (),
-        shared: SubOpts | None = None,
+        shared: SessionSubscription | None = None,
         force: bool = False,
     ) -> int:
         """Send now if the window allows, else queue within the limits. Returns 0, or REFUSED

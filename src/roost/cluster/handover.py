@@ -12,7 +12,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from roost.broker.message import Message
-from roost.broker.router import SubOpts
+from roost.broker.router import SessionSubscription
 from roost.broker.session import AWAIT_ACK, AWAIT_COMP, Delivery, Session
 from roost.store.sqlite import StoredDelivery, StoredSession, dump_props, load_props
 
@@ -49,7 +49,7 @@ def dump_subscriptions(session: Session) -> list[list[Any]]:
 
 def restore_subscriptions(broker: Broker, session: Session, subs: list[list[Any]]) -> None:
     for f, qos, nl, rap, rh, sub_id in subs:
-        broker.subscribe(SubOpts(session, f, qos, nl, rap, rh, sub_id))
+        broker.subscribe(SessionSubscription(session, f, qos, nl, rap, rh, sub_id))
 
 
 def _delivery(d: Delivery, now: float) -> list[Any]:
