@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "start":
-        from roost.node_main import run_node
+        from roost.start import run_node
 
         return run_node(args)
     if args.command == "passwd":
