@@ -20,7 +20,7 @@ def _deliver(store: SqliteStore, mid: int, fwd: str | None, seq: int) -> None:
 
 def test_a_delivery_keeps_the_identity_of_its_message(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "s.db", fsync=False)
-    _deliver(store, 1, '["core1", 42]', 1)
+    _deliver(store, 1, '42 core1', 1)
     _deliver(store, 2, None, 2)
     _deliver(store, 3, "old", 3)  # an operation from a node without the field
     got = [d.fwd_id for d in store.load().sessions[0].deliveries]
@@ -48,6 +48,6 @@ def test_a_store_from_before_the_identity_column_opens_and_keeps_its_rows(
     store.write([("dlv", "c1", 1, 7, 1, False, "[]")])
     [d] = store.load().sessions[0].deliveries
     assert (d.message_id, d.payload, d.fwd_id) == (7, b"p", None)
-    _deliver(store, 8, '["core0", 1]', 2)
+    _deliver(store, 8, '1 core0', 2)
     assert store.load().sessions[0].deliveries[1].fwd_id == ("core0", 1)
     store.close()

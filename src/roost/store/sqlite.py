@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS messages (
     props TEXT,
     sender TEXT NOT NULL,
     expires_at REAL,
-    fwd TEXT                              -- JSON [origin node, id]: its cluster-wide identity
+    fwd TEXT                              -- "<id> <origin node>": its cluster-wide identity
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     client_id TEXT NOT NULL,
@@ -108,14 +108,15 @@ class StoredState:
 
 
 def dump_fwd(fwd_id: tuple[str, int] | None) -> str | None:
-    return None if fwd_id is None else json.dumps(list(fwd_id))
+    """"<id> <origin node>": written for every stored message, so no JSON call."""
+    return None if fwd_id is None else f"{fwd_id[1]} {fwd_id[0]}"
 
 
 def _load_fwd(text: str | None) -> tuple[str, int] | None:
     if not text:
         return None
-    origin, mid = json.loads(text)
-    return str(origin), int(mid)
+    mid, _, origin = text.partition(" ")
+    return origin, int(mid)
 
 
 def load_props(text: str | None) -> dict[str, Any] | None:
