@@ -100,6 +100,37 @@ def test_start_on_env_only_logs_where_it_listens_and_stops_gracefully():
         proc.wait()
 
 
+def test_sigterm_as_soon_as_the_port_opens_is_a_graceful_stop():
+    """The first listener opens before the API: a SIGTERM in between still stops cleanly."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOST_")}
+    env.update({
+        "ROOST_LISTENERS__TCP__DEFAULT__BIND": f"127.0.0.1:{port}",
+        "ROOST_LISTENERS__SSL__DEFAULT__ENABLED": "false",
+        "ROOST_LISTENERS__WS__DEFAULT__ENABLED": "false",
+        "ROOST_LISTENERS__WSS__DEFAULT__ENABLED": "false",
+        "ROOST_LISTENERS__QUIC__DEFAULT__ENABLED": "false",
+        "ROOST_API__BIND": f"127.0.0.1:{free_port()}",
+    })  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "roost", "start"], env=env,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.05).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "broker did not start"
+                time.sleep(0.005)
+        proc.terminate()
+        assert proc.wait(10) == 0, proc.stderr.read()
+        assert "stopped" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_port_in_use_is_a_clear_error():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

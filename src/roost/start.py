@@ -99,14 +99,8 @@ async def _join_cluster(broker: Broker, mgmt: Management) -> Cluster | None:
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     ensure_data_dir(config.node.data_dir)  # 0700: the store and credentials live there
     broker = Broker(config)
-    persister = _open_store(config, broker)
-    listeners = ListenerSet(broker, _open_listener)
-    mgmt = Management(broker, listeners)
-    cluster = await _join_cluster(broker, mgmt)
-    for kind, name, lst in config.listeners.enabled():
-        await listeners.start(kind, name, lst)
-    if config.api.enabled:
-        await mgmt.start()
+    # Before any listener opens: a SIGTERM that arrives while the API is still starting must
+    # stop the node gracefully (DISCONNECT 0x8B to the clients already in), not kill it.
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -115,6 +109,14 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
         # SIGHUP: re-read the ACL and password files (the latter is also watched, below).
         loop.add_signal_handler(signal.SIGHUP, broker.reload_auth)
+    persister = _open_store(config, broker)
+    listeners = ListenerSet(broker, _open_listener)
+    mgmt = Management(broker, listeners)
+    cluster = await _join_cluster(broker, mgmt)
+    for kind, name, lst in config.listeners.enabled():
+        await listeners.start(kind, name, lst)
+    if config.api.enabled:
+        await mgmt.start()
     log.info("roost %s started (node %s)", __version__, config.node.name)
 
     broker.start_timers()
