@@ -65,8 +65,9 @@ def test_env_overrides_yaml(tmp_path):
         raise AssertionError("a port over 65535 was accepted")
 
 
-def test_start_on_env_only_logs_where_it_listens_and_stops_gracefully():
-    port = free_port()
+def _start_on_env(port: int) -> subprocess.Popen[str]:
+    """`roost start` configured by the environment alone (TCP on ``port``, API on loopback),
+    returned once its TCP port accepts (polled every 5 ms, to catch it right as it opens)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROOST_")}
     env.update({
         "ROOST_LISTENERS__TCP__DEFAULT__BIND": f"127.0.0.1:{port}",
@@ -78,15 +79,23 @@ def test_start_on_env_only_logs_where_it_listens_and_stops_gracefully():
     })  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "roost", "start"], env=env,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.05).close()
+            return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise AssertionError("broker did not start") from None
+            time.sleep(0.005)
+
+
+def test_start_on_env_only_logs_where_it_listens_and_stops_gracefully():
+    port = free_port()
+    proc = _start_on_env(port)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "broker did not start"
-                time.sleep(0.05)
         v5 = RawClient(port)
         v5.connect("graceful")
         proc.terminate()
@@ -102,27 +111,8 @@ def test_start_on_env_only_logs_where_it_listens_and_stops_gracefully():
 
 def test_sigterm_as_soon_as_the_port_opens_is_a_graceful_stop():
     """The first listener opens before the API: a SIGTERM in between still stops cleanly."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOST_")}
-    env.update({
-        "ROOST_LISTENERS__TCP__DEFAULT__BIND": f"127.0.0.1:{port}",
-        "ROOST_LISTENERS__SSL__DEFAULT__ENABLED": "false",
-        "ROOST_LISTENERS__WS__DEFAULT__ENABLED": "false",
-        "ROOST_LISTENERS__WSS__DEFAULT__ENABLED": "false",
-        "ROOST_LISTENERS__QUIC__DEFAULT__ENABLED": "false",
-        "ROOST_API__BIND": f"127.0.0.1:{free_port()}",
-    })  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "roost", "start"], env=env,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = _start_on_env(free_port())
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.05).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "broker did not start"
-                time.sleep(0.005)
         proc.terminate()
         assert proc.wait(10) == 0, proc.stderr.read()
         assert "stopped" in proc.stderr.read()
