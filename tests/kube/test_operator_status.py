@@ -228,3 +228,48 @@ def test_phase_and_replicants_steady_through_an_upgrade(e2e: E2E, ns: str) -> No
     phases = list(dict.fromkeys(p for p, _ in seen))
     assert set(phases) <= {"Running", "Upgrading"} and "Upgrading" in phases, phases
     assert {n for _, n in seen} == {2}, seen
+
+
+def test_replicant_upgrade_rolls_in_place_when_no_node_has_room(e2e: E2E, ns: str) -> None:
+    """One replicant per node required on three nodes, three replicants: the new revision's
+    pods fit nowhere beside the old ones. The upgrade must not wait for them forever: each old
+    pod is evacuated and removed to make room for one new pod, and Degraded stays False."""
+    kube = e2e.kube
+    kube.apply(cluster(ns, "ip", replicantTemplate={"replicas": 3, "antiAffinity": "hard"}))
+    st = ready(e2e, ns, "ip", lambda st: st["replicantReadyReplicas"] == 3)
+    before = st["updateRevision"]
+    old = {p["metadata"]["name"] for p in pods(e2e, ns, "ip", "replicant")}
+    seen: list[str] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            cond = conditions(status(e2e, ns, "ip")).get("Degraded", {})
+            seen.append(cond.get("status", "") + " " + cond.get("message", ""))
+            time.sleep(0.2)
+
+    e2e.fake.journal.clear()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        patch(e2e, ns, "ip", {"image": "roost:2"})
+        st = ready(
+            e2e,
+            ns,
+            "ip",
+            lambda st: (
+                st.get("currentRevision") == st.get("updateRevision") != before
+                and st["replicantReadyReplicas"] == 3
+            ),
+            timeout=180,
+        )
+    finally:
+        done.set()
+        sampler.join(10)
+    now = {p["metadata"]["name"] for p in pods(e2e, ns, "ip", "replicant")}
+    assert len(now) == 3 and not now & old
+    journal = list(e2e.fake.journal)
+    for pod in old:  # each old replicant was evacuated before it went
+        assert journal.index(("evacuate", pod)) < journal.index(("pod-deleted", pod)), journal
+    runs = [s for i, s in enumerate(seen) if i == 0 or s != seen[i - 1]]
+    assert not [s for s in seen if s.startswith("True")], runs

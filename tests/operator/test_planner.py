@@ -222,3 +222,56 @@ def test_a_claim_being_bound_is_not_yet_unschedulable() -> None:
     assert pod_state(pod(unbound, 2)).unschedulable == ""
     assert pod_state(pod(unbound, 60)).unschedulable == unbound
     assert pod_state(pod("0/3 nodes: Insufficient cpu.", 1)).unschedulable
+
+
+def test_replicants_roll_in_place_when_the_new_ones_have_no_room() -> None:
+    """Hard anti-affinity on 2 nodes with 2 replicants: the new pods cannot start beside the
+    old ones, so the old ones go one at a time (evacuated), each making room for one new pod."""
+    why = "0/2 nodes are available: 2 node(s) didn't match pod anti-affinity rules."
+
+    def new(i: int, state: str) -> PodState:
+        name = f"r-replicant-r2-{i}"
+        if state == "stuck":
+            return PodState(name, "r2", False, unschedulable=why)
+        return PodState(name, "r2", state != "starting", 100 if state == "ready" else 0)
+
+    up = replace(BASE, core_revision="c2", core_pods=cores(3, "c2"), replicant_revision="r2")
+    o = replace(up, deployments=[DeploymentState("r1", 2, 2), DeploymentState("r2", 2, 0)],
+                replicant_pods=[*reps(2, "r1"), new(0, "stuck"), new(1, "stuck")])  # fmt: skip
+    p = plan(o)
+    assert p.action == Action("remove-replicant", "r-replicant-r1-0", True, "r1")
+    assert p.phase == "Upgrading" and not p.degraded  # waiting for room is the rollout
+    # One new pod got the room and starts: nothing more goes until it is ready and settled.
+    o = replace(o, deployments=[DeploymentState("r1", 1, 1), DeploymentState("r2", 2, 0)],
+                replicant_pods=[reps(2, "r1")[1], new(0, "starting"), new(1, "stuck")])  # fmt: skip
+    p = plan(o)
+    assert p.action is None and not p.degraded and "in place" in p.waiting
+    o = replace(o, deployments=[DeploymentState("r1", 1, 1), DeploymentState("r2", 2, 1)],
+                replicant_pods=[reps(2, "r1")[1], new(0, "ready"), new(1, "stuck")])  # fmt: skip
+    assert plan(o).action == Action("remove-replicant", "r-replicant-r1-1", True, "r1")
+    # The last old pod gone and the last new one ready: the old Deployment is dropped.
+    o = replace(o, deployments=[DeploymentState("r1", 0, 0), DeploymentState("r2", 2, 2)],
+                replicant_pods=[new(0, "ready"), new(1, "ready")])  # fmt: skip
+    assert plan(o).delete_deployments == ["r1"]
+
+
+def test_no_in_place_roll_while_the_room_made_stays_unused() -> None:
+    """A new pod that fits nowhere, even where an old pod left room (too big for any node):
+    no second old pod is taken away, and Degraded gives the scheduler's reason."""
+    why = "0/2 nodes are available: 2 Insufficient memory."
+    up = replace(BASE, core_revision="c2", core_pods=cores(3, "c2"), replicant_revision="r2")
+    stuck = [PodState(f"r-replicant-r2-{i}", "r2", False, unschedulable=why) for i in range(2)]
+    o = replace(up, deployments=[DeploymentState("r1", 1, 1), DeploymentState("r2", 2, 0)],
+                replicant_pods=[reps(2, "r1")[1], *stuck])  # fmt: skip
+    p = plan(o)
+    assert p.action is None and p.degraded_reason == "PodsUnschedulable"
+    # Right after the old pod went, its room may still be on its way (the scheduler retries
+    # on the deletion): not a fault yet, and still no second removal.
+    p = plan(replace(o, replicant_removed_ago=1.0))
+    assert p.action is None and not p.degraded and "in place" in p.waiting
+    assert plan(replace(o, replicant_removed_ago=31.0)).degraded_reason == "PodsUnschedulable"
+    # And a rollout whose new pods are only starting (not stuck) waits as before.
+    starting = [PodState(f"r-replicant-r2-{i}", "r2", False) for i in range(2)]
+    o = replace(up, deployments=[DeploymentState("r1", 2, 2), DeploymentState("r2", 2, 0)],
+                replicant_pods=reps(2, "r1") + starting)  # fmt: skip
+    assert plan(o).action is None

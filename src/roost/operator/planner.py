@@ -9,6 +9,9 @@ a cluster safe and unstuck:
   that is not ready (it serves no one): that one is replaced at once, which is also what
   un-sticks a rollout after a bad image is fixed;
 - core pods are replaced in place (same StatefulSet, same PVC), highest ordinal first;
+- replicants of a new revision start beside the old ones, which go once the new are ready;
+  when the new ones cannot be placed beside them (hard anti-affinity on too few nodes), the
+  old ones are replaced in place instead, one at a time;
 - a core scale-down removes the etcd member before the pod goes.
 """
 
@@ -58,6 +61,8 @@ class Observed:
     #: A rollout to a new revision is under way (status.currentRevision is not the update
     #: revision): pods starting or not ready then are part of an upgrade, not a creation.
     rolling_out: bool = False
+    #: Seconds since this operator last removed a replicant pod (None: not recently known).
+    replicant_removed_ago: float | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,10 @@ class Plan:
     degraded: str = ""
     degraded_reason: str = ""
 
+
+#: How long a new replicant pod may stay unplaced after an old one left it room (the scheduler
+#: retries on the deletion, usually within a second) before that counts as a fault.
+ROOM_GRACE = 30.0
 
 BAD_WAIT_REASONS = {
     "ImagePullBackOff",
@@ -190,8 +199,31 @@ def _plan(o: Observed) -> Plan:
     if old_deps:
         plan_.phase = "Upgrading"
         if not new_ready:
-            plan_.waiting = "waiting for the new replicant pods to be ready"
-            return plan_
+            new_pods = pods_of.get(new.revision, [])
+            stuck = [p for p in new_pods if p.unschedulable]
+            starting = [p for p in new_pods if not p.unschedulable
+                        and (not p.ready or p.ready_for < o.min_ready_seconds)]  # fmt: skip
+            placed = len(new_pods) - len(stuck) - len(starting)
+            # Old pods already taken away to make room for new ones, and whether the last
+            # room made may still be on its way to a new pod.
+            made_room = o.replicant_desired - sum(d.replicas for d in old_deps)
+            ago = o.replicant_removed_ago
+            in_transit = ago is not None and ago < ROOM_GRACE
+            if not stuck or made_room > placed + len(starting) + in_transit:
+                # Nothing is stuck, or a room made was not taken (the new pod does not fit
+                # even there): wait, and let Degraded say why.
+                plan_.waiting = "waiting for the new replicant pods to be ready"
+                return plan_
+            # The new pods cannot be placed while the old ones hold the nodes (hard
+            # anti-affinity with fewer nodes than twice the replicas, or no spare room): roll
+            # in place, one old pod evacuated and removed to make room for one new pod, the
+            # next once that one is settled. The pods waiting for room are the rollout, not a
+            # fault.
+            rest = [p for p in o.core_pods + o.replicant_pods if p not in stuck]
+            plan_.degraded_reason, plan_.degraded = _degraded(rest)
+            plan_.waiting = "rolling replicants in place: the new pods have no room to start"
+            if starting or made_room > placed:
+                return plan_
         d = old_deps[0]
         pods = pods_of.get(d.revision, [])
         if len(pods) > d.replicas:

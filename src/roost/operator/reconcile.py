@@ -93,6 +93,8 @@ class Context:
     problems: dict[str, dict[str, Problem]] = field(default_factory=dict)
     #: (RoostCluster uid, pod) -> monotonic time its evacuation failed and the pod was kept.
     evacuation_failed: dict[tuple[str, str], float] = field(default_factory=dict)
+    #: RoostCluster uid -> monotonic time this operator last removed one of its replicants.
+    replicant_removed: dict[str, float] = field(default_factory=dict)
 
 
 Warn = Any  # callable(reason, message): posts a Kubernetes event on the RoostCluster
@@ -314,8 +316,10 @@ class Reconciler:
         role = render.LABEL_COMPONENT
         update_rev = f"{render.core_revision(spec)}-{render.replicant_revision(spec)}"
         current = self.status.get("currentRevision", "")
+        removed = self.ctx.replicant_removed.get(self.uid)
         return (
             Observed(
+                replicant_removed_ago=None if removed is None else time.monotonic() - removed,
                 rolling_out=bool(current) and current != update_rev,
                 core_revision=render.core_revision(spec),
                 replicant_revision=render.replicant_revision(spec),
@@ -526,6 +530,7 @@ class Reconciler:
             await self.kube.patch(
                 "Deployment", self.ns, dep, {"spec": {"replicas": max(current.replicas - 1, 0)}}
             )
+            self.ctx.replicant_removed[self.uid] = time.monotonic()
 
     async def remove_core(self, pod_name: str, o: Observed) -> None:
         survivors = [p for p in o.core_pods if p.name != pod_name and p.ready]
