@@ -572,6 +572,11 @@ class Cluster:
             except EtcdError as e:
                 log.error("rejoin failed: %s", e)
                 return
+            # Route along the others' current routes (and members), not those from before the
+            # partition: a route added meanwhile is not known here until the watch caught up.
+            for w in self._watches[:2]:  # nodes/ and routes/: the first two (see start)
+                if not await w.caught_up(rev, _ROUTE_WAIT):
+                    log.warning("etcd watch of %s not caught up after %gs", w.prefix, _ROUTE_WAIT)
             self.fenced = False
             self.fence_reason = ""
             self.broker.fenced = False
