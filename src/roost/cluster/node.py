@@ -1361,5 +1361,6 @@ class Cluster:
             "nodes": len(self.members), "remote_routes": len(self.remote),
             "local_routes": len(self.routes.routes), "links": links,
             "etcd": self.etcd.stats.snapshot(), "route_transactions": self.writer.transactions,
+            "replica_ops_refused": self.replicas.ops_refused if self.replicas is not None else 0,
             **self.stats,
         }
