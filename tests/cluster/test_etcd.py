@@ -256,6 +256,25 @@ async def test_watch_delivers_in_order(etcd: Etcd) -> None:
         await watch.cancel()
 
 
+async def test_watch_caught_up_with_no_event_of_its_own(etcd: Etcd) -> None:
+    """A quiet prefix's watch never sees a newer revision by itself: ``caught_up`` asks etcd
+    for a progress notification (a node rejoining after a partition routes only once its
+    routes watch has caught up with what changed meanwhile)."""
+    _, rev = await etcd.get_prefix("quiet/")
+    rec = Recorder()
+    watch = etcd.watch_prefix("quiet/", rev + 1, rec.on_events, rec.on_resync, rec.on_error)
+    try:
+        for i in range(3):
+            await etcd.put(f"loud/{i}", b"x")  # newer revisions, none under quiet/
+        _, now = await etcd.get_prefix("loud/")
+        assert watch.revision < now
+        assert await watch.caught_up(now, 5)
+        assert watch.revision >= now and rec.events == []
+        assert not await watch.caught_up(now + 1000, 0.3)  # a revision etcd has not reached
+    finally:
+        await watch.cancel()
+
+
 async def test_watch_survives_etcd_restart(own_etcd: EtcdCluster) -> None:
     client = Etcd(own_etcd.endpoints, prefix="rw", timeout=2.0)
     await client.connect()

@@ -45,10 +45,14 @@ def node_names(node: NodeProcess) -> list[str]:
 
 
 class SeqPublisher:
-    """Publishes numbered QoS 1 messages in a thread; remembers which ones were PUBACKed."""
+    """Publishes numbered QoS 1 (or 2) messages in a thread; remembers which ones were
+    acknowledged (PUBACK, or PUBCOMP for QoS 2)."""
 
-    def __init__(self, port: int, topic: str, cid: str, interval: float = 0.002) -> None:
+    def __init__(
+        self, port: int, topic: str, cid: str, interval: float = 0.002, qos: int = 1
+    ) -> None:
         self.interval = interval
+        self.qos = qos
         self.client = PahoClient(port, cid)
         self.client.c.reconnect_delay_set(120, 120)  # a dead node's publisher stays down
         self.client.connect()
@@ -66,7 +70,7 @@ class SeqPublisher:
     def _run(self) -> None:
         i = 0
         while not self._stop.is_set():
-            info = self.client.c.publish(self.topic, f"p:{i}".encode(), 1)
+            info = self.client.c.publish(self.topic, f"p:{i}".encode(), self.qos)
             if info.rc:
                 break
             self._infos[i] = info

@@ -739,8 +739,13 @@ class Channel:
 
     def _on_pubrec(self, p: Pubrec) -> None:
         assert self.session is not None
+        mark = self._store_mark()
         if self.session.on_pubrec(p.packet_id, p.reason_code):
             if p.reason_code < 0x80:
+                # PUBREL only once "PUBREL sent" is stored (and on the store cores): the client
+                # forgets the packet id at PUBREL, so a node taking the session from a store
+                # that still says "PUBLISH sent" would send the message again, a duplicate.
+                self._hold_until_stored(mark)
                 self.send_pubrel(p.packet_id)
         elif self.v5:
             self.write(_ack(0x62, p.packet_id, RC.PACKET_IDENTIFIER_NOT_FOUND))

@@ -649,7 +649,23 @@ class Watch:
         self._on_resync = on_resync
         self._on_error = on_error
         self._backoff = 0.1
+        self._call: Any = None  # the stream, once etcd created the watch
         self._task = asyncio.create_task(self._run(), name=f"etcd-watch:{prefix}")
+
+    async def caught_up(self, revision: int, timeout: float) -> bool:
+        """Wait until every event up to ``revision`` was delivered (False after ``timeout``):
+        asks etcd for a progress notification, which it sends once the watch is synced."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.revision < revision:
+            if loop.time() > deadline:
+                return False
+            call = self._call
+            if call is not None:
+                with contextlib.suppress(Exception):
+                    await call.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+            await asyncio.sleep(0.05)
+        return True
 
     async def cancel(self) -> None:
         self._etcd._watches.discard(self)
@@ -690,16 +706,17 @@ class Watch:
         try:
             await call.write(rpc.WatchRequest(create_request=create))
             while True:
-                self._handle(await call.read(), ep)
+                self._handle(await call.read(), ep, call)
         except grpc.aio.AioRpcError as e:
             err = _translate(e, ep.url, etcd.timeout)
             if isinstance(err, EtcdUnavailable):
                 etcd._failed(ep)
             raise err from None
         finally:
+            self._call = None
             call.cancel()
 
-    def _handle(self, resp: Any, ep: _Endpoint) -> None:
+    def _handle(self, resp: Any, ep: _Endpoint, call: Any = None) -> None:
         if resp is grpc.aio.EOF:
             raise EtcdUnavailable(f"etcd {ep.url} ended the watch stream")
         if resp.compact_revision:
@@ -708,6 +725,7 @@ class Watch:
             raise EtcdError(f"etcd {ep.url} cancelled the watch: {resp.cancel_reason}")
         if resp.created:
             self._backoff = 0.1
+            self._call = call
             return
         if resp.events:
             # etcd never splits one revision's events over two responses (fragment is off).

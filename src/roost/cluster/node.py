@@ -148,6 +148,9 @@ class Cluster:
         self.registry = Progress()
         self._registry_task: asyncio.Task[None] | None = None
         self._retained_rev: dict[str, int] = {}
+        #: The wills of the clients closed when this node fenced itself (client id -> will,
+        #: delay): published at rejoin for the sessions still ours; another node's otherwise.
+        self._fenced_wills: dict[str, tuple[Message, int]] = {}
         self.replicator: Replicator | None = None
         #: Set by the node runner: answers a management question about this node's clients.
         self.mgmt_op: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None
@@ -548,6 +551,11 @@ class Cluster:
         self.broker.fenced = True
         log.error("cut off from the cluster (%s): fencing, closing every client", reason)
         for ch in list(self.broker.channels):
+            # Not its will now: the node that adopts the session publishes it (the registry
+            # entry has it), and ours would reach the others only after the partition heals.
+            if ch.will is not None and ch.client_id:
+                self._fenced_wills[ch.client_id] = (ch.will, ch.will_delay)
+                ch.will = None
             ch.disconnect(RC.USE_ANOTHER_SERVER, "node cut off from the cluster")
 
     def _lease_regained(self, lease_id: int) -> None:
@@ -556,15 +564,46 @@ class Cluster:
         async def rejoin() -> None:
             try:
                 await self._put_node_key()
+                # The sessions other nodes adopted meanwhile are theirs: drop our copies (their
+                # routes must not come back, nor their wills) before routing again.
+                kvs, rev = await self.etcd.get_prefix("sessions/")
+                self._drop_moved_sessions({kv.key[len("sessions/") :]: kv for kv in kvs})
                 self.routes.rewrite_all()
             except EtcdError as e:
                 log.error("rejoin failed: %s", e)
                 return
+            # Route along the others' current routes (and members), not those from before the
+            # partition: a route added meanwhile is not known here until the watch caught up.
+            for w in self._watches[:2]:  # nodes/ and routes/: the first two (see start)
+                if not await w.caught_up(rev, _ROUTE_WAIT):
+                    log.warning("etcd watch of %s not caught up after %gs", w.prefix, _ROUTE_WAIT)
             self.fenced = False
             self.fence_reason = ""
             self.broker.fenced = False
 
         self._spawn(rejoin())
+
+    def _drop_moved_sessions(self, registry: dict[str, KV]) -> None:
+        """After a partition: drop the sessions whose registry entry is another node's now (or
+        gone), and publish the wills kept at fencing of those still ours."""
+        broker = self.broker
+        wills, self._fenced_wills = self._fenced_wills, {}
+        for cid, session in list(broker.sessions.items()):
+            lock = self._locks.get(cid)
+            if not session.epoch or session.channel is not None or (lock and lock.locked()):
+                continue
+            kv = registry.get(cid)
+            if kv is None or parse_entry(kv.value).get("node") != self.me:
+                log.warning("session %s was adopted while this node was cut off: dropping "
+                            "the stale copy", cid)  # fmt: skip
+                broker.take_session(cid)
+                wills.pop(cid, None)
+        for cid, (will, delay) in wills.items():
+            kv = registry.get(cid)
+            if kv is not None and parse_entry(kv.value).get("node") == self.me:
+                held = broker.sessions.get(cid)
+                expiry = held.expiry_interval if held is not None else 0
+                broker.schedule_will(cid, will, min(delay, expiry))
 
     def _write_failed(self, e: Exception) -> None:
         self.stats["etcd_failures"] += 1
@@ -1322,5 +1361,6 @@ class Cluster:
             "nodes": len(self.members), "remote_routes": len(self.remote),
             "local_routes": len(self.routes.routes), "links": links,
             "etcd": self.etcd.stats.snapshot(), "route_transactions": self.writer.transactions,
+            "replica_ops_refused": self.replicas.ops_refused if self.replicas is not None else 0,
             **self.stats,
         }

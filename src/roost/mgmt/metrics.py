@@ -109,7 +109,9 @@ def _cluster_metrics(w: _Writer, st: dict[str, Any]) -> None:
                        ("adopted", "Sessions of dead nodes adopted by this node."),
                        ("relayed", "Messages sent after a session that moved to another node."),
                        ("rereplicated", "Sessions copied to a new store core."),
-                       ("etcd_failures", "etcd writes that failed and were retried.")):  # fmt: skip
+                       ("etcd_failures", "etcd writes that failed and were retried."),
+                       ("replica_ops_refused", "Replicated session writes refused as older "
+                        "than the session's epoch (a home that lost the session).")):  # fmt: skip
         w.one(f"roost_cluster_{key}", "counter", help_, st[key])
     etcd = st["etcd"]
     w.one("roost_etcd_requests", "counter", "etcd requests made.", etcd.get("requests", 0))
