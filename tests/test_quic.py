@@ -432,7 +432,7 @@ def test_kick_closes_with_administrative_action(tmp_path):
         try:
             q = QuicClient("127.0.0.1", port, "kicked")
             await q.connect()
-            [ch] = [c for c in broker.channels if c.client_id == "kicked"]
+            [ch] = [c for c in broker.registry.channels() if c.client_id == "kicked"]
             ch.disconnect(RC.ADMINISTRATIVE_ACTION)
             t = await q.wait_closed(5)
             assert q.disconnect_packet is not None

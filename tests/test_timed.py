@@ -109,9 +109,9 @@ def test_session_expires_exactly_after_its_interval():
     c.subscribe("exp/t")
     c.disconnect()
     clock.advance(9.5)
-    assert "exp" in broker.sessions
+    assert "exp" in broker.registry
     clock.advance(0.5)
-    assert "exp" not in broker.sessions
+    assert "exp" not in broker.registry
     assert broker.router.count == 0  # its subscription went with it
     assert not Client(broker, "exp").connect(clean_start=False, expiry=10).session_present
 
@@ -124,9 +124,9 @@ def test_reconnect_before_expiry_keeps_the_session_and_restarts_the_interval():
     assert c.connect(clean_start=False, expiry=10).session_present
     c.disconnect()
     clock.advance(9.5)  # 19 s after the first disconnect: its timer is gone
-    assert "keep" in broker.sessions
+    assert "keep" in broker.registry
     clock.advance(0.5)
-    assert "keep" not in broker.sessions
+    assert "keep" not in broker.registry
 
 
 def test_session_past_its_expiry_is_not_resumed_before_its_timer_fires():
@@ -139,14 +139,14 @@ def test_session_past_its_expiry_is_not_resumed_before_its_timer_fires():
     assert c.connect(clean_start=False, expiry=10).session_present
     c.disconnect()
     clock.advance(10)
-    assert "late" in broker.sessions  # its timer has not fired...
+    assert "late" in broker.registry  # its timer has not fired...
     assert not Client(broker, "late").connect(clean_start=False).session_present  # ...but
 
 
 def test_expiry_zero_ends_the_session_at_disconnect():
     _, broker = make()
     connected(broker, "zero").disconnect()
-    assert "zero" not in broker.sessions
+    assert "zero" not in broker.registry
 
 
 # ------------------------------------------------------------------------------ will delay
@@ -165,7 +165,7 @@ def test_will_is_sent_after_its_delay():
     assert w.publishes() == []
     clock.advance(0.5)
     assert [p.payload for p in w.publishes()] == [b"gone"]
-    assert "wd" in broker.sessions  # the session outlives its will
+    assert "wd" in broker.registry  # the session outlives its will
 
 
 def test_will_is_not_sent_if_the_client_comes_back_in_time():
@@ -190,7 +190,7 @@ def test_will_is_sent_at_session_expiry_when_that_comes_first():
     assert w.publishes() == []
     clock.advance(0.5)
     assert [p.payload for p in w.publishes()] == [b"gone"]
-    assert "short" not in broker.sessions
+    assert "short" not in broker.registry
 
 
 def test_will_without_delay_on_drop_and_none_after_a_normal_disconnect():

@@ -125,7 +125,7 @@ class Channel:
             self.closed = True
             transport.close()
             return
-        broker.channels.add(self)
+        broker.registry.channel_opened(self)
 
     # ----------------------------------------------------------------------- transport side
 
@@ -164,7 +164,7 @@ class Channel:
 
     def connection_lost(self) -> None:
         """The transport is gone (closed by either side)."""
-        self.broker.channels.discard(self)
+        self.broker.registry.channel_closed(self)
         self._draining = None  # nobody left to send the held replies to
         if self.closed and not self.connected:
             return
@@ -258,10 +258,10 @@ class Channel:
         if not self.closed:
             self.closed = True
             if drain and self._gate is not None:
-                # Still in broker.channels, so that tick() bounds the wait.
+                # Still in the registry's channels, so that tick() bounds the wait.
                 self._draining = self.now()
             else:
-                self.broker.channels.discard(self)
+                self.broker.registry.channel_closed(self)
                 self.transport.close()
             if self.connected:
                 self.connected = False
@@ -270,7 +270,7 @@ class Channel:
     def _finish_drain(self) -> None:
         self._draining = None
         self._gate = None
-        self.broker.channels.discard(self)
+        self.broker.registry.channel_closed(self)
         self.transport.close()
 
     def disconnect(self, reason: int, reason_string: str = "", server_reference: str = "") -> None:

@@ -220,7 +220,7 @@ class Durable:
                 session.seq = max(session.seq, sd.seq)
             for pid in s.awaiting_rel:
                 session.awaiting_rel[pid] = self.clock()
-            broker.sessions[s.client_id] = session
+            broker.registry.install(session)
             broker.schedule_expiry(s.client_id, self.clock() + left)
             if s.will is not None:
                 topic, payload_hex, qos, retain, props_json, delay = s.will

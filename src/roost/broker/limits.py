@@ -72,7 +72,7 @@ class Limits:
     def admit_socket(self) -> bool:
         """May one more connection be open on this node (``node.max_connections``)?"""
         limit = self.broker.config.node.max_connections
-        if limit and len(self.broker.channels) >= limit:
+        if limit and self.broker.registry.channel_count() >= limit:
             self.broker.stats.connections_refused += 1
             return False
         return True

@@ -26,6 +26,7 @@ from roost.broker.message import Message
 from roost.broker.retainer import Retainer
 from roost.broker.router import Router, SessionSubscription
 from roost.broker.session import REFUSED, Session
+from roost.broker.sessions import SessionRegistry
 from roost.broker.stats import Stats
 from roost.config import Config, ConfigError
 from roost.mqtt import reason_codes as RC
@@ -66,8 +67,8 @@ class Broker:
         self.acl = Acl(config.authorization)
         self.authn = Authenticator(self)
         self.limits = Limits(self)
-        self.sessions: dict[str, Session] = {}
-        self.channels: set[Channel] = set()  # every live channel, connected or not
+        #: This node's sessions and live channels (every change goes through it).
+        self.registry = SessionRegistry()
         # client id -> (due time, will, its timer); offline session -> (expiry time, its timer)
         self._wills: dict[str, tuple[float, Message, Handle]] = {}
         self._expiring: dict[str, tuple[float, Handle]] = {}
@@ -136,7 +137,7 @@ class Broker:
 
     def discard_session(self, client_id: str) -> bool:
         """End an offline session now (an administrator's kick)."""
-        session = self.sessions.get(client_id)
+        session = self.registry.get(client_id)
         if session is None or session.channel is not None:
             return False
         self._cancel_expiry(client_id)
@@ -164,7 +165,7 @@ class Broker:
     ) -> tuple[Session, bool]:
         """Attach a channel to this node's session, taking over an older local connection;
         (session, present)."""
-        session = self.sessions.get(client_id)
+        session = self.registry.get(client_id)
         expiring = self._expiring.get(client_id)
         if session is not None and expiring is not None and self.clock() >= expiring[0]:
             # Expired, though the timer has not fired yet: it is not resumed.
@@ -178,7 +179,7 @@ class Broker:
             old.taken_over = True
             old.disconnect(RC.SESSION_TAKEN_OVER)
             # Closing the old connection ends its session if that had expiry 0.
-            session = self.sessions.get(client_id)
+            session = self.registry.get(client_id)
         self._cancel_expiry(client_id)
         if session is not None and clean_start:
             self._end_session(session)
@@ -189,7 +190,7 @@ class Broker:
         present = session is not None
         if session is None:
             session = self.new_session(client_id)
-            self.sessions[client_id] = session
+            self.registry.install(session)
         session.expiry_interval = expiry
         session.channel = channel
         if self.durable is not None and (expiry or session.durable is not None):
@@ -213,7 +214,7 @@ class Broker:
         store) but is not ended; the caller serializes it. With ``relay`` its subscriptions
         stay in the router for now and what they match goes to ``relay`` (``drop_relay``
         ends that), else they go at once."""
-        session = self.sessions.get(client_id)
+        session = self.registry.get(client_id)
         if session is None:
             self.pending_will(client_id)
             return None
@@ -236,7 +237,7 @@ class Broker:
         if session.durable is not None:
             session.durable.delete_session(client_id)
             session.durable = None
-        del self.sessions[client_id]
+        self.registry.remove(client_id)
         session.release_waiters()  # acks held for its room: its queue is another node's now
         return session
 
@@ -300,7 +301,7 @@ class Broker:
 
     def _expire(self, client_id: str) -> None:
         del self._expiring[client_id]
-        session = self.sessions.get(client_id)
+        session = self.registry.get(client_id)
         if session is not None and session.channel is None:
             log.info("session %s expired", client_id)
             self._end_session(session)
@@ -330,10 +331,8 @@ class Broker:
         if session.durable is not None:
             session.durable.delete_session(session.client_id)
             session.durable = None
-        if self.sessions.get(session.client_id) is session:
-            del self.sessions[session.client_id]
-            if self.cluster is not None:
-                self.cluster.session_ended(session)
+        if self.registry.remove_if(session) and self.cluster is not None:
+            self.cluster.session_ended(session)
 
     def _publish_will(self, will: Message, now: float) -> None:
         # Authorized at CONNECT (channel), with the username and address we no longer have here.
@@ -519,7 +518,7 @@ class Broker:
         if group is None:
             return self.deliver_local(msg, False, True)[0]
         if group.startswith("\x00"):  # addressed to one session (it moved here)
-            session = self.sessions.get(group[1:])
+            session = self.registry.get(group[1:])
             if session is None:
                 self.stats.dropped_no_subscribers += 1
                 return 0
@@ -572,11 +571,11 @@ class Broker:
         """Run the periodic checks: keepalive, connect and drain timeouts, flapping window,
         QoS 2 receive timeout, $SYS."""
         now = self.clock()
-        for ch in list(self.channels):
+        for ch in self.registry.channels():
             ch.tick(now)
         if self.flapping:
             self.flapping.purge()
-        for session in self.sessions.values():
+        for session in self.registry:
             if session.awaiting_rel:
                 limit = now - self.config.mqtt.await_rel_timeout
                 for pid, t in list(session.awaiting_rel.items()):
@@ -593,9 +592,9 @@ class Broker:
         values = {
             "version": f"roost {__version__}",
             "uptime": f"{int(now - self.started_at)} seconds",
-            "clients/connected": sum(1 for x in self.sessions.values() if x.connected),
-            "clients/disconnected": sum(1 for x in self.sessions.values() if not x.connected),
-            "clients/total": len(self.sessions),
+            "clients/connected": (connected := self.registry.connected_count()),
+            "clients/disconnected": len(self.registry) - connected,
+            "clients/total": len(self.registry),
             "messages/received": s.messages_received,
             "messages/sent": s.messages_sent,
             "messages/dropped": s.dropped_queue_full + s.dropped_queue_full_qos0
@@ -623,5 +622,5 @@ class Broker:
 
     def shutdown(self) -> None:
         """Tell every MQTT 5 client the server is going away, and close all connections."""
-        for ch in list(self.channels):
+        for ch in self.registry.channels():
             ch.disconnect(RC.SERVER_SHUTTING_DOWN)

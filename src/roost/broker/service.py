@@ -2,7 +2,7 @@
 
 The REST handlers (``roost.mgmt.api``) and other nodes' management requests over the links
 (``mgmt`` requests, answered by ``roost.mgmt.api.fanout.local_op``) both call this, so that no
-handler reads ``broker.sessions`` or ``broker.channels`` or repeats the channel's subscribe.
+handler reaches into the session registry or repeats the channel's subscribe.
 The result models are also the REST API's response bodies: a field added here (say a queue
 counter) appears in the JSON, the OpenAPI document and the other nodes' answers at once.
 """
@@ -158,10 +158,10 @@ class BrokerService:
     # -- clients -----------------------------------------------------------------------
 
     def has_client(self, client_id: str) -> bool:
-        return client_id in self.broker.sessions
+        return client_id in self.broker.registry
 
     def _session(self, client_id: str) -> Session:
-        s = self.broker.sessions.get(client_id)
+        s = self.broker.registry.get(client_id)
         if s is None:
             raise NotFound("CLIENTID_NOT_FOUND", f"no client {client_id!r}")
         return s
@@ -194,8 +194,8 @@ class BrokerService:
     def clients(self, query: ClientQuery | None = None) -> list[ClientInfo]:
         """This node's sessions that ``query`` wants, by client id."""
         q = query or ClientQuery()
-        sessions = self.broker.sessions
-        ids = [q.clientid] if q.clientid is not None else sorted(sessions)
+        sessions = self.broker.registry
+        ids = [q.clientid] if q.clientid is not None else sorted(sessions.client_ids())
         out = []
         for cid in ids:
             s = sessions.get(cid)
@@ -223,7 +223,7 @@ class BrokerService:
         """Disconnect every connected client the ban list now matches; how many."""
         b = self.broker
         n = 0
-        for ch in list(b.channels):
+        for ch in b.registry.channels():
             if ch.connected and b.bans.match(ch.client_id, ch.username, peer_host(ch.peer)):
                 # 0x8A "banned" is a CONNACK code only; DISCONNECT says administrative action.
                 ch.disconnect(RC.ADMINISTRATIVE_ACTION, "banned")
@@ -233,7 +233,7 @@ class BrokerService:
     def send_away(self, n: int, server_reference: str = "") -> int:
         """Disconnect up to ``n`` connected clients with 0x9C "use another server" (MQTT 5 ones
         told ``server_reference`` when given); how many."""
-        victims = [ch for ch in self.broker.channels if ch.connected and not ch.closed][:n]
+        victims = self.broker.registry.connected_channels()[:n]
         for ch in victims:
             # DISCONNECT goes first, not behind replies still waiting for a commit.
             ch.disconnect(RC.USE_ANOTHER_SERVER, "node evacuated", server_reference)
@@ -241,17 +241,17 @@ class BrokerService:
 
     def connections(self, listener: str | None = None) -> int:
         """Connected clients (of one listener, e.g. ``tcp:default``)."""
-        return sum(1 for ch in self.broker.channels
+        return sum(1 for ch in self.broker.registry.channels()
                    if ch.connected and (listener is None or ch.listener == listener))  # fmt: skip
 
     def session_count(self) -> int:
-        return len(self.broker.sessions)
+        return len(self.broker.registry)
 
     def inflight_count(self) -> int:
-        return sum(len(s.inflight) for s in self.broker.sessions.values())
+        return sum(len(s.inflight) for s in self.broker.registry)
 
     def queued_count(self) -> int:
-        return sum(len(s.queue) for s in self.broker.sessions.values())
+        return sum(len(s.queue) for s in self.broker.registry)
 
     # -- subscriptions -----------------------------------------------------------------
 
@@ -287,9 +287,9 @@ class BrokerService:
         share_group: str | None = None,
     ) -> list[SubscriptionInfo]:
         """This node's subscriptions, by client id, that match every condition given."""
-        sessions = self.broker.sessions
+        sessions = self.broker.registry
         out = []
-        for cid in [clientid] if clientid is not None else sorted(sessions):
+        for cid in [clientid] if clientid is not None else sorted(sessions.client_ids()):
             s = sessions.get(cid)
             if s is None:
                 continue

@@ -11,7 +11,7 @@ makes that stream deliver the matching messages, every ack goes back on the stre
 came on, and closing the stream ends its subscriptions and nothing else. The stream session is
 registered in the router under ``<client id>\\x00<stream id>`` (a key no client can choose), so
 it never collides with the control stream's subscriptions; it is never stored in
-``broker.sessions`` and it ends with the stream (expiry 0).
+``broker.registry`` and it ends with the stream (expiry 0).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class StreamChannel(Channel):
         self.stream_id = stream_id
         # A stream is not a connection: node limits, timers and shutdown go by the control
         # stream's channel, which ends its streams with it.
-        self.broker.channels.discard(self)
+        self.broker.registry.channel_closed(self)
         if self.closed:
             return  # refused: the node is at its connection limit
         self.pub_limiter = parent.pub_limiter  # one publish rate per client, however many streams

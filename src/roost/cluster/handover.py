@@ -72,7 +72,7 @@ def dump_session(session: Session, now: float) -> bytes:
 
 
 def load_session(broker: Broker, data: bytes) -> Session:
-    """Rebuild a handed-over session on this node (not yet in ``broker.sessions``); its
+    """Rebuild a handed-over session on this node (not yet in ``broker.registry``); its
     subscriptions go into the local router, its deliveries into the local store if durable."""
     state = json.loads(data)
     now = broker.clock()

@@ -300,7 +300,7 @@ class Cluster:
             return
 
         def epoch_of(cid: str) -> int:
-            s = self.broker.sessions.get(cid)
+            s = self.broker.registry.get(cid)
             return s.epoch if s is not None else 0
 
         self.replicator = Replicator(self.me, links, lambda: list(self._core_set), epoch_of)
@@ -318,7 +318,7 @@ class Cluster:
         if rep is None or durable is None:
             return
         for cid, (before, after) in rep.cores_changed().items():
-            session = self.broker.sessions.get(cid)
+            session = self.broker.registry.get(cid)
             if session is None or session.durable is None:
                 continue
             for t in set(after) - set(before):
@@ -361,7 +361,7 @@ class Cluster:
         for kv in kvs:
             entry = parse_entry(kv.value)
             cid = kv.key[len("sessions/") :]
-            if entry.get("node") != self.me or cid in self.broker.sessions:
+            if entry.get("node") != self.me or cid in self.broker.registry:
                 continue
             if not entry.get("expiry"):
                 with contextlib.suppress(EtcdError):
@@ -380,7 +380,7 @@ class Cluster:
                     continue
                 session = load_session(self.broker, state)
                 session.epoch = new.mod_revision
-                self.broker.sessions[cid] = session
+                self.broker.registry.install(session)
                 self._offline(session, int(entry["expiry"]))
                 log.info("session %s recovered from its store cores", cid)
 
@@ -472,7 +472,7 @@ class Cluster:
         for fwd in replays:
             self._replay(fwd, name)
         self._orphan_copies(name, replays)
-        for session in [*self.broker.sessions.values(), *self._relaying]:
+        for session in [*self.broker.registry, *self._relaying]:
             if session.handoff is not None and session.handoff.home == name:
                 session.handoff.end(session)  # no more relays will come from it
         if self.role == "core":
@@ -550,7 +550,7 @@ class Cluster:
         self.fence_reason = reason
         self.broker.fenced = True
         log.error("cut off from the cluster (%s): fencing, closing every client", reason)
-        for ch in list(self.broker.channels):
+        for ch in self.broker.registry.channels():
             # Not its will now: the node that adopts the session publishes it (the registry
             # entry has it), and ours would reach the others only after the partition heals.
             if ch.will is not None and ch.client_id:
@@ -588,7 +588,8 @@ class Cluster:
         gone), and publish the wills kept at fencing of those still ours."""
         broker = self.broker
         wills, self._fenced_wills = self._fenced_wills, {}
-        for cid, session in list(broker.sessions.items()):
+        for session in broker.registry:
+            cid = session.client_id
             lock = self._locks.get(cid)
             if not session.epoch or session.channel is not None or (lock and lock.locked()):
                 continue
@@ -601,7 +602,7 @@ class Cluster:
         for cid, (will, delay) in wills.items():
             kv = registry.get(cid)
             if kv is not None and parse_entry(kv.value).get("node") == self.me:
-                held = broker.sessions.get(cid)
+                held = broker.registry.get(cid)
                 expiry = held.expiry_interval if held is not None else 0
                 broker.schedule_will(cid, will, min(delay, expiry))
 
@@ -665,7 +666,7 @@ class Cluster:
             cid = group[1:]
             # Its session here, or one that moved on from here meanwhile: the one whose handoff
             # waits for that node (the marker's origin).
-            here = broker.sessions.get(cid)
+            here = broker.registry.get(cid)
             for session in [*([here] if here is not None else []), *self._relaying]:
                 handoff = session.handoff
                 if session.client_id == cid and handoff is not None and handoff.home == fwd.origin:
@@ -673,7 +674,7 @@ class Cluster:
             return
         if group is not None and group.startswith("\x00"):
             cid = group[1:]
-            if cid not in broker.sessions:
+            if cid not in broker.registry:
                 early = self._early.get(cid)
                 if early is not None:  # sent after the session, ahead of our taking it in
                     early.append(msg)
@@ -718,14 +719,14 @@ class Cluster:
                     return
                 broker = self.broker
                 if state is not None and not clean_start:
-                    old = broker.sessions.pop(client_id, None)
+                    old = broker.registry.remove(client_id)
                     if old is not None and old.channel is None:
                         for f in list(old.subscriptions):
                             broker.router.remove(client_id, f)
                     loaded = load_session(broker, state)
                     if home in self.members:  # alive: it relays for a while
                         self._moved_here(loaded, home)
-                    broker.sessions[client_id] = loaded
+                    broker.registry.install(loaded)
                     if home and home != self.me and home not in self.members:
                         self.orphans.session_from(home, loaded)  # from its store cores
                 session, present = broker.attach_session(channel, client_id, clean_start, expiry)
@@ -745,7 +746,7 @@ class Cluster:
         """Make this node the session's home; (epoch, handed-over state or None, old home)."""
         key = f"sessions/{client_id}"
         now = self.broker.clock()
-        local = self.broker.sessions.get(client_id)
+        local = self.broker.registry.get(client_id)
         value = registry_entry(self.me, local if not clean_start else None, expiry,
                                channel.will, channel.will_delay, True, now)  # fmt: skip
         etcd = self.etcd
@@ -869,7 +870,8 @@ class Cluster:
         if not targets:
             return 0
         moved = 0
-        for cid, session in list(self.broker.sessions.items())[:n]:
+        for session in list(self.broker.registry)[:n]:
+            cid = session.client_id
             if session.channel is None:
                 target = rendezvous(cid, targets)
                 if target is not None and await self._push_session(session, target):
@@ -882,12 +884,12 @@ class Cluster:
         cid = session.client_id
         async with self._lock(cid):
             broker = self.broker
-            if broker.sessions.get(cid) is not session or session.channel is not None:
+            if broker.registry.get(cid) is not session or session.channel is not None:
                 return False  # the client came back (or left) meanwhile
             if self.links is None:
                 return False
             await self._drain_handoff(session)
-            if broker.sessions.get(cid) is not session or session.channel is not None:
+            if broker.registry.get(cid) is not session or session.channel is not None:
                 return False
             now = broker.clock()
             pending = broker.pending_will(cid)
@@ -907,7 +909,7 @@ class Cluster:
                         broker.schedule_will(cid, pending[1], max(0.0, pending[0] - now))
                     return False
                 answer = b"adopted, its answer late"
-            if broker.sessions.get(cid) is not session:
+            if broker.registry.get(cid) is not session:
                 return False
             late = list(session.queue)[sent:]
             broker.take_session(cid, relay=lambda msg, qos: self._relay(target, cid, msg, qos))
@@ -942,7 +944,7 @@ class Cluster:
         cid = json.loads(state)["client_id"]
         broker = self.broker
         async with self._lock(cid):
-            if cid in broker.sessions:
+            if cid in broker.registry:
                 raise ValueError(f"session {cid} is already here (its client came)")
             # The registry first: a session that moved on meanwhile must not touch our router
             # (its client id may have a live session here by then).
@@ -957,12 +959,12 @@ class Cluster:
                 ok, new = await self.etcd.cas(f"sessions/{cid}", value, header["epoch"])
             finally:
                 self._early.pop(cid, None)
-            if not ok or new is None or cid in broker.sessions:
+            if not ok or new is None or cid in broker.registry:
                 raise ValueError(f"session {cid} moved on meanwhile")
             mark = broker.commits.mark()
             session = self._moved_here(load_session(broker, state), origin)
             session.epoch = new.mod_revision
-            broker.sessions[cid] = session
+            broker.registry.install(session)
             for msg in early:
                 broker.deliver_relayed(session, msg)
             if broker.durable is not None and session.durable is not None:
@@ -995,7 +997,7 @@ class Cluster:
         except TimeoutError:
             held = False  # a claim of ours is stuck on the same client: do not deadlock
         try:
-            session = self.broker.sessions.get(client_id)
+            session = self.broker.registry.get(client_id)
             if session is not None and session.epoch > req["epoch"]:
                 return b""  # our claim is newer than the asker's
             if session is not None:
@@ -1127,7 +1129,7 @@ class Cluster:
         complete = True
         while batch:
             cid = batch.pop()
-            session = self.broker.sessions.get(cid)
+            session = self.broker.registry.get(cid)
             if session is None or not session.epoch:
                 continue
             ch = session.channel
@@ -1146,7 +1148,7 @@ class Cluster:
                 continue
             if ok and kv is not None:
                 session.epoch = kv.mod_revision
-            elif self.broker.sessions.get(cid) is session:
+            elif self.broker.registry.get(cid) is session:
                 # Another node made itself the home after our epoch: it is asking us for the
                 # session right now (takeover), so keep it for that; drop it only if nobody
                 # came for it (the new home got it from the store cores).
@@ -1156,7 +1158,7 @@ class Cluster:
     async def _drop_if_unclaimed(self, cid: str, session: Session) -> None:
         await asyncio.sleep(_TAKEOVER_TIMEOUT * 2)
         async with self._lock(cid):
-            if self.broker.sessions.get(cid) is not session or session.channel is not None:
+            if self.broker.registry.get(cid) is not session or session.channel is not None:
                 return
             kv = await self.etcd.get(f"sessions/{cid}")
             if kv is None or parse_entry(kv.value).get("node") != self.me:
@@ -1166,7 +1168,8 @@ class Cluster:
     async def _claim_restored_sessions(self) -> None:
         """Sessions restored from this node's store: keep those the registry still puts here
         (or nowhere), drop those another node took over while this one was down."""
-        for cid, session in list(self.broker.sessions.items()):
+        for session in self.broker.registry:
+            cid = session.client_id
             key = f"sessions/{cid}"
             kv = await self.etcd.get(key)
             if kv is not None and parse_entry(kv.value).get("node") not in (self.me, None, ""):
@@ -1217,7 +1220,7 @@ class Cluster:
                 return
             value = registry_entry(self.me, None, expiry, None, 0, False, now)
             ok, new = await self.etcd.cas(kv.key, value, kv.mod_revision)
-            if not ok or new is None or cid in broker.sessions:
+            if not ok or new is None or cid in broker.registry:
                 return
             state = await self._take_replica(cid, dead, new.mod_revision)
             if state:
@@ -1228,7 +1231,7 @@ class Cluster:
                 session.durable = broker.durable
                 restore_subscriptions(broker, session, entry.get("subs", []))
             session.epoch = new.mod_revision
-            broker.sessions[cid] = session
+            broker.registry.install(session)
             self.orphans.session_from(dead, session)
             self._offline(session, expiry)
             if will is not None:
@@ -1321,7 +1324,7 @@ class Cluster:
                 "moves": [{"from": a, "to": b, "count": n} for a, b, n in moves]}  # fmt: skip
 
     def _connections(self) -> int:
-        return sum(1 for ch in self.broker.channels if ch.connected)
+        return sum(1 for ch in self.broker.registry.channels() if ch.connected)
 
     def _reference_of(self, node: str) -> str:
         info = self.members.get(node, {})
@@ -1335,7 +1338,7 @@ class Cluster:
         Reference on MQTT 5); persistent ones take their sessions to where they reconnect."""
         done = 0
         while done < count:
-            victims = [ch for ch in self.broker.channels if ch.connected and not ch.closed]
+            victims = self.broker.registry.connected_channels()
             for ch in victims[: min(rate, count - done)]:
                 ch.disconnect(RC.USE_ANOTHER_SERVER, "rebalancing", reference)
                 done += 1

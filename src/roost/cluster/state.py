@@ -265,7 +265,7 @@ class SharedState:
     def _put_ban(self, ban: Ban) -> None:
         bans = self.broker.bans
         bans.put(ban)
-        for ch in list(self.broker.channels):
+        for ch in self.broker.registry.channels():
             if ch.connected and bans.match(ch.client_id, ch.username, peer_host(ch.peer)):
                 # 0x8A "banned" is a CONNACK code only; DISCONNECT says administrative action.
                 ch.disconnect(RC.ADMINISTRATIVE_ACTION, "banned")

@@ -156,7 +156,7 @@ async def apply_config(broker: Broker, listeners: ListenerSet, new: Config) -> l
     if "authentication" in changed or "listeners" in changed:
         broker.authn.warn_if_locked()
     if "mqtt" in changed:
-        for session in broker.sessions.values():
+        for session in broker.registry:
             session.max_queue = new.mqtt.max_mqueue_len
             session.max_queue_bytes = new.mqtt.max_mqueue_bytes
             session.full_policy = new.mqtt.mqueue_full_policy

@@ -50,7 +50,7 @@ class ListenerSet:
         if server is None:
             return
         server.close()
-        for ch in list(self.broker.channels):
+        for ch in self.broker.registry.channels():
             if ch.listener == label:
                 ch.disconnect(reason)
         waiter = getattr(server, "wait_closed", None)

@@ -193,7 +193,7 @@ def render(
 
     by_listener: dict[str, int] = {}
     connected = 0
-    for ch in broker.channels:
+    for ch in broker.registry.channels():
         if ch.connected:
             connected += 1
             by_listener[ch.listener] = by_listener.get(ch.listener, 0) + 1
@@ -239,8 +239,8 @@ def render(
     w.one("roost_publish_rate_exceeded", "counter", "PUBLISHes over a client's rate limit.",
           s.publish_rate_exceeded)  # fmt: skip
 
-    sessions = len(broker.sessions)
-    online = sum(1 for x in broker.sessions.values() if x.connected)
+    sessions = len(broker.registry)
+    online = broker.registry.connected_count()
     w.metric(
         "roost_sessions",
         "gauge",
@@ -248,7 +248,7 @@ def render(
         [({"state": "connected"}, online), ({"state": "disconnected"}, sessions - online)],
     )
     inflight = queued = qmax = 0
-    for x in broker.sessions.values():
+    for x in broker.registry:
         inflight += len(x.inflight)
         q = len(x.queue)
         queued += q
