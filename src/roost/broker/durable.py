@@ -16,6 +16,19 @@ from typing import TYPE_CHECKING, Any
 from roost.broker.message import Message
 from roost.broker.router import SessionSubscription
 from roost.broker.session import AWAIT_COMP, Delivery, Session
+from roost.store.ops import (
+    DeliveryAdd,
+    DeliveryDone,
+    DeliverySent,
+    MessageRow,
+    Op,
+    RelAdd,
+    RelDone,
+    RetainedGone,
+    RetainedSet,
+    SessionGone,
+    SessionRow,
+)
 from roost.store.sqlite import StoredState, dump_fwd, dump_props, load_props
 
 if TYPE_CHECKING:
@@ -38,9 +51,9 @@ class Durable:
         self._next_mid = 1
         #: Set by the cluster layer: also called with every session operation (client id, op)
         #: so that the session's store cores on other nodes apply it too.
-        self.replicate: Callable[[str, tuple[Any, ...], bool], None] | None = None
+        self.replicate: Callable[[str, Op, bool], None] | None = None
 
-    def _op(self, client_id: str, op: tuple[Any, ...], gate: bool = True) -> None:
+    def _op(self, client_id: str, op: Op, gate: bool = True) -> None:
         self.persister.op(op, gate)
         if self.replicate is not None:
             self.replicate(client_id, op, gate)
@@ -75,7 +88,7 @@ class Durable:
 
     def _session_op(
         self, session: Session, will: Message | None, will_delay: int, connected: bool
-    ) -> tuple[Any, ...]:
+    ) -> SessionRow:
         subs = [
             [o.topic_filter, o.qos, o.no_local, o.rap, o.retain_handling, o.sub_id]
             for o in session.subscriptions.values()
@@ -84,32 +97,35 @@ class Durable:
         if will is not None:
             will_json = json.dumps([will.topic, will.payload.hex(), will.qos, will.retain,
                                     dump_props(will.props), will_delay])  # fmt: skip
-        return ("sess", session.client_id, session.expiry_interval, json.dumps(subs), will_json,
-                None if connected else self.wall())  # fmt: skip
+        return SessionRow("sess", session.client_id, session.expiry_interval, json.dumps(subs),
+                          will_json, None if connected else self.wall())  # fmt: skip
 
-    def _message_op(self, msg: Message) -> tuple[Any, ...]:
-        return ("msg", msg.mid, msg.topic, msg.payload, msg.qos, msg.retain,
-                dump_props(msg.props), msg.sender, self._wall(msg.expires_at),
-                dump_fwd(msg.fwd_id))  # fmt: skip
+    def _message_op(self, msg: Message) -> MessageRow:
+        return MessageRow("msg", msg.mid, msg.topic, msg.payload, msg.qos, msg.retain,
+                          dump_props(msg.props), msg.sender, self._wall(msg.expires_at),
+                          dump_fwd(msg.fwd_id))  # fmt: skip
 
-    def session_ops(self, session: Session) -> list[tuple[Any, ...]]:
+    @staticmethod
+    def _delivery_op(cid: str, d: Delivery) -> DeliveryAdd:
+        return DeliveryAdd("dlv", cid, d.seq, d.msg.mid, d.qos, d.retain, json.dumps(d.sub_ids))
+
+    def session_ops(self, session: Session) -> list[Op]:
         """The whole stored state of a session as operations (for a new replica)."""
         cid = session.client_id
-        ops: list[tuple[Any, ...]] = [("sess_del", cid),
-                                      self._session_op(session, None, 0, session.connected)]
+        ops: list[Op] = [SessionGone("sess_del", cid),
+                         self._session_op(session, None, 0, session.connected)]  # fmt: skip
         for pid, d in session.inflight.items():
             if d.seq:
-                ops += [self._message_op(d.msg), ("dlv", cid, d.seq, d.msg.mid, d.qos,
-                        d.retain, json.dumps(d.sub_ids)), ("dlv_pid", cid, d.seq, pid, d.state)]
+                ops += [self._message_op(d.msg), self._delivery_op(cid, d),
+                        DeliverySent("dlv_pid", cid, d.seq, pid, d.state)]  # fmt: skip
         for d in session.queue:
             if d.seq:
-                ops += [self._message_op(d.msg), ("dlv", cid, d.seq, d.msg.mid, d.qos,
-                        d.retain, json.dumps(d.sub_ids))]  # fmt: skip
-        ops += [("rel_add", cid, pid) for pid in session.awaiting_rel]
+                ops += [self._message_op(d.msg), self._delivery_op(cid, d)]
+        ops += [RelAdd("rel_add", cid, pid) for pid in session.awaiting_rel]
         return ops
 
     def delete_session(self, client_id: str) -> None:
-        self._op(client_id, ("sess_del", client_id))
+        self._op(client_id, SessionGone("sess_del", client_id))
 
     # ------------------------------------------------------------------------- deliveries
 
@@ -129,37 +145,29 @@ class Durable:
         session.seq += 1
         d.seq = session.seq
         cid = session.client_id
-        self._op(cid, ("dlv", cid, d.seq, msg.mid, d.qos, d.retain, json.dumps(d.sub_ids)))
+        self._op(cid, self._delivery_op(cid, d))
 
     def delivery_sent(self, session: Session, d: Delivery, pid: int) -> None:
-        self._op(session.client_id, ("dlv_pid", session.client_id, d.seq, pid, d.state))
+        self._op(session.client_id, DeliverySent("dlv_pid", session.client_id, d.seq, pid, d.state))
 
     def delivery_done(self, session: Session, d: Delivery) -> None:
-        self._op(session.client_id, ("dlv_del", session.client_id, d.seq))
+        self._op(session.client_id, DeliveryDone("dlv_del", session.client_id, d.seq))
 
     def rel_add(self, session: Session, pid: int) -> None:
-        self._op(session.client_id, ("rel_add", session.client_id, pid))
+        self._op(session.client_id, RelAdd("rel_add", session.client_id, pid))
 
     def rel_del(self, session: Session, pid: int) -> None:
-        self._op(session.client_id, ("rel_del", session.client_id, pid))
+        self._op(session.client_id, RelDone("rel_del", session.client_id, pid))
 
     # --------------------------------------------------------------------------- retained
 
     def retained_set(self, msg: Message) -> None:
-        self.persister.op(
-            (
-                "ret_set",
-                msg.topic,
-                msg.payload,
-                msg.qos,
-                dump_props(msg.props),
-                msg.sender,
-                self._wall(msg.expires_at),
-            )
-        )
+        op = RetainedSet("ret_set", msg.topic, msg.payload, msg.qos, dump_props(msg.props),
+                         msg.sender, self._wall(msg.expires_at))  # fmt: skip
+        self.persister.op(op)
 
     def retained_delete(self, topic: str) -> None:
-        self.persister.op(("ret_del", topic))
+        self.persister.op(RetainedGone("ret_del", topic))
 
     # ---------------------------------------------------------------------------- restore
 

@@ -46,6 +46,7 @@ from roost.cluster.replication import ReplicaStore, Replicator, store_cores
 from roost.cluster.routes import BatchWriter, RemoteTable, RouteSync
 from roost.config import parse_bind
 from roost.mqtt import reason_codes as RC
+from roost.store.ops import SessionGone
 
 if TYPE_CHECKING:
     from roost.broker.channel import Channel
@@ -326,7 +327,7 @@ class Cluster:
                 self.stats["rereplicated"] += 1
             for t in set(before) - set(after):
                 if t in cores:
-                    rep.send_to(t, [(cid, session.epoch, ("sess_del", cid))])
+                    rep.send_to(t, [(cid, session.epoch, SessionGone("sess_del", cid))])
 
     async def _fetch_replica(self, cid: str, origin: str, epoch: int) -> bytes | None:
         """The session's state from one of its store cores (its home is dead)."""

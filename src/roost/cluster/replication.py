@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from roost.broker.commits import Progress
+from roost.store.ops import Op, SessionGone, from_wire
 from roost.store.persister import Persister
 from roost.store.sqlite import SqliteStore, StoredSession
 
@@ -66,13 +67,13 @@ def _dec(obj: dict[str, Any]) -> Any:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=_enc)
 
 
-def encode_batch(items: list[tuple[str, int, tuple[Any, ...]]]) -> bytes:
+def encode_batch(items: list[tuple[str, int, Op]]) -> bytes:
     """[(client id, epoch, store op)] as JSON (payloads base64)."""
     return _ENCODER.encode(items).encode()
 
 
-def decode_batch(data: bytes) -> list[tuple[str, int, tuple[Any, ...]]]:
-    return [(cid, ep, tuple(op)) for cid, ep, op in json.loads(data, object_hook=_dec)]
+def decode_batch(data: bytes) -> list[tuple[str, int, Op]]:
+    return [(cid, ep, from_wire(op)) for cid, ep, op in json.loads(data, object_hook=_dec)]
 
 
 # ----------------------------------------------------------------------------- home side
@@ -91,7 +92,7 @@ class Replicator(Progress):
         self._cores = cores
         self._epoch_of = epoch_of
         self._targets: dict[str, list[str]] = {}  # client id -> store cores other than me
-        self._pending: dict[str, list[tuple[str, int, tuple[Any, ...]]]] = {}
+        self._pending: dict[str, list[tuple[str, int, Op]]] = {}
         self._sent_msgs: dict[str, set[int]] = {}  # per target, message ids in this batch
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -116,15 +117,15 @@ class Replicator(Progress):
                 changed[cid] = (before, after)
         return changed
 
-    def op(self, client_id: str, op: tuple[Any, ...], gate: bool = True) -> None:
+    def op(self, client_id: str, op: Op, gate: bool = True) -> None:
         targets = self.targets(client_id)
         if not targets:
             return
-        if op[0] == "sess_del":
+        if op.tag == "sess_del":
             self._targets.pop(client_id, None)
         epoch = self._epoch_of(client_id)
         for t in targets:
-            if op[0] == "msg":
+            if op.tag == "msg":
                 seen = self._sent_msgs.setdefault(t, set())
                 if op[1] in seen:
                     continue
@@ -139,7 +140,7 @@ class Replicator(Progress):
         """Nothing waits to be sent or answered."""
         return not self._pending and (self._task is None or self._task.done())
 
-    def send_to(self, target: str, items: list[tuple[str, int, tuple[Any, ...]]]) -> None:
+    def send_to(self, target: str, items: list[tuple[str, int, Op]]) -> None:
         """Queue a snapshot of a session for a new store core (not gated)."""
         self._pending.setdefault(target, []).extend(items)
         if self._task is None or self._task.done():
@@ -154,7 +155,7 @@ class Replicator(Progress):
             self.done(upto)
         self.done(self.submitted)
 
-    async def _send(self, target: str, items: list[tuple[str, int, tuple[Any, ...]]]) -> None:
+    async def _send(self, target: str, items: list[tuple[str, int, Op]]) -> None:
         data = encode_batch(items)
         while True:
             if target not in self._cores():
@@ -235,7 +236,7 @@ class ReplicaStore:
         for s in taken:
             if epoch:
                 self._min_epoch[s.client_id] = epoch
-            persister.op(("sess_del", s.client_id))
+            persister.op(SessionGone("sess_del", s.client_id))
         await persister.drain()
         return taken
 

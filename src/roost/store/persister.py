@@ -13,13 +13,15 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Protocol
+
+from roost.store.ops import Op
 
 log = logging.getLogger("roost.store")
 
 
 class BatchStore(Protocol):
-    def write(self, ops: list[tuple[Any, ...]]) -> None: ...
+    def write(self, ops: list[Op]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -28,7 +30,7 @@ class Persister:
         self.store = store
         self.mode = mode
         self.max_delay = max_delay
-        self._ops: list[tuple[Any, ...]] = []
+        self._ops: list[Op] = []
         self._callbacks: list[Callable[[], None]] = []
         self._scheduled = False
         self._writing = False
@@ -39,7 +41,7 @@ class Persister:
         self.ops_written = 0
         self.failed = False
 
-    def op(self, op: tuple[Any, ...], gate: bool = True) -> None:
+    def op(self, op: Op, gate: bool = True) -> None:
         """Submit one change. ``gate=False``: no reply waits for it (it is not counted in
         ``submitted``), though it is written in order with the rest, before anything later."""
         self._ops.append(op)
@@ -83,7 +85,7 @@ class Persister:
         fut = loop.run_in_executor(self._executor, self._write, ops)
         fut.add_done_callback(lambda f: self._done(f, callbacks, len(ops)))
 
-    def _write(self, ops: list[tuple[Any, ...]]) -> None:
+    def _write(self, ops: list[Op]) -> None:
         if ops:
             self.store.write(ops)
 

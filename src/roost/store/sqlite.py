@@ -1,6 +1,6 @@
 """Embedded SQLite store: persistent sessions, their undelivered messages, retained messages.
 
-The broker describes every change as a small operation tuple (see ``apply``); the persister
+The broker describes every change as a small typed record (``store.ops``); the persister
 hands a batch of them to ``write``, which applies the whole batch in one transaction. Times are
 wall-clock seconds so that expiry survives a restart.
 """
@@ -14,6 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from roost.datadir import ensure_data_dir, private_file
+from roost.store.ops import (
+    Collect,
+    DeliveryAdd,
+    DeliveryDone,
+    DeliverySent,
+    MessageRow,
+    Op,
+    RelAdd,
+    RelDone,
+    RetainedGone,
+    RetainedSet,
+    SessionGone,
+    SessionRow,
+    from_wire,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -204,7 +219,7 @@ class SqliteStore:
         max_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
         return StoredState(list(sessions.values()), retained, max_id)
 
-    def write(self, ops: list[tuple[Any, ...]]) -> None:
+    def write(self, ops: list[Op] | list[tuple[Any, ...]]) -> None:
         """Apply a batch of operations in one transaction."""
         db = self.db
         db.execute("BEGIN")
@@ -216,43 +231,38 @@ class SqliteStore:
             db.execute("ROLLBACK")
             raise
 
-    def apply(self, op: tuple[Any, ...]) -> None:
-        kind = op[0]
+    def apply(self, op: Op | tuple[Any, ...] | list[Any]) -> None:
+        """Apply one operation: a record of ``store.ops``, or the same as a plain tuple or
+        list (off the node links, or from a node of an older version)."""
         x = self.db.execute
-        if kind == "dlv":  # client_id, seq, message_id, qos, retain, sub_ids
-            x(
-                "INSERT OR REPLACE INTO deliveries"
-                " (client_id, seq, message_id, qos, retain, sub_ids) VALUES (?, ?, ?, ?, ?, ?)",
-                op[1:],
-            )
-        elif kind == "msg":  # id, topic, payload, qos, retain, props, sender, expires_at, fwd
-            row = op[1:] if len(op) == 10 else (*op[1:], None)  # an older node's has no fwd
-            x("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
-        elif kind == "dlv_pid":  # client_id, seq, packet_id, state
-            x(
-                "UPDATE deliveries SET packet_id = ?, state = ? WHERE client_id = ? AND seq = ?",
-                (op[3], op[4], op[1], op[2]),
-            )
-        elif kind == "dlv_del":  # client_id, seq
-            x("DELETE FROM deliveries WHERE client_id = ? AND seq = ?", op[1:])
-        elif kind == "sess":  # client_id, expiry, subscriptions, will, disconnected_at
-            x("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?)", op[1:])
-        elif kind == "sess_del":  # client_id
-            x("DELETE FROM sessions WHERE client_id = ?", op[1:])
-            x("DELETE FROM deliveries WHERE client_id = ?", op[1:])
-            x("DELETE FROM awaiting_rel WHERE client_id = ?", op[1:])
-        elif kind == "rel_add":  # client_id, packet_id
-            x("INSERT OR IGNORE INTO awaiting_rel VALUES (?, ?)", op[1:])
-        elif kind == "rel_del":
-            x("DELETE FROM awaiting_rel WHERE client_id = ? AND packet_id = ?", op[1:])
-        elif kind == "ret_set":  # topic, payload, qos, props, sender, expires_at
-            x("INSERT OR REPLACE INTO retained VALUES (?, ?, ?, ?, ?, ?)", op[1:])
-        elif kind == "ret_del":  # topic
-            x("DELETE FROM retained WHERE topic = ?", op[1:])
-        elif kind == "gc":
-            x("DELETE FROM messages WHERE id NOT IN (SELECT message_id FROM deliveries)")
-        else:
-            raise ValueError(f"unknown store operation {kind!r}")
+        match from_wire(op):
+            case DeliveryAdd(_, cid, seq, mid, qos, retain, sub_ids):
+                x("INSERT OR REPLACE INTO deliveries"
+                  " (client_id, seq, message_id, qos, retain, sub_ids) VALUES (?, ?, ?, ?, ?, ?)",
+                  (cid, seq, mid, qos, retain, sub_ids))  # fmt: skip
+            case MessageRow() as m:
+                x("INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", m[1:])
+            case DeliverySent(_, cid, seq, pid, state):
+                x("UPDATE deliveries SET packet_id = ?, state = ? WHERE client_id = ? AND seq = ?",
+                  (pid, state, cid, seq))  # fmt: skip
+            case DeliveryDone(_, cid, seq):
+                x("DELETE FROM deliveries WHERE client_id = ? AND seq = ?", (cid, seq))
+            case SessionRow() as row:
+                x("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?)", row[1:])
+            case SessionGone(_, cid):
+                x("DELETE FROM sessions WHERE client_id = ?", (cid,))
+                x("DELETE FROM deliveries WHERE client_id = ?", (cid,))
+                x("DELETE FROM awaiting_rel WHERE client_id = ?", (cid,))
+            case RelAdd(_, cid, pid):
+                x("INSERT OR IGNORE INTO awaiting_rel VALUES (?, ?)", (cid, pid))
+            case RelDone(_, cid, pid):
+                x("DELETE FROM awaiting_rel WHERE client_id = ? AND packet_id = ?", (cid, pid))
+            case RetainedSet() as r:
+                x("INSERT OR REPLACE INTO retained VALUES (?, ?, ?, ?, ?, ?)", r[1:])
+            case RetainedGone(_, topic):
+                x("DELETE FROM retained WHERE topic = ?", (topic,))
+            case Collect():
+                x("DELETE FROM messages WHERE id NOT IN (SELECT message_id FROM deliveries)")
 
     def close(self) -> None:
         self.db.close()
