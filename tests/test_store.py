@@ -92,3 +92,19 @@ def test_typed_operations_keep_the_wire_form_and_apply_like_the_tuples(tmp_path:
         raise AssertionError("an unknown operation was applied")
     typed.close()
     plain.close()
+
+
+def test_load_session_reads_one_session_whole(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db", fsync=False)
+    _deliver(store, 1, "4 core1", 1)
+    _deliver(store, 2, None, 2)
+    store.write([("sess", "other", 60, "[]", None, 5.0), ("dlv", "other", 1, 1, 1, False, "[]"),
+                 ("rel_add", "c1", 9), ("rel_add", "other", 8)])  # fmt: skip
+    one = store.load_session("c1")
+    assert one is not None and one == next(s for s in store.load().sessions if s.client_id == "c1")
+    assert [d.seq for d in one.deliveries] == [1, 2] and one.awaiting_rel == [9]
+    other = store.load_session("other")
+    assert other is not None and other.disconnected_at == 5.0 and other.awaiting_rel == [8]
+    assert [d.message_id for d in other.deliveries] == [1]
+    assert store.load_session("nobody") is None
+    store.close()

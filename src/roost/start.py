@@ -46,7 +46,7 @@ def _open_store(config: Config, broker: Broker) -> Persister | None:
     store = SqliteStore(path, fsync=pcfg.fsync)
     persister = Persister(store, pcfg.durability, pcfg.batch_max_delay)
     durable = Durable(persister, broker.clock)
-    durable.restore(broker, store.load())
+    broker.install_restored(durable.rebuild(store.load(), broker.new_session))
     broker.durable = durable
     broker.commits.add(persister)
     log.info("persistence: %s in %s", pcfg.durability, path)

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from roost.broker.message import Message
@@ -32,10 +33,26 @@ from roost.store.ops import (
 from roost.store.sqlite import StoredState, dump_fwd, dump_props, load_props
 
 if TYPE_CHECKING:
-    from roost.broker.node import Broker
     from roost.store.persister import Persister
 
 log = logging.getLogger("roost.store")
+
+
+@dataclass
+class RestoredSession:
+    """A session read back from the store, not yet installed on the broker."""
+
+    session: Session
+    subscriptions: list[SessionSubscription]
+    expires_in: float  # seconds from now
+    will: Message | None
+    will_delay: float
+
+
+@dataclass
+class Restored:
+    sessions: list[RestoredSession]
+    retained: list[Message]
 
 
 class Durable:
@@ -185,18 +202,20 @@ class Durable:
         msg.expires_at = self._mono(expires_wall)
         return msg
 
-    def restore(self, broker: Broker, state: StoredState) -> None:
-        """Rebuild offline sessions, their queues and the retained messages."""
+    def rebuild(self, state: StoredState, new_session: Callable[[str], Session]) -> Restored:
+        """The offline sessions (queues, inflight, QoS 2 state, wills) and retained messages
+        of what the store read back, for the broker to install; what expired meanwhile is
+        deleted from the store instead."""
         now_wall = self.wall()
         self._next_mid = state.max_message_id + 1
+        out = Restored([], [])
         for r in state.retained:
             if r.expires_at is not None and r.expires_at <= now_wall:
                 self.retained_delete(r.topic)
                 continue
-            broker.retainer.store(
+            out.retained.append(
                 self._message(r.topic, r.payload, r.qos, True, r.props, r.sender, r.expires_at)
             )
-        restored = 0
         for s in state.sessions:
             # A session connected when the node stopped counts as disconnected from now.
             since = s.disconnected_at if s.disconnected_at is not None else now_wall
@@ -204,11 +223,11 @@ class Durable:
             if left <= 0:
                 self.delete_session(s.client_id)
                 continue
-            session = broker.new_session(s.client_id)
+            session = new_session(s.client_id)
             session.expiry_interval = s.expiry_interval
             session.durable = self
-            for f, qos, nl, rap, rh, sub_id in s.subscriptions:
-                broker.subscribe(SessionSubscription(session, f, qos, nl, rap, rh, sub_id))
+            subs = [SessionSubscription(session, f, qos, nl, rap, rh, sub_id)
+                    for f, qos, nl, rap, rh, sub_id in s.subscriptions]  # fmt: skip
             messages: dict[int, Message] = {}
             for sd in s.deliveries:
                 msg = messages.get(sd.message_id)
@@ -228,20 +247,12 @@ class Durable:
                 session.seq = max(session.seq, sd.seq)
             for pid in s.awaiting_rel:
                 session.awaiting_rel[pid] = self.clock()
-            broker.registry.install(session)
-            broker.schedule_expiry(s.client_id, self.clock() + left)
+            will, will_delay = None, 0.0
             if s.will is not None:
                 topic, payload_hex, qos, retain, props_json, delay = s.will
-                will = self._message(
-                    topic,
-                    bytes.fromhex(payload_hex),
-                    qos,
-                    retain,
-                    load_props(props_json),
-                    s.client_id,
-                    None,
-                )
+                will = self._message(topic, bytes.fromhex(payload_hex), qos, retain,
+                                     load_props(props_json), s.client_id, None)  # fmt: skip
                 # The connection was lost with the node: the will is due as after any drop.
-                broker.schedule_will(s.client_id, will, min(delay, left))
-            restored += 1
-        log.info("restored %d sessions and %d retained messages", restored, len(broker.retainer))
+                will_delay = min(delay, left)
+            out.sessions.append(RestoredSession(session, subs, left, will, will_delay))
+        return out

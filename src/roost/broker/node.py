@@ -34,7 +34,7 @@ from roost.mqtt.topics import parse_shared
 
 if TYPE_CHECKING:
     from roost.broker.channel import Channel
-    from roost.broker.durable import Durable
+    from roost.broker.durable import Durable, Restored
     from roost.broker.hooks import ClusterHooks
 
 log = logging.getLogger("roost.broker")
@@ -200,6 +200,22 @@ class Broker:
             self.durable.save_session(session, channel.will, channel.will_delay, True, not stored)
         self.stats.connections_total += 1
         return session, present
+
+    def install_restored(self, restored: Restored) -> None:
+        """Put what the store read back at start in place: retained messages, and offline
+        sessions with their routes, expiry timers and pending wills."""
+        now = self.clock()
+        for msg in restored.retained:
+            self.retainer.store(msg)
+        for r in restored.sessions:
+            for sub in r.subscriptions:
+                self.subscribe(sub)
+            self.registry.install(r.session)
+            self.schedule_expiry(r.session.client_id, now + r.expires_in)
+            if r.will is not None:
+                self.schedule_will(r.session.client_id, r.will, r.will_delay)
+        log.info("restored %d sessions and %d retained messages", len(restored.sessions),
+                 len(restored.retained))  # fmt: skip
 
     def new_session(self, client_id: str) -> Session:
         cfg = self.config.mqtt

@@ -172,44 +172,7 @@ class SqliteStore:
         db = self.db
         # Messages no delivery refers to any more are garbage from before the restart.
         db.execute("DELETE FROM messages WHERE id NOT IN (SELECT message_id FROM deliveries)")
-        sessions: dict[str, StoredSession] = {}
-        for cid, expiry, subs, will, disc in db.execute(
-            "SELECT client_id, expiry_interval, subscriptions, will, disconnected_at FROM sessions"
-        ):
-            sessions[cid] = StoredSession(
-                cid, expiry, json.loads(subs), json.loads(will) if will else None, disc
-            )
-        rows = db.execute(
-            "SELECT d.client_id, d.seq, m.topic, m.payload, m.qos, m.props, m.sender,"
-            " m.expires_at, d.qos, d.retain, d.sub_ids, d.packet_id, d.state, m.id, m.fwd"
-            " FROM deliveries d JOIN messages m ON m.id = d.message_id"
-            " ORDER BY d.client_id, d.seq"
-        )
-        for r in rows:
-            s = sessions.get(r[0])
-            if s is None:
-                continue
-            s.deliveries.append(
-                StoredDelivery(
-                    r[1],
-                    r[2],
-                    bytes(r[3]),
-                    r[4],
-                    load_props(r[5]),
-                    r[6],
-                    r[7],
-                    r[8],
-                    bool(r[9]),
-                    tuple(json.loads(r[10])),
-                    r[11],
-                    r[12],
-                    r[13],
-                    _load_fwd(r[14]),
-                )
-            )
-        for cid, pid in db.execute("SELECT client_id, packet_id FROM awaiting_rel"):
-            if cid in sessions:
-                sessions[cid].awaiting_rel.append(pid)
+        sessions = self._sessions("", ())
         retained = [
             StoredRetained(t, bytes(p), q, load_props(pr), snd, exp)
             for t, p, q, pr, snd, exp in db.execute(
@@ -217,7 +180,45 @@ class SqliteStore:
             )
         ]
         max_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
-        return StoredState(list(sessions.values()), retained, max_id)
+        return StoredState(sessions, retained, max_id)
+
+    def load_session(self, client_id: str) -> StoredSession | None:
+        """One session with its deliveries and QoS 2 receive state, or None."""
+        found = self._sessions("client_id = ?", (client_id,))
+        return found[0] if found else None
+
+    def _sessions(self, where: str, args: tuple[Any, ...]) -> list[StoredSession]:
+        """The sessions whose rows match ``where`` (every one when empty), whole."""
+        db = self.db
+        cond = f" WHERE {where}" if where else ""
+        dcond = f" WHERE d.{where}" if where else ""
+        sessions: dict[str, StoredSession] = {}
+        for cid, expiry, subs, will, disc in db.execute(
+            "SELECT client_id, expiry_interval, subscriptions, will, disconnected_at"
+            f" FROM sessions{cond}", args
+        ):  # fmt: skip
+            sessions[cid] = StoredSession(
+                cid, expiry, json.loads(subs), json.loads(will) if will else None, disc
+            )
+        rows = db.execute(
+            "SELECT d.client_id, d.seq, m.topic, m.payload, m.qos, m.props, m.sender,"
+            " m.expires_at, d.qos, d.retain, d.sub_ids, d.packet_id, d.state, m.id, m.fwd"
+            f" FROM deliveries d JOIN messages m ON m.id = d.message_id{dcond}"
+            " ORDER BY d.client_id, d.seq",
+            args,
+        )
+        for r in rows:
+            s = sessions.get(r[0])
+            if s is None:
+                continue
+            d = StoredDelivery(r[1], r[2], bytes(r[3]), r[4], load_props(r[5]), r[6], r[7],
+                               r[8], bool(r[9]), tuple(json.loads(r[10])), r[11], r[12],
+                               r[13], _load_fwd(r[14]))  # fmt: skip
+            s.deliveries.append(d)
+        for cid, pid in db.execute(f"SELECT client_id, packet_id FROM awaiting_rel{cond}", args):
+            if cid in sessions:
+                sessions[cid].awaiting_rel.append(pid)
+        return list(sessions.values())
 
     def write(self, ops: list[Op] | list[tuple[Any, ...]]) -> None:
         """Apply a batch of operations in one transaction."""
