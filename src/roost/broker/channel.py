@@ -40,7 +40,7 @@ from roost.mqtt.topics import has_wildcard, parse_shared, valid_topic_filter, va
 
 if TYPE_CHECKING:
     from roost.broker.authapi import AuthService, EnhancedAuthMethod, Step
-    from roost.broker.node import Broker
+    from roost.broker.nodeapi import Node
     from roost.broker.session import Session
 
 log = logging.getLogger("roost.channel")
@@ -69,7 +69,7 @@ class Transport(Protocol):
 class Channel:
     def __init__(
         self,
-        broker: Broker,
+        broker: Node,
         transport: Transport,
         peer: str = "",
         listener: str = "tcp:default",

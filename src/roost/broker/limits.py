@@ -17,10 +17,13 @@ Connection rate exceeded (0x9F; Server unavailable on 3.1.1) so a client learns 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from roost.broker.stats import Stats
-from roost.config import Listeners, MqttSettings, NodeSettings
 from roost.mqtt import reason_codes as RC
+
+if TYPE_CHECKING:
+    from roost.broker.stats import Stats
+    from roost.config import Listeners, MqttSettings, NodeSettings
 
 
 class TokenBucket:
