@@ -24,9 +24,15 @@ from roost.mqtt import (
     MQTTError,
     Packet,
     Pingreq,
+    Pingresp,
+    Puback,
+    Pubcomp,
     Publish,
+    Pubrec,
+    Pubrel,
     encode,
 )
+from roost.mqtt.codec import PINGRESP_BYTES, encode_ack
 
 FRAMING = settings(
     max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -219,3 +225,17 @@ def test_one_big_chunk_decodes_in_linear_time() -> None:
     per_frame_small = min(_decode_time(frame, small) for _ in range(3)) / small
     per_frame_big = _decode_time(frame, big) / big
     assert per_frame_big < 4 * per_frame_small, (per_frame_small, per_frame_big)
+
+
+@pytest.mark.parametrize("cls", [Puback, Pubrec, Pubrel, Pubcomp])
+@pytest.mark.parametrize("pid", [1, 0x1234, 0xFFFF])
+@pytest.mark.parametrize("code", [0, 0x10, 0x80, 0x92])
+def test_encode_ack_is_the_generic_encoding(cls: type, pid: int, code: int) -> None:
+    """The broker's hand-fast acks are byte for byte what ``encode`` makes (MQTT 5; a 3.1.1
+    ack is the code-0 one)."""
+    assert encode_ack(cls.type, pid, code) == encode(cls(pid, code), MQTT_5)
+    assert encode_ack(cls.type, pid) == encode(cls(pid), MQTT_3_1_1)
+
+
+def test_pingresp_bytes() -> None:
+    assert PINGRESP_BYTES == encode(Pingresp(), MQTT_5) == encode(Pingresp(), MQTT_3_1_1)

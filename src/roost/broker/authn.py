@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,13 +23,18 @@ from roost.broker import scram
 from roost.broker.authapi import AuthRequest, Done, Refusal
 from roost.broker.passwords import PasswordFile, ScramCredentials, check_password
 from roost.broker.passwords import load as load_passwords
-from roost.config import Authentication, ConfigError, HttpAuth, SslListener, WssListener
+from roost.config import (
+    Authentication,
+    ConfigError,
+    HttpAuth,
+    Listeners,
+    SslListener,
+    WssListener,
+)
 from roost.mqtt import reason_codes as RC
 
 if TYPE_CHECKING:
     import aiohttp
-
-    from roost.broker.node import Broker
 
 log = logging.getLogger("roost.auth")
 
@@ -49,17 +55,24 @@ def peer_host(peer: str) -> str:
 
 class Authenticator:
     """The node's ``AuthService`` (``roost.broker.authapi``): the channel calls
-    ``authenticate`` and ``enhanced``; the node runner closes it."""
+    ``authenticate`` and ``enhanced``; the node runner closes it.
 
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
+    ``auth`` and ``listeners`` return the config sections in force: called at each use, since
+    hot config replaces them at run time.
+    """
+
+    def __init__(
+        self, auth: Callable[[], Authentication], listeners: Callable[[], Listeners]
+    ) -> None:
+        self._auth = auth
+        self._listeners = listeners
         self.passwords = PasswordFile()
         # Dedicated threads for PBKDF2 so a flood of logins cannot starve other executor work.
         self._pool: ThreadPoolExecutor | None = None
         self._http: aiohttp.ClientSession | None = None
         self._http_cache: dict[tuple[Any, ...], tuple[float, Verdict]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        path = broker.config.authentication.password_file
+        path = auth().password_file
         if path:
             try:
                 load_passwords(path)  # refuse to start on a missing or broken file
@@ -78,13 +91,12 @@ class Authenticator:
         That is allow_anonymous off with neither a password file nor an HTTP hook (SCRAM reads
         the password file too): an easy mistake that would otherwise show only as refusals.
         """
-        cfg = self.broker.config
-        auth = cfg.authentication
+        auth = self._auth()
         if auth.allow_anonymous or auth.password_file or auth.http is not None:
             return
         cert_listeners = [
             f"{kind}:{name}"
-            for kind, name, lst in cfg.listeners.enabled()
+            for kind, name, lst in self._listeners().enabled()
             if isinstance(lst, SslListener | WssListener)
             and lst.ssl_options.peer_cert_as_username
             and lst.ssl_options.verify == "verify_peer"
@@ -102,7 +114,7 @@ class Authenticator:
 
     @property
     def config(self) -> Authentication:
-        return self.broker.config.authentication  # read each time: hot config may replace it
+        return self._auth()  # read each time: hot config may replace it
 
     # ----------------------------------------------------------------------- CONNECT password
 

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 from roost.mqtt import reason_codes as RC
 
 if TYPE_CHECKING:
-    from roost.broker.node import Broker
+    from roost.broker.stats import Stats
+    from roost.config import Listeners, MqttSettings, NodeSettings
 
 
 class TokenBucket:
@@ -65,38 +66,55 @@ class PublishLimiter:
 
 
 class Limits:
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
+    """The node's limits. The ``node``, ``listeners`` and ``mqtt`` callables return the config
+    sections in force (hot config replaces them); ``open_connections`` counts the node's live
+    channels; refusals are counted in ``stats``."""
+
+    def __init__(
+        self,
+        node: Callable[[], NodeSettings],
+        listeners: Callable[[], Listeners],
+        mqtt: Callable[[], MqttSettings],
+        stats: Stats,
+        open_connections: Callable[[], int],
+        clock: Callable[[], float],
+    ) -> None:
+        self._node = node
+        self._listeners = listeners
+        self._mqtt = mqtt
+        self._stats = stats
+        self._open_connections = open_connections
+        self._clock = clock
         self._conn_buckets: dict[str, TokenBucket] = {}
 
     def admit_socket(self) -> bool:
         """May one more connection be open on this node (``node.max_connections``)?"""
-        limit = self.broker.config.node.max_connections
-        if limit and self.broker.registry.channel_count() >= limit:
-            self.broker.stats.connections_refused += 1
+        limit = self._node().max_connections
+        if limit and self._open_connections() >= limit:
+            self._stats.connections_refused += 1
             return False
         return True
 
     def connect_refusal(self, listener: str) -> tuple[int, str] | None:
         """A CONNECT on ``listener`` ("kind:name") over its ``max_conn_rate``: the refusal."""
         kind, _, name = listener.partition(":")
-        lst = getattr(self.broker.config.listeners, kind, {}).get(name)
+        lst = getattr(self._listeners(), kind, {}).get(name)
         rate = lst.max_conn_rate if lst is not None else 0
         if not rate:
             return None
         bucket = self._conn_buckets.get(listener)
         if bucket is None or bucket.rate != rate:
-            bucket = self._conn_buckets[listener] = TokenBucket(rate, rate, self.broker.clock)
+            bucket = self._conn_buckets[listener] = TokenBucket(rate, rate, self._clock)
         if bucket.take():
             return None
-        self.broker.stats.connect_rate_refused += 1
+        self._stats.connect_rate_refused += 1
         return RC.CONNECTION_RATE_EXCEEDED, "connection rate exceeded"
 
     def publish_limiter(self) -> PublishLimiter | None:
-        cfg = self.broker.config.mqtt
+        cfg = self._mqtt()
         if not cfg.max_publish_rate and not cfg.max_publish_bytes_rate:
             return None
         return PublishLimiter(
             cfg.max_publish_rate, cfg.max_publish_bytes_rate, cfg.publish_rate_burst,
-            self.broker.clock,
+            self._clock,
         )  # fmt: skip

@@ -65,10 +65,17 @@ class Broker:
         self.router = Router()
         self.retainer = Retainer()
         self.acl = Acl(config.authorization)
-        self.authn = Authenticator(self)
-        self.limits = Limits(self)
+        # Each gets the config sections it reads (as callables: hot config replaces
+        # ``self.config``), not the broker.
+        self.authn = Authenticator(
+            lambda: self.config.authentication, lambda: self.config.listeners
+        )
         #: This node's sessions and live channels (every change goes through it).
         self.registry = SessionRegistry()
+        self.limits = Limits(
+            lambda: self.config.node, lambda: self.config.listeners, lambda: self.config.mqtt,
+            self.stats, self.registry.channel_count, self.clock,
+        )  # fmt: skip
         # client id -> (due time, will, its timer); offline session -> (expiry time, its timer)
         self._wills: dict[str, tuple[float, Message, Handle]] = {}
         self._expiring: dict[str, tuple[float, Handle]] = {}

@@ -50,6 +50,8 @@ _PINGREQ = Pingreq()
 _PINGRESP = Pingresp()
 _PINGREQ_BYTES = b"\xc0\x00"
 _PINGRESP_BYTES = b"\xd0\x00"
+#: A PINGRESP on the wire (the same on every version): the broker's answer to each PINGREQ.
+PINGRESP_BYTES = _PINGRESP_BYTES
 
 # Fixed-header flags every packet but PUBLISH must carry exactly (spec 2.1.3).
 _REQUIRED_FLAGS = {1: 0, 2: 0, 4: 0, 5: 0, 6: 2, 7: 0, 8: 2, 9: 0, 10: 2, 11: 0, 12: 0,
@@ -438,6 +440,21 @@ _DECODERS: dict[int, _BodyDecoder] = {
 
 def _frame(first: int, body: bytes) -> bytes:
     return bytes((first,)) + encode_varint(len(body)) + body
+
+
+#: First byte of each acknowledgement by packet type, 4 to 7 (PUBREL's has the 0b0010 flags);
+#: a tuple, indexed faster than a dict on this per-message path.
+_ACK_FIRST = (0, 0, 0, 0, P.PUBACK << 4, P.PUBREC << 4, P.PUBREL << 4 | 2, P.PUBCOMP << 4)
+
+
+def encode_ack(packet_type: int, packet_id: int, reason_code: int = 0) -> bytes:
+    """PUBACK, PUBREC, PUBREL or PUBCOMP without properties, built directly (the broker's
+    per-message acks): the reason code byte is left out when it is success, so a 3.1.1 ack
+    is this with code 0."""
+    first = _ACK_FIRST[packet_type]
+    if reason_code:
+        return bytes((first, 3)) + packet_id.to_bytes(2, "big") + bytes((reason_code,))
+    return bytes((first, 2)) + packet_id.to_bytes(2, "big")
 
 
 def encode_publish(
