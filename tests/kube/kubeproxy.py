@@ -157,10 +157,31 @@ def _free_client_subnet() -> ipaddress.IPv4Network:
     raise ControlPlaneError("no free 10.214.N.0/30 for the client network")
 
 
+def sweep_stale_client_nets() -> None:
+    """Remove the client namespaces and veths of test runs killed before their teardown."""
+    for m in re.finditer(r"^rqc-(\d+)", _run("ip", "netns", "list").stdout, re.M):
+        if not _pid_alive(int(m.group(1))):
+            _run("ip", "netns", "del", m.group(0))
+    for m in re.finditer(r"\d+: (rqh(\d+))[@:]", _run("ip", "-o", "link", "show").stdout):
+        if not _pid_alive(int(m.group(2))):
+            _run("ip", "link", "del", m.group(1))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ClientNet:
     """A network namespace for a client off the cluster: 10.214.N.2, routed through the host."""
 
     def __init__(self) -> None:
+        sweep_stale_client_nets()
         net = _free_client_subnet()
         self.host_ip, self.ip = str(net.network_address + 1), str(net.network_address + 2)
         self.netns = f"rqc-{os.getpid()}"
