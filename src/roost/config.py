@@ -158,9 +158,15 @@ class MqttSettings(_Model):
     #: Outgoing QoS 1/2 messages in flight per session (further capped by the client's Receive Max).
     max_inflight: int = Field(32, ge=1, le=65535)
     #: Messages queued per session while offline or while the inflight window is full.
-    max_mqueue_len: int = Field(10_000, ge=0)
+    max_mqueue_len: int = Field(1_000_000, ge=0)
     #: Topic + payload bytes queued per session (0: no byte limit); whichever limit comes first.
-    max_mqueue_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    max_mqueue_bytes: int = Field(1024 * 1024 * 1024, ge=0)
+    #: The part of a session's queue held in memory. A persistent session's QoS 1/2 messages
+    #: past it wait only in the store (read back as the queue drains); for everything else
+    #: (QoS 0, sessions with no store) it is the limit.
+    mqueue_memory_len: int = Field(1000, ge=1)
+    #: Topic + payload bytes of a queue held in memory (0: no byte limit).
+    mqueue_memory_bytes: int = Field(16 * 1024 * 1024, ge=0)
     #: A full queue first drops its oldest QoS 0 message. With none to drop, a new QoS 1/2
     #: message is ``refuse``d (an MQTT 5 publisher whose every matching subscriber refused gets
     #: PUBACK/PUBREC 0x97; a 3.1.1 publisher's ack waits until there is room), or

@@ -46,7 +46,9 @@ def _open_store(config: Config, broker: Broker) -> Persister | None:
     store = SqliteStore(path, fsync=pcfg.fsync)
     persister = Persister(store, pcfg.durability, pcfg.batch_max_delay)
     durable = Durable(persister, broker.clock)
-    broker.install_restored(durable.rebuild(store.load(), broker.new_session))
+    # Each session's queue comes back up to its memory window; the rest stays in the store.
+    state = store.load(config.mqtt.mqueue_memory_len)
+    broker.install_restored(durable.rebuild(state, broker.new_session))
     broker.durable = durable
     broker.commits.add(persister)
     log.info("persistence: %s in %s", pcfg.durability, path)

@@ -7,6 +7,7 @@ wall-clock seconds and come back as the broker's monotonic clock.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -30,10 +31,11 @@ from roost.store.ops import (
     SessionGone,
     SessionRow,
 )
-from roost.store.sqlite import StoredState, dump_fwd, dump_props, load_props
+from roost.store.sqlite import StoredDelivery, StoredState, dump_fwd, dump_props, load_props
 
 if TYPE_CHECKING:
     from roost.store.persister import Persister
+    from roost.store.sqlite import SqliteStore
 
 log = logging.getLogger("roost.store")
 
@@ -141,6 +143,19 @@ class Durable:
         ops += [RelAdd("rel_add", cid, pid) for pid in session.awaiting_rel]
         return ops
 
+    def spilled_ops(self, session: Session, done: Callable[[list[Op]], None]) -> None:
+        """The spilled part of a session's queue as operations (for a new replica, after
+        ``session_ops``), read from the store; the caller holds the session's refills."""
+        cid = session.client_id
+
+        def ops(got: list[Delivery]) -> None:
+            out: list[Op] = []
+            for d in got:
+                out += [self._message_op(d.msg), self._delivery_op(cid, d)]
+            done(out)
+
+        self.read_spilled(session, session.spilled_after(), 0, ops)
+
     def delete_session(self, client_id: str) -> None:
         self._op(client_id, SessionGone("sess_del", client_id))
 
@@ -176,6 +191,31 @@ class Durable:
     def rel_del(self, session: Session, pid: int) -> None:
         self._op(session.client_id, RelDone("rel_del", session.client_id, pid))
 
+    # ------------------------------------------------------------------- disk-backed queue
+
+    def read_spilled(
+        self, session: Session, after_seq: int, limit: int, done: Callable[[list[Delivery]], None]
+    ) -> None:
+        """Read back up to ``limit`` (0: all) of the session's deliveries only in the store
+        (past ``after_seq``), oldest first, once what was submitted before is written."""
+        store: SqliteStore = self.persister.store  # type: ignore[assignment]
+        cid = session.client_id
+
+        def deliveries(rows: list[StoredDelivery]) -> None:
+            messages: dict[int, Message] = {}
+            done([self._delivery(sd, messages) for sd in rows])
+
+        self.persister.read(lambda: store.load_spilled(cid, after_seq, limit), deliveries)
+
+    async def unspill(self, session: Session) -> None:
+        """Bring the whole queue into memory and keep it there (``pinned``): the session is
+        about to be serialized for another node. ``session.pinned = False`` undoes it."""
+        session.pinned = True
+        while session.spilled and session.durable is self:
+            got: asyncio.Future[list[Delivery]] = asyncio.get_running_loop().create_future()
+            self.read_spilled(session, session.spilled_after(), 0, got.set_result)
+            session.take_spilled(await got, everything=True)
+
     # --------------------------------------------------------------------------- retained
 
     def retained_set(self, msg: Message) -> None:
@@ -201,6 +241,19 @@ class Durable:
         msg = Message(topic, payload, qos, retain, props, sender, self.clock())
         msg.expires_at = self._mono(expires_wall)
         return msg
+
+    def _delivery(self, sd: StoredDelivery, messages: dict[int, Message]) -> Delivery:
+        """A delivery read back from the store; ``messages`` shares one Message per id."""
+        msg = messages.get(sd.message_id)
+        if msg is None:
+            msg = messages[sd.message_id] = self._message(
+                sd.topic, sd.payload, sd.msg_qos, False, sd.props, sd.sender, sd.expires_at
+            )
+            msg.mid = sd.message_id
+            msg.fwd_id = sd.fwd_id
+        d = Delivery(msg, sd.qos, sd.retain, sd.sub_ids, None)
+        d.seq = sd.seq
+        return d
 
     def rebuild(self, state: StoredState, new_session: Callable[[str], Session]) -> Restored:
         """The offline sessions (queues, inflight, QoS 2 state, wills) and retained messages
@@ -230,21 +283,17 @@ class Durable:
                     for f, qos, nl, rap, rh, sub_id in s.subscriptions]  # fmt: skip
             messages: dict[int, Message] = {}
             for sd in s.deliveries:
-                msg = messages.get(sd.message_id)
-                if msg is None:
-                    msg = messages[sd.message_id] = self._message(
-                        sd.topic, sd.payload, sd.msg_qos, False, sd.props, sd.sender, sd.expires_at
-                    )
-                    msg.mid = sd.message_id
-                    msg.fwd_id = sd.fwd_id
-                d = Delivery(msg, sd.qos, sd.retain, sd.sub_ids, None)
-                d.seq = sd.seq
+                d = self._delivery(sd, messages)
                 if sd.packet_id is not None and sd.packet_id not in session.inflight:
                     d.state = AWAIT_COMP if sd.state else 0
                     session.inflight[sd.packet_id] = d
                 else:
                     session.requeue(d)
                 session.seq = max(session.seq, sd.seq)
+            if s.spilled:  # the rest of its queue stays in the store until there is room
+                session.restore_spilled(s.spilled, s.spilled_bytes, s.spill_after)
+                session.seq = max(session.seq, s.max_seq)
+            session.trim()
             for pid in s.awaiting_rel:
                 session.awaiting_rel[pid] = self.clock()
             will, will_delay = None, 0.0

@@ -227,7 +227,8 @@ class Broker:
     def new_session(self, client_id: str) -> Session:
         cfg = self.config.mqtt
         return Session(client_id, self.stats, cfg.max_mqueue_len, cfg.mqueue_store_qos0,
-                       cfg.max_mqueue_bytes, cfg.mqueue_full_policy)  # fmt: skip
+                       cfg.max_mqueue_bytes, cfg.mqueue_full_policy, cfg.mqueue_memory_len,
+                       cfg.mqueue_memory_bytes)  # fmt: skip
 
     def take_session(
         self, client_id: str, relay: Callable[[Message, int], None] | None = None
@@ -372,9 +373,7 @@ class Broker:
             other = self.router.pick_shared(opts.topic_filter, exclude=session.client_id)
             if other is None or not other.session.connected:
                 # Nobody else can take it: keep it for this member.
-                if d.qos and session.durable is not None:
-                    session.durable.add_delivery(session, d)
-                session.requeue(d)
+                session.requeue_new(d)
                 continue
             other.session.deliver(d.msg, min(d.msg.qos, other.qos), d.retain, d.sub_ids, other,
                                   force=True)  # already accepted: moves, never refused

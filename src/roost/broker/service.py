@@ -75,6 +75,8 @@ class ClientInfo(BaseModel):
     subscriptions_cnt: int
     inflight_cnt: int
     mqueue_len: int
+    #: Of those, how many wait only in the store (past the memory window).
+    mqueue_on_disk: int
     awaiting_rel_cnt: int
     username: str | None = None
     ip_address: str | None = None
@@ -174,7 +176,8 @@ class BrokerService:
             "expiry_interval": s.expiry_interval,
             "subscriptions_cnt": len(s.subscriptions),
             "inflight_cnt": len(s.inflight),
-            "mqueue_len": len(s.queue),
+            "mqueue_len": s.queued,
+            "mqueue_on_disk": s.spilled,
             "awaiting_rel_cnt": len(s.awaiting_rel),
         }
         ch = s.channel
@@ -251,7 +254,7 @@ class BrokerService:
         return sum(len(s.inflight) for s in self.broker.registry)
 
     def queued_count(self) -> int:
-        return sum(len(s.queue) for s in self.broker.registry)
+        return sum(s.queued for s in self.broker.registry)
 
     # -- subscriptions -----------------------------------------------------------------
 

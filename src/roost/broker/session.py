@@ -3,6 +3,11 @@
 It holds subscriptions, the outgoing QoS 1/2 inflight window, the queue of messages waiting for
 a window slot or for the client to come back, and the incoming QoS 2 packet ids awaiting PUBREL.
 It sends through the attached channel and does no I/O itself.
+
+The queue of a persistent session is disk-backed: its QoS 1/2 deliveries are in the store
+anyway, so past a window in memory (``mem_len`` messages, ``mem_bytes`` bytes) new ones stay
+only there ("spilled") and are read back, oldest first, as the window drains. Every spilled
+delivery is newer than every one in memory, so the order holds.
 """
 
 from __future__ import annotations
@@ -60,8 +65,12 @@ class Delivery:
 class Session:
     __slots__ = (
         "_dropping",
+        "_holds",
         "_next_pid",
+        "_refill_gen",
+        "_refilling",
         "_room_waiters",
+        "_spill_after",
         "awaiting_rel",
         "channel",
         "client_id",
@@ -73,12 +82,17 @@ class Session:
         "inflight",
         "max_queue",
         "max_queue_bytes",
+        "mem_bytes",
+        "mem_len",
         "owner",
+        "pinned",
         "queue",
         "queued_bytes",
         "queued_qos0",
         "relay",
         "seq",
+        "spilled",
+        "spilled_bytes",
         "stats",
         "store_qos0",
         "subscriptions",
@@ -92,6 +106,8 @@ class Session:
         store_qos0: bool = True,
         max_queue_bytes: int = 0,
         full_policy: str = REFUSE,
+        mem_len: int = 0,
+        mem_bytes: int = 0,
     ) -> None:
         self.client_id = client_id
         # The MQTT client this session belongs to, for no-local; a QUIC data stream's session
@@ -101,6 +117,10 @@ class Session:
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes  # topic + payload bytes queued; 0: no limit
         self.full_policy = full_policy
+        # The part of the queue held in memory (0: no window of its own); a session with no
+        # store has nowhere else to keep it, so for it this is a limit like the two above.
+        self.mem_len = mem_len
+        self.mem_bytes = mem_bytes
         self.store_qos0 = store_qos0
         self.expiry_interval = 0
         self.subscriptions: dict[str, SessionSubscription] = {}
@@ -109,6 +129,14 @@ class Session:
         self.queue: deque[Delivery] = deque()
         self.queued_qos0 = 0  # QoS 0 deliveries in the queue: a full queue drops these first
         self.queued_bytes = 0
+        # Deliveries only in the store: every stored one with a seq past ``_spill_after``.
+        self.spilled = 0
+        self.spilled_bytes = 0
+        self._spill_after = 0
+        self._refilling = False
+        self._refill_gen = 0  # bumped when the session is cleared: a late read is ignored
+        self._holds = 0  # refills held back (a new replica is being sent the spilled ones)
+        self.pinned = False  # the whole queue in memory, nothing spilled (being handed over)
         self._dropping = False  # logged that the queue is full; again once it has emptied
         # Called once the queue has room again (3.1.1 publishers' held acks).
         self._room_waiters: list[Callable[[], None]] = []
@@ -153,7 +181,7 @@ class Session:
             handoff.direct(msg, (msg, qos, retain, sub_ids, shared))
             return 0
         ch = self.channel
-        if ch is not None and not self.queue and not ch.paused:
+        if ch is not None and not self.queue and not self.spilled and not ch.paused:
             if qos == 0:
                 ch.send_qos0(msg, retain, sub_ids)
                 return 0
@@ -167,7 +195,9 @@ class Session:
             self.stats.dropped_qos0_offline += 1
             return 0
         over = 0
-        if self.full(len(msg.topic) + len(msg.payload)) and not self._make_room(qos):
+        size = len(msg.topic) + len(msg.payload)
+        stored = bool(qos) and self.durable is not None
+        if self.full(size, stored) and not self._make_room(qos):
             if qos == 0:
                 return 0  # dropped (counted): QoS 0 promises nothing
             if not force:
@@ -176,17 +206,125 @@ class Session:
                 return REFUSED
             over = OVER
         d = Delivery(msg, qos, retain, sub_ids, shared)
-        if qos and self.durable is not None:
+        if stored:
+            assert self.durable is not None
             self.durable.add_delivery(self, d)
+            if not self.pinned and (self.spilled or self._memory_full(size)):
+                self._spill(d, size)
+                return over
         self.requeue(d)
         return over
 
-    def full(self, extra: int = 0) -> bool:
-        """Whether one more message (of ``extra`` bytes) would pass a queue limit."""
-        if len(self.queue) >= self.max_queue:
+    def full(self, extra: int = 0, stored: bool | None = None) -> bool:
+        """Whether one more message (of ``extra`` bytes) would pass a queue limit: the
+        session's, or for a message that would stay in memory (not ``stored``), the window's."""
+        if stored is None:
+            stored = self.durable is not None
+        total = len(self.queue) + self.spilled
+        if total >= self.max_queue:
             return True
         limit = self.max_queue_bytes
-        return bool(limit) and self.queued_bytes + extra > limit and bool(self.queue)
+        if limit and self.queued_bytes + self.spilled_bytes + extra > limit and total:
+            return True
+        return not stored and self._memory_full(extra)
+
+    @property
+    def queued(self) -> int:
+        """Messages in the queue, in memory and spilled."""
+        return len(self.queue) + self.spilled
+
+    def _memory_full(self, extra: int = 0) -> bool:
+        if self.pinned or not self.queue:
+            return False
+        if self.mem_len and len(self.queue) >= self.mem_len:
+            return True
+        return bool(self.mem_bytes) and self.queued_bytes + extra > self.mem_bytes
+
+    def _spill(self, d: Delivery, size: int) -> None:
+        """``d`` (stored) stays only in the store until the window has room for it."""
+        if not self.spilled:
+            self._spill_after = d.seq - 1
+        self.spilled += 1
+        self.spilled_bytes += size
+
+    def trim(self) -> None:
+        """Spill the newest stored deliveries past the window (after a bulk ``requeue``)."""
+        queue = self.queue
+        if self.durable is None or self.pinned:
+            return
+        while len(queue) > 1 and queue[-1].seq and self._over_window():
+            d = queue.pop()
+            size = len(d.msg.topic) + len(d.msg.payload)
+            self._unqueued(d)
+            self.spilled += 1
+            self.spilled_bytes += size
+            self._spill_after = d.seq - 1
+
+    def _over_window(self) -> bool:
+        if self.mem_len and len(self.queue) > self.mem_len:
+            return True
+        return bool(self.mem_bytes) and self.queued_bytes > self.mem_bytes
+
+    # ------------------------------------------------------------- reading spilled ones back
+
+    def _maybe_refill(self) -> None:
+        """Ask the store for the oldest spilled deliveries once the window is half empty."""
+        durable = self.durable
+        if not self.spilled or self._refilling or self._holds or durable is None:
+            return
+        room = (self.mem_len or 1000) - len(self.queue)
+        if room < max(1, self.mem_len // 2):
+            return
+        self._refilling = True
+        gen = self._refill_gen
+        durable.read_spilled(self, self._spill_after, room,
+                             lambda got: self._refilled(gen, got))  # fmt: skip
+
+    def _refilled(self, gen: int, got: list[Delivery]) -> None:
+        self._refilling = False
+        if gen != self._refill_gen or self.durable is None:
+            return
+        self.take_spilled(got, self.pinned)
+        self.drain()
+
+    def take_spilled(self, got: list[Delivery], everything: bool = False) -> None:
+        """Put deliveries read back from the store (oldest first) at the end of the queue,
+        as many as the window takes (``everything``: all of them)."""
+        taken = 0
+        for d in got:
+            if d.seq <= self._spill_after:
+                continue  # read twice (a refill and a hand-over's read crossed)
+            size = len(d.msg.topic) + len(d.msg.payload)
+            if taken and not everything and self._over_window():
+                break
+            self.requeue(d)
+            self.spilled -= 1
+            self.spilled_bytes -= size
+            self._spill_after = d.seq
+            taken += 1
+        if self.spilled and not got:
+            # The store has none of them (it failed, say): stop waiting for what is not there.
+            log.error("session %s: %d spilled messages not found in the store",
+                      self.client_id, self.spilled)  # fmt: skip
+            self.spilled = self.spilled_bytes = 0
+        elif self.spilled <= 0:
+            self.spilled = self.spilled_bytes = 0
+
+    def hold_refills(self) -> None:
+        """Keep the spilled set as it is (a new replica is being sent it) until ``release``."""
+        self._holds += 1
+
+    def release_refills(self) -> None:
+        self._holds -= 1
+        self.drain()
+
+    def restore_spilled(self, count: int, nbytes: int, after_seq: int) -> None:
+        """At start: ``count`` deliveries past ``after_seq`` were left in the store."""
+        self.spilled, self.spilled_bytes, self._spill_after = count, nbytes, after_seq
+
+    def spilled_after(self) -> int:
+        """The seq past which the store's undelivered rows are the spilled ones."""
+        return self._spill_after
 
     def _make_room(self, qos: int) -> bool:
         """The queue is full: drop a queued QoS 0 message (the oldest) if there is one, else,
@@ -243,9 +381,19 @@ class Session:
             self.queued_qos0 += 1
         self.queued_bytes += len(d.msg.topic) + len(d.msg.payload)
 
+    def requeue_new(self, d: Delivery) -> None:
+        """Append ``d`` with no limit check, storing it anew (and spilling it if the window
+        is full) when the session is persistent."""
+        if d.qos and self.durable is not None:
+            self.durable.add_delivery(self, d)
+            if not self.pinned and (self.spilled or self._memory_full()):
+                self._spill(d, len(d.msg.topic) + len(d.msg.payload))
+                return
+        self.requeue(d)
+
     def when_room(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the queue is within its limits again (at once if it is)."""
-        if self.queue and self.full():  # an empty queue is room enough, whatever the limits
+        if self.queued and self.full():  # an empty queue is room enough, whatever the limits
             self._room_waiters.append(callback)
         else:
             callback()
@@ -257,9 +405,9 @@ class Session:
             cb()
 
     def _drained(self) -> None:
-        if not self.queue:
+        if not self.queue and not self.spilled:
             self._dropping = False
-        if self._room_waiters and (not self.queue or not self.full()):
+        if self._room_waiters and (not self.queued or not self.full()):
             self.release_waiters()
 
     def _alloc_pid(self) -> int:
@@ -303,6 +451,8 @@ class Session:
                 ch.send_qos0(d.msg, d.retain, d.sub_ids)
             else:
                 self._send_new(ch, d)
+        if self.spilled:
+            self._maybe_refill()
         if self._room_waiters or self._dropping:
             self._drained()
 
@@ -380,5 +530,7 @@ class Session:
         self.queue.clear()
         self.queued_qos0 = 0
         self.queued_bytes = 0
+        self.spilled = self.spilled_bytes = 0
+        self._refill_gen += 1
         self.awaiting_rel.clear()
         self.release_waiters()

@@ -46,7 +46,7 @@ from roost.cluster.replication import ReplicaStore, Replicator, store_cores
 from roost.cluster.routes import BatchWriter, RemoteTable, RouteSync
 from roost.config import parse_bind
 from roost.mqtt import reason_codes as RC
-from roost.store.ops import SessionGone
+from roost.store.ops import Op, SessionGone
 
 if TYPE_CHECKING:
     from roost.broker.channel import Channel
@@ -324,6 +324,8 @@ class Cluster:
                 continue
             for t in set(after) - set(before):
                 rep.send_to(t, [(cid, session.epoch, op) for op in durable.session_ops(session)])
+                if session.spilled:
+                    self._send_spilled(session, t)
                 self.stats["rereplicated"] += 1
             for t in set(before) - set(after):
                 if t in cores:
@@ -385,8 +387,27 @@ class Cluster:
                 self._offline(session, int(entry["expiry"]))
                 log.info("session %s recovered from its store cores", cid)
 
+    def _send_spilled(self, session: Session, target: str) -> None:
+        """The part of ``session``'s queue only in the store, to a new replica on ``target``:
+        read back and sent after its snapshot. Its refills wait meanwhile, so that nothing
+        sent or acknowledged from that part reaches the replica before the part itself."""
+        durable, rep = session.durable, self.replicator
+        assert durable is not None and rep is not None
+        cid = session.client_id
+        session.hold_refills()
+
+        def send(ops: list[Op]) -> None:
+            try:
+                if self.broker.registry.get(cid) is session and session.durable is durable:
+                    rep.send_to(target, [(cid, session.epoch, op) for op in ops])
+            finally:
+                session.release_refills()
+
+        durable.spilled_ops(session, send)
+
     def _offline(self, session: Session, expiry: int) -> None:
         """A session that arrived here with no client: stored, and its expiry running."""
+        session.trim()  # what it brought past its memory window waits in the store
         broker = self.broker
         if broker.durable is not None and session.durable is not None:
             broker.durable.save_session(session, None, 0, False)
@@ -730,6 +751,7 @@ class Cluster:
                     broker.registry.install(loaded)
                     if home and home != self.me and home not in self.members:
                         self.orphans.session_from(home, loaded)  # from its store cores
+                    loaded.trim()
                 session, present = broker.attach_session(channel, client_id, clean_start, expiry)
                 session.epoch = epoch
                 early = self._early.pop(client_id, [])
@@ -890,7 +912,10 @@ class Cluster:
             if self.links is None:
                 return False
             await self._drain_handoff(session)
+            if session.durable is not None:
+                await session.durable.unspill(session)  # the whole queue goes with it
             if broker.registry.get(cid) is not session or session.channel is not None:
+                session.pinned = False
                 return False
             now = broker.clock()
             pending = broker.pending_will(cid)
@@ -906,6 +931,8 @@ class Cluster:
                 if not await self._adopted_anyway(session, target):
                     log.warning("offline session %s not handed to %s, kept here: %s",
                                 cid, target, e)  # fmt: skip
+                    session.pinned = False
+                    session.trim()
                     if pending is not None:
                         broker.schedule_will(cid, pending[1], max(0.0, pending[0] - now))
                     return False
@@ -964,6 +991,7 @@ class Cluster:
                 raise ValueError(f"session {cid} moved on meanwhile")
             mark = broker.commits.mark()
             session = self._moved_here(load_session(broker, state), origin)
+            session.trim()
             session.epoch = new.mod_revision
             broker.registry.install(session)
             for msg in early:
@@ -1003,6 +1031,8 @@ class Cluster:
                 return b""  # our claim is newer than the asker's
             if session is not None:
                 await self._drain_handoff(session)
+                if session.durable is not None and not req.get("clean"):
+                    await session.durable.unspill(session)  # the whole queue goes with it
             clean = bool(req.get("clean"))  # a clean start wants nothing of the old session
             relay = None if clean else (lambda msg, qos: self._relay(origin, client_id, msg, qos))
             session = self.broker.take_session(client_id, relay=relay)

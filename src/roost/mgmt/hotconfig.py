@@ -161,7 +161,9 @@ async def apply_config(broker: Broker, listeners: ListenerSet, new: Config) -> l
             session.max_queue_bytes = new.mqtt.max_mqueue_bytes
             session.full_policy = new.mqtt.mqueue_full_policy
             session.store_qos0 = new.mqtt.mqueue_store_qos0
-            if session.queue or session.inflight:
+            session.mem_len = new.mqtt.mqueue_memory_len
+            session.mem_bytes = new.mqtt.mqueue_memory_bytes
+            if session.queued or session.inflight:
                 session.drain()  # raised limits: acks held for room may go now
     if "log" in changed:
         setup_logging(new.log)

@@ -247,11 +247,12 @@ def render(
         "Sessions by state.",
         [({"state": "connected"}, online), ({"state": "disconnected"}, sessions - online)],
     )
-    inflight = queued = qmax = 0
+    inflight = queued = qmax = on_disk = 0
     for x in broker.registry:
         inflight += len(x.inflight)
-        q = len(x.queue)
+        q = x.queued
         queued += q
+        on_disk += x.spilled
         qmax = max(qmax, q)
     w.one(
         "roost_inflight_messages",
@@ -261,6 +262,12 @@ def render(
     )
     w.one("roost_queued_messages", "gauge", "Messages waiting in session queues.", queued)
     w.one("roost_queue_length_max", "gauge", "Longest session queue.", qmax)
+    w.one(
+        "roost_queued_messages_on_disk",
+        "gauge",
+        "Queued messages of persistent sessions held only in the store (past the memory window).",
+        on_disk,
+    )
     w.one(
         "roost_subscriptions", "gauge", "Subscriptions (shared ones included).", broker.router.count
     )

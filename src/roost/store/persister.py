@@ -13,9 +13,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from roost.store.ops import Op
+
+T = TypeVar("T")
 
 log = logging.getLogger("roost.store")
 
@@ -56,6 +58,20 @@ class Persister:
             return
         self._callbacks.append(callback)
         self._schedule()
+
+    def read(self, fn: Callable[[], T], done: Callable[[T], None]) -> None:
+        """Run ``fn`` (a read of the store) on the writer thread once everything submitted so
+        far is written, then ``done`` with its result on the loop; a failed read is logged
+        and ``done`` is not called."""
+        loop = self._loop or asyncio.get_running_loop()
+
+        def result(fut: asyncio.Future[T]) -> None:
+            if fut.exception() is not None:
+                log.error("store read failed: %s", fut.exception())
+            else:
+                done(fut.result())
+
+        self.after(lambda: loop.run_in_executor(self._executor, fn).add_done_callback(result))
 
     @property
     def pending(self) -> int:

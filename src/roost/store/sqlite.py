@@ -103,6 +103,13 @@ class StoredSession:
     disconnected_at: float | None
     deliveries: list[StoredDelivery] = field(default_factory=list)
     awaiting_rel: list[int] = field(default_factory=list)
+    # A windowed load: unsent deliveries loaded, the seq of the last of them, and what was
+    # left in the store past the window.
+    queued: int = 0
+    spill_after: int = 0
+    spilled: int = 0
+    spilled_bytes: int = 0
+    max_seq: int = 0
 
 
 @dataclass
@@ -132,6 +139,19 @@ def _load_fwd(text: str | None) -> tuple[str, int] | None:
         return None
     mid, _, origin = text.partition(" ")
     return origin, int(mid)
+
+
+_DELIVERY_SELECT = (
+    "SELECT d.client_id, d.seq, m.topic, m.payload, m.qos, m.props, m.sender,"
+    " m.expires_at, d.qos, d.retain, d.sub_ids, d.packet_id, d.state, m.id, m.fwd"
+    " FROM deliveries d JOIN messages m ON m.id = d.message_id"
+)
+
+
+def _delivery(r: tuple[Any, ...]) -> StoredDelivery:
+    return StoredDelivery(r[1], r[2], bytes(r[3]), r[4], load_props(r[5]), r[6], r[7], r[8],
+                          bool(r[9]), tuple(json.loads(r[10])), r[11], r[12], r[13],
+                          _load_fwd(r[14]))  # fmt: skip
 
 
 def load_props(text: str | None) -> dict[str, Any] | None:
@@ -168,11 +188,12 @@ class SqliteStore:
         if "fwd" not in columns:  # a store written before messages kept their identity
             self.db.execute("ALTER TABLE messages ADD COLUMN fwd TEXT")
 
-    def load(self) -> StoredState:
+    def load(self, window: int = 0) -> StoredState:
+        """Everything stored, each session with at most ``window`` unsent deliveries (0: all)."""
         db = self.db
         # Messages no delivery refers to any more are garbage from before the restart.
         db.execute("DELETE FROM messages WHERE id NOT IN (SELECT message_id FROM deliveries)")
-        sessions = self._sessions("", ())
+        sessions = self._sessions("", (), window)
         retained = [
             StoredRetained(t, bytes(p), q, load_props(pr), snd, exp)
             for t, p, q, pr, snd, exp in db.execute(
@@ -187,8 +208,21 @@ class SqliteStore:
         found = self._sessions("client_id = ?", (client_id,))
         return found[0] if found else None
 
-    def _sessions(self, where: str, args: tuple[Any, ...]) -> list[StoredSession]:
-        """The sessions whose rows match ``where`` (every one when empty), whole."""
+    def load_spilled(self, client_id: str, after_seq: int, limit: int) -> list[StoredDelivery]:
+        """A session's unsent deliveries past ``after_seq``, oldest first, at most ``limit``
+        (0: all): the part of a disk-backed queue not held in memory."""
+        rows = self.db.execute(
+            f"{_DELIVERY_SELECT} WHERE d.client_id = ? AND d.seq > ? AND d.packet_id IS NULL"
+            " ORDER BY d.seq LIMIT ?",
+            (client_id, after_seq, limit or -1),
+        )
+        return [_delivery(r) for r in rows]
+
+    def _sessions(
+        self, where: str, args: tuple[Any, ...], window: int = 0
+    ) -> list[StoredSession]:
+        """The sessions whose rows match ``where`` (every one when empty), whole, or with at
+        most ``window`` unsent deliveries each (the rest counted as spilled)."""
         db = self.db
         cond = f" WHERE {where}" if where else ""
         dcond = f" WHERE d.{where}" if where else ""
@@ -200,21 +234,21 @@ class SqliteStore:
             sessions[cid] = StoredSession(
                 cid, expiry, json.loads(subs), json.loads(will) if will else None, disc
             )
-        rows = db.execute(
-            "SELECT d.client_id, d.seq, m.topic, m.payload, m.qos, m.props, m.sender,"
-            " m.expires_at, d.qos, d.retain, d.sub_ids, d.packet_id, d.state, m.id, m.fwd"
-            f" FROM deliveries d JOIN messages m ON m.id = d.message_id{dcond}"
-            " ORDER BY d.client_id, d.seq",
-            args,
-        )
+        rows = db.execute(f"{_DELIVERY_SELECT}{dcond} ORDER BY d.client_id, d.seq", args)
         for r in rows:
             s = sessions.get(r[0])
             if s is None:
                 continue
-            d = StoredDelivery(r[1], r[2], bytes(r[3]), r[4], load_props(r[5]), r[6], r[7],
-                               r[8], bool(r[9]), tuple(json.loads(r[10])), r[11], r[12],
-                               r[13], _load_fwd(r[14]))  # fmt: skip
-            s.deliveries.append(d)
+            s.max_seq = r[1]
+            if r[11] is None and window and s.queued >= window:
+                # Past the window: left in the store, read back as the queue drains.
+                s.spilled += 1
+                s.spilled_bytes += len(r[2]) + len(r[3])
+                continue
+            if r[11] is None:
+                s.queued += 1
+                s.spill_after = r[1]
+            s.deliveries.append(_delivery(r))
         for cid, pid in db.execute(f"SELECT client_id, packet_id FROM awaiting_rel{cond}", args):
             if cid in sessions:
                 sessions[cid].awaiting_rel.append(pid)
