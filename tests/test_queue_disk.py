@@ -7,6 +7,7 @@ queue figures from /metrics and the REST API. Every message carries a sequence n
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any
@@ -121,3 +122,63 @@ def test_an_online_slow_subscriber_gets_every_message_in_order_through_refills(m
     assert first == list(range(1000))
     assert second == list(range(1000))
     sub.close()
+
+
+async def _handover_read_while_publishing(tmp_path: Any) -> list[int]:
+    from roost.broker.channel import Channel
+    from roost.broker.durable import Durable
+    from roost.broker.message import Message
+    from roost.broker.node import Broker
+    from roost.config import Config
+    from roost.mqtt import Connect, Decoder, Disconnect, encode
+    from roost.mqtt.packets import MQTT_5
+    from roost.store.persister import Persister
+    from roost.store.sqlite import SqliteStore
+
+    class Wire:
+        def __init__(self) -> None:
+            self.decoder = Decoder(version=MQTT_5, server_side=False)
+
+        def write(self, data: bytes) -> None:
+            self.decoder.feed(data)
+
+        def close(self) -> None:
+            pass
+
+    broker = Broker(Config.model_validate({"mqtt": {"mqueue_memory_len": 5}}))
+    persister = Persister(SqliteStore(tmp_path / "roost.db", fsync=False), "batch")
+    broker.durable = Durable(persister, broker.clock)
+    broker.commits.add(persister)
+    ch = Channel(broker, Wire(), "127.0.0.1:1000", "tcp:default")
+    expiry = {"session_expiry_interval": 600}
+    ch.data_received(encode(Connect("moving", MQTT_5, properties=expiry), MQTT_5))
+    await asyncio.sleep(0.1)
+    ch.data_received(encode(Disconnect(), MQTT_5))
+    ch.connection_lost()
+    session = broker.registry.get("moving")
+    assert session is not None and session.durable is not None
+
+    def put(i: int) -> None:
+        msg = Message("t", f"p:{i}".encode(), 1, False, None, "pub", broker.clock())
+        session.deliver(msg, 1, False)
+
+    for i in range(40):
+        put(i)
+    assert session.spilled == 35
+    # The session is about to move: its spilled part is read back while messages still come.
+    reading = asyncio.ensure_future(broker.durable.unspill(session))
+    for i in range(40, 60):
+        put(i)
+        await asyncio.sleep(0)
+    await asyncio.wait_for(reading, 5)
+    await persister.drain()
+    persister.close()
+    assert session.spilled == 0
+    return [int(d.msg.payload.split(b":")[1]) for d in session.queue]
+
+
+def test_a_session_read_back_for_a_move_keeps_messages_that_arrive_meanwhile_in_order(
+    tmp_path: Any,
+) -> None:
+    got = asyncio.run(_handover_read_while_publishing(tmp_path))
+    assert got == list(range(60))

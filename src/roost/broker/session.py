@@ -209,7 +209,9 @@ class Session:
         if stored:
             assert self.durable is not None
             self.durable.add_delivery(self, d)
-            if not self.pinned and (self.spilled or self._memory_full(size)):
+            # Behind spilled ones it must be spilled too, even while a move reads them back
+            # (``pinned``): that read goes on until none is left, so the order holds.
+            if self.spilled or self._memory_full(size):
                 self._spill(d, size)
                 return over
         self.requeue(d)
@@ -386,7 +388,7 @@ class Session:
         is full) when the session is persistent."""
         if d.qos and self.durable is not None:
             self.durable.add_delivery(self, d)
-            if not self.pinned and (self.spilled or self._memory_full()):
+            if self.spilled or self._memory_full():
                 self._spill(d, len(d.msg.topic) + len(d.msg.payload))
                 return
         self.requeue(d)
