@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "start":
-        from roost.start import run_node
+        from roost.cli.start import run_node
 
         return run_node(args)
     if args.command == "passwd":
