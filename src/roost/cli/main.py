@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from roost import __version__
-from roost.passwd_cli import add_parser as add_passwd_parser
+from roost.cli.passwd import add_parser as add_passwd_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_node(args)
     if args.command == "passwd":
-        from roost.passwd_cli import run_passwd
+        from roost.cli.passwd import run_passwd
 
         return run_passwd(args)
     if args.command == "ctl":
