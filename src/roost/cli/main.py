@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="run a broker node")
     start.add_argument("--config", "-c", help="YAML config file (default: ROOST_CONFIG or none)")
     add_passwd_parser(sub)
-    from roost.mgmt.ctl import add_parser as add_ctl
+    from roost.cli.ctl import add_parser as add_ctl
 
     add_ctl(sub)
     from roost.operator.main import add_arguments as add_operator_arguments
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_passwd(args)
     if args.command == "ctl":
-        from roost.mgmt.ctl import run as run_ctl
+        from roost.cli.ctl import run as run_ctl
 
         return run_ctl(args)
     if args.command == "cluster":
