@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from roost.cli.ctl import add_parser as add_ctl
 
     add_ctl(sub)
-    from roost.operator.main import add_arguments as add_operator_arguments
+    from roost.cli.operator import add_arguments as add_operator_arguments
 
     add_operator_arguments(sub.add_parser("operator", help="run the Kubernetes operator"))
     from roost.cluster.dev import add_parser as add_cluster
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_opts(options.finish(args, options.build_parser()))
     if args.command == "operator":
-        from roost.operator.main import run_operator
+        from roost.cli.operator import run_operator
 
         return run_operator(args)
     return 2
