@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from roost.cli import build_parser
+from roost.cli.main import build_parser
 
 
 def test_operator_arguments() -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from roost import __version__
-from roost.passwd_cli import add_parser as add_passwd_parser
+from roost.cli.passwd import add_parser as add_passwd_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,10 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="run a broker node")
     start.add_argument("--config", "-c", help="YAML config file (default: ROOST_CONFIG or none)")
     add_passwd_parser(sub)
-    from roost.mgmt.ctl import add_parser as add_ctl
+    from roost.cli.ctl import add_parser as add_ctl
 
     add_ctl(sub)
-    from roost.operator.main import add_arguments as add_operator_arguments
+    from roost.cli.operator import add_arguments as add_operator_arguments
 
     add_operator_arguments(sub.add_parser("operator", help="run the Kubernetes operator"))
     from roost.cluster.dev import add_parser as add_cluster
@@ -36,15 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "start":
-        from roost.start import run_node
+        from roost.cli.start import run_node
 
         return run_node(args)
     if args.command == "passwd":
-        from roost.passwd_cli import run_passwd
+        from roost.cli.passwd import run_passwd
 
         return run_passwd(args)
     if args.command == "ctl":
-        from roost.mgmt.ctl import run as run_ctl
+        from roost.cli.ctl import run as run_ctl
 
         return run_ctl(args)
     if args.command == "cluster":
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_opts(options.finish(args, options.build_parser()))
     if args.command == "operator":
-        from roost.operator.main import run_operator
+        from roost.cli.operator import run_operator
 
         return run_operator(args)
     return 2
