@@ -67,6 +67,16 @@ class Transport(Protocol):
 
 
 class Channel:
+    # Slots: one Channel per connection, and a dict of this many attributes costs ~1.2 KB more.
+    __slots__ = (
+        "_auth_method", "_connack", "_draining", "_enhanced", "_gate", "_held", "_held_bytes",
+        "alias_max", "auth", "broker", "cert_username", "client_id", "client_max_packet", "closed",
+        "connected", "created_at", "decoder", "graceful", "in_aliases", "keepalive", "last_rx",
+        "listener", "now", "out_aliases", "paused", "peer", "problem_info", "pub_limiter",
+        "session", "taken_over", "transport", "username", "v5", "version", "will", "will_delay",
+        "window",
+    )  # fmt: skip
+
     def __init__(
         self,
         broker: Node,
@@ -102,8 +112,9 @@ class Channel:
         self.window = cfg.max_inflight
         self.client_max_packet = 268_435_460
         self.alias_max = 0  # the client's Topic Alias Maximum (outgoing aliases)
-        self.out_aliases: dict[str, int] = {}
-        self.in_aliases: dict[int, str] = {}
+        # Topic aliases (MQTT 5), made when the first one is: most clients never use any.
+        self.out_aliases: dict[str, int] | None = None
+        self.in_aliases: dict[int, str] | None = None
         self.problem_info = True
         # Set while the socket's send buffer is above its high-water mark: deliveries wait in
         # the (bounded) session queue instead of piling up in the transport.
@@ -343,16 +354,19 @@ class Channel:
         if self.v5:
             alias = 0
             if self.alias_max:
-                alias = self.out_aliases.get(msg.topic, 0)
+                aliases = self.out_aliases
+                if aliases is None:
+                    aliases = self.out_aliases = {}
+                alias = aliases.get(msg.topic, 0)
                 if alias:
                     topic = b""
-                elif len(self.out_aliases) < self.alias_max:
-                    alias = self.out_aliases[msg.topic] = len(self.out_aliases) + 1
+                elif len(aliases) < self.alias_max:
+                    alias = aliases[msg.topic] = len(aliases) + 1
                     new_alias = True
             props = msg.props_wire(self.now(), sub_ids, alias)
         data = encode_publish(topic, msg.payload, qos, retain, dup, pid, props)
         if len(data) > self.client_max_packet:
-            if new_alias:
+            if new_alias and self.out_aliases is not None:
                 del self.out_aliases[msg.topic]
             self.broker.stats.dropped_too_large += 1
             return False
@@ -659,10 +673,13 @@ class Channel:
             if alias is not None:
                 if alias == 0 or alias > cfg.max_topic_alias:
                     raise MQTTError(f"topic alias {alias} out of range", RC.TOPIC_ALIAS_INVALID)
+                aliases = self.in_aliases
+                if aliases is None:
+                    aliases = self.in_aliases = {}
                 if topic:
-                    self.in_aliases[alias] = topic
+                    aliases[alias] = topic
                 else:
-                    topic = self.in_aliases.get(alias, "")
+                    topic = aliases.get(alias, "")
                     if not topic:
                         raise MQTTError(f"unknown topic alias {alias}", RC.PROTOCOL_ERROR)
             if "subscription_identifier" in props:

@@ -74,7 +74,8 @@ class Decoder:
         version: int | None = None,
         server_side: bool = True,
     ) -> None:
-        self._buf = bytearray()
+        # Only while a frame is incomplete: an idle connection holds no buffer.
+        self._buf: bytearray | None = None
         self.max_packet_size = max_packet_size
         self.version = version
         self.server_side = server_side
@@ -82,7 +83,7 @@ class Decoder:
     @property
     def buffered(self) -> int:
         """Bytes held for an incomplete frame."""
-        return len(self._buf)
+        return len(self._buf) if self._buf else 0
 
     def feed(self, data: bytes) -> list[Packet]:
         buf = self._buf
@@ -121,11 +122,14 @@ class Decoder:
             # The stream cannot be re-framed after an error: keep none of it (the rest of
             # the chunk may be a refused oversize frame, which must not stay buffered).
             # The good packets before the bad one travel with the error, to be handled first.
-            self._buf = bytearray()
+            self._buf = None
             e.packets = packets
             raise
         if buf:
-            del buf[:pos]
+            if pos == n:
+                self._buf = None
+            else:
+                del buf[:pos]
         elif pos < n:
             self._buf = bytearray(view[pos:])
         return packets

@@ -41,9 +41,12 @@ class ListenerState:
 
 
 class CoalescedWrites:
-    """Collects what a channel writes in one event-loop turn; ``_flush`` sends it as one write."""
+    """Collects what a channel writes in one event-loop turn; ``_flush`` sends it as one write.
+    Subclasses set ``_pending`` to None in their ``__init__``; slots, as there is one per
+    connection."""
 
-    _pending: list[bytes] | None = None
+    __slots__ = ("_pending",)
+    _pending: list[bytes] | None
 
     def write(self, data: bytes) -> None:
         pending = self._pending
@@ -58,6 +61,8 @@ class CoalescedWrites:
 
 
 class MqttStreamProtocol(CoalescedWrites, asyncio.Protocol):
+    __slots__ = ("_closing", "_linger", "broker", "channel", "listener", "transport")
+
     def __init__(self, broker: Broker, listener: ListenerState) -> None:
         self.broker = broker
         self.listener = listener
