@@ -81,6 +81,7 @@ async def _join_cluster(broker: Broker, mgmt: Management) -> Cluster | None:
     await cluster.start()
     mgmt.cluster_nodes = cluster.nodes
     mgmt.cluster_check = cluster.check
+    mgmt.remove_node = cluster.remove_node
     evacuation = mgmt.evacuation
     evacuation.session_mover = lambda n: cluster.move_sessions(n, evacuation.params.get(
         "redirect_to") or None)

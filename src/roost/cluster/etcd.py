@@ -100,6 +100,15 @@ class Op:
     lease: int = 0
 
 
+@dataclass(frozen=True)
+class Member:
+    """One member of the etcd cluster itself (not a Roost node)."""
+
+    id: int
+    name: str
+    peer_urls: tuple[str, ...]
+
+
 class EtcdStats:
     """Request counters and latency (ms) of the requests made by one :class:`Etcd`."""
 
@@ -147,12 +156,14 @@ class _Endpoint:
     lease: Any = field(init=False)
     watch: Any = field(init=False)
     maint: Any = field(init=False)
+    members: Any = field(init=False)
 
     def __post_init__(self) -> None:
         self.kv = rpc.KVStub(self.channel)
         self.lease = rpc.LeaseStub(self.channel)
         self.watch = rpc.WatchStub(self.channel)
         self.maint = rpc.MaintenanceStub(self.channel)
+        self.members = rpc.ClusterStub(self.channel)
 
 
 def _open_endpoint(url: str) -> _Endpoint:
@@ -476,6 +487,27 @@ class Etcd:
     async def keepalive(self, lease_id: int, timeout: float | None = None) -> int:
         """Renew a lease once over the shared keepalive stream; returns its TTL, 0 if gone."""
         return await self._keepalive.renew(lease_id, self.timeout if timeout is None else timeout)
+
+    # -- membership ---------------------------------------------------------------------
+
+    async def members(self) -> list[Member]:
+        """The etcd cluster's members, as the member answering knows them."""
+        req = rpc.MemberListRequest()
+        resp = await self._call(
+            lambda ep, t: ep.members.MemberList(req, timeout=t, metadata=_HASLEADER)
+        )
+        return [Member(int(m.ID), m.name, tuple(m.peerURLs)) for m in resp.members]
+
+    async def remove_member(self, member_id: int) -> None:
+        """Remove a member; one already gone is not an error (a repeat is harmless)."""
+        req = rpc.MemberRemoveRequest(ID=member_id)
+        try:
+            await self._call(
+                lambda ep, t: ep.members.MemberRemove(req, timeout=t, metadata=_HASLEADER)
+            )
+        except EtcdError as e:
+            if "member not found" not in str(e):
+                raise
 
     # -- maintenance --------------------------------------------------------------------
 

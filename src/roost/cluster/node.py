@@ -485,6 +485,25 @@ class Cluster:
         out.append(dict(self._info(), name=self.me))
         return sorted(out, key=lambda i: i["name"])
 
+    async def remove_node(self, name: str) -> None:
+        """A core is leaving for good (the operator asks before its pod goes): remove its etcd
+        member, the one named as its host's first label (the operator names both after the
+        pod: ``roost@<pod>.<service>...`` and member ``<pod>``). A replicant has none, and one
+        already removed is no error. etcd itself refuses a removal that would cost it its
+        quorum."""
+        host = name.partition("@")[2] or name
+        label = host.split(".", 1)[0]
+        try:
+            for m in await self.etcd.members():
+                if m.name == label:
+                    log.info("removing etcd member %s (%x) of departing node %s",
+                             m.name, m.id, name)  # fmt: skip
+                    await self.etcd.remove_member(m.id)
+                    return
+        except EtcdError as e:
+            raise ConnectionError(f"etcd: {e}") from None
+        log.info("node %s has no etcd member to remove", name)
+
     def _node_gone(self, name: str) -> None:
         if name == self.me or self.links is None:
             return

@@ -52,7 +52,7 @@ async def cluster_nodes(request: web.Request) -> web.Response:
     "cluster",
     params=[pp("name")],
     role="admin",
-    responses={204: None, 409: Error},
+    responses={204: None, 409: Error, 503: Error},
 )
 async def cluster_remove(request: web.Request) -> web.Response:
     m = mgmt_of(request)
@@ -60,7 +60,10 @@ async def cluster_remove(request: web.Request) -> web.Response:
     if name == m.broker.config.node.name:
         raise ApiError(400, "BAD_REQUEST", "a node cannot remove itself; ask a surviving node")
     if m.remove_node is not None:
-        await m.remove_node(name)
+        try:
+            await m.remove_node(name)
+        except ConnectionError as e:  # etcd could not be asked, or refused
+            raise ApiError(503, "CLUSTER_UNAVAILABLE", f"{name} not removed: {e}") from None
     # On a single node (no cluster layer) every other node is already absent.
     return web.Response(status=204)
 
