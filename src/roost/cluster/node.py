@@ -501,6 +501,8 @@ class Cluster:
                     await self.etcd.remove_member(m.id)
                     return
         except EtcdError as e:
+            if "unhealthy cluster" in str(e):  # etcd's strict reconfiguration check
+                raise ConnectionRefusedError(f"etcd refused: {e}") from None
             raise ConnectionError(f"etcd: {e}") from None
         log.info("node %s has no etcd member to remove", name)
 

@@ -62,7 +62,9 @@ async def cluster_remove(request: web.Request) -> web.Response:
     if m.remove_node is not None:
         try:
             await m.remove_node(name)
-        except ConnectionError as e:  # etcd could not be asked, or refused
+        except ConnectionRefusedError as e:  # before ConnectionError: it is one
+            raise ApiError(409, "CONFLICT", f"{name} not removed: {e}") from None
+        except ConnectionError as e:  # etcd could not be asked
             raise ApiError(503, "CLUSTER_UNAVAILABLE", f"{name} not removed: {e}") from None
     # On a single node (no cluster layer) every other node is already absent.
     return web.Response(status=204)
