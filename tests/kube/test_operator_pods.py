@@ -20,6 +20,9 @@ import contextlib
 import json
 import os
 import queue
+import random
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -50,6 +53,9 @@ VERSION = next(
     if line.startswith("version = ")
 )
 IMAGE = f"roost:{VERSION}"
+# The same image under another name: changing spec.image to it replaces every pod, as an
+# upgrade does (the runner knows both names).
+NEXT_IMAGE = f"roost:{VERSION}-next"
 RUN_KEY = "roost.io/run"
 RUN_NODES = [f"{NODE_PREFIX}{i}" for i in range(3)]
 
@@ -132,7 +138,7 @@ def env(kube: KubeCluster, image: Image, tmp_path_factory: pytest.TempPathFactor
     sa = install_operator_chart(kube)
     kubeconfig = service_account_kubeconfig(kube, sa, work / "operator.kubeconfig")
     runner = PodRunner(
-        kube.server, kube.workdir / "pki", image, {IMAGE, f"docker.io/library/{IMAGE}"},
+        kube.server, kube.workdir / "pki", image, {IMAGE, f"docker.io/library/{IMAGE}", NEXT_IMAGE},
         work, RUN_NODES,
     )  # fmt: skip
     with contextlib.ExitStack() as stack:
@@ -438,3 +444,212 @@ def roundtrip(sub_host: str, pub_host: str) -> None:
         for c in (sub, pub):
             c.disconnect()
             c.loop_stop()
+
+
+def etcd_members(ip: str) -> tuple[int, list[str]]:
+    """(cluster id, member names) as the etcd member on ``ip`` answers."""
+    code, body = http_json(f"http://{ip}:2379/v3/cluster/member/list", {})
+    assert code == 200, body
+    return int(body["header"]["cluster_id"]), sorted(m["name"] for m in body["members"])
+
+
+def test_core_scale_3_to_5_to_3_etcd_membership_follows(env: Env, ns: str) -> None:
+    """New cores' etcd members join the running cluster; on the way down each member is
+    removed before its pod goes, etcd keeps its quorum throughout, and a persistent session
+    on a departing core is moved with its subscription."""
+    kube = env.kube
+    kube.apply(roost_cluster(ns, "cs", cores=3, replicants=1))
+    formed(env, ns, "cs", 4)
+    (cid0, _) = etcd_members(pods_of(kube, ns, "cs", "core")[0]["status"]["podIP"])
+
+    def set_cores(n: int) -> None:
+        patch = {"spec": {"coreTemplate": {"replicas": n}}}
+        kube.kubectl("-n", ns, "patch", "roostcluster", "cs", "--type=merge", "-p",
+                     json.dumps(patch))  # fmt: skip
+
+    set_cores(5)
+    formed(env, ns, "cs", 6)
+    cores = pods_of(kube, ns, "cs", "core")
+    assert [p["metadata"]["name"] for p in cores] == [f"cs-core-{i}" for i in range(5)]
+    for p in cores:  # one etcd cluster of five, the same one as before, from every member
+        assert etcd_members(p["status"]["podIP"]) == (cid0, [f"cs-core-{i}" for i in range(5)])
+
+    # A persistent session on a core that is about to go, its client offline.
+    persistent_subscribe(cores[4]["status"]["podIP"], "on-core-4", "cs/on-core-4")
+
+    # Watch the way down from core-0: etcd answers healthy, and no core pod is deleted
+    # while its member is still listed.
+    seen: list[tuple[list[str], list[str], bool]] = []
+    stop = threading.Event()
+    ip0 = cores[0]["status"]["podIP"]
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            try:  # the pods first: a member removed between the two reads is no false alarm
+                pods = [p["metadata"]["name"] for p in pods_of(kube, ns, "cs", "core")]
+                members = etcd_members(ip0)[1]
+                code, body = http_json(f"http://{ip0}:2379/health")
+                healthy = code == 200 and body.get("health") == "true"
+            except Exception as e:  # recorded: the watch itself must not stop
+                members, pods, healthy = [repr(e)], [], False
+            seen.append((members, pods, healthy))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        set_cores(3)
+        formed(env, ns, "cs", 4)
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert seen, "the watch took no sample"
+    assert all(h for _, _, h in seen), [s for s in seen if not s[2]][:5]
+    for members, pods, _ in seen:
+        gone = [m for m in members if m not in pods]
+        assert not gone, f"member(s) {gone} still listed after their pod went: {members} {pods}"
+    cores = pods_of(kube, ns, "cs", "core")
+    for p in cores:
+        assert etcd_members(p["status"]["podIP"]) == (cid0, [f"cs-core-{i}" for i in range(3)])
+
+    # The session left core-4 with its subscription: what is published now waits for it.
+    ip = cores[1]["status"]["podIP"]
+    publish(cores[2]["status"]["podIP"], "cs/on-core-4", b"kept")
+    assert persistent_receive(ip, "on-core-4", "cs/on-core-4") == b"kept"
+    roundtrip(sub_host=cores[2]["status"]["podIP"],
+              pub_host=pods_of(kube, ns, "cs", "replicant")[0]["status"]["podIP"])  # fmt: skip
+
+
+class Fleet:
+    """Persistent MQTT 5 clients on the listeners Service's ready addresses, each going back
+    to one of them (chosen afresh) whenever its connection ends, with its session."""
+
+    def __init__(self, kube: KubeCluster, ns: str, service: str) -> None:
+        self.kube, self.ns, self.service = kube, ns, service
+        self.hosts = service_addresses(kube, ns, service)
+        assert self.hosts, f"no ready address on {service}"
+        self.clients: list[mqtt.Client] = []
+        self.disconnects = 0
+        self._stop = threading.Event()
+        self._refresher = threading.Thread(target=self._refresh, daemon=True)
+        self._refresher.start()
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(1.0):
+            with contextlib.suppress(Exception):
+                if hosts := service_addresses(self.kube, self.ns, self.service):
+                    self.hosts = hosts
+
+    def client(self, cid: str) -> mqtt.Client:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 600
+        c = _client(cid)
+        c.reconnect_delay_set(0.2, 2)
+        c.max_inflight_messages_set(20)
+
+        def gone(client: mqtt.Client, *_: Any) -> None:
+            self.disconnects += 1
+            if not self._stop.is_set():  # back to a ready broker, with the session
+                client.connect_async(random.choice(self.hosts), 1883, 30, clean_start=False,
+                                     properties=props)  # fmt: skip
+
+        c.on_disconnect = gone
+        c.connect_async(random.choice(self.hosts), 1883, 30, clean_start=True, properties=props)
+        c.loop_start()
+        self.clients.append(c)
+        return c
+
+    def close(self) -> None:
+        self._stop.set()
+        for c in self.clients:
+            with contextlib.suppress(Exception):
+                c.disconnect()
+            c.loop_stop()
+        self._refresher.join(5)
+
+
+def test_image_upgrade_under_200_publishing_clients_loses_nothing(env: Env, ns: str) -> None:
+    """Every pod replaced, one at a time and evacuated first, while 200 persistent clients
+    publish numbered QoS 1 messages: every acknowledged one reaches both persistent
+    subscribers, first arrivals in order per publisher."""
+    kube = env.kube
+    kube.apply(roost_cluster(ns, "up"))
+    st = formed(env, ns, "up", 5)
+    before = st["updateRevision"]
+    old_pods = {p["metadata"]["name"] for role in ("core", "replicant")
+                for p in pods_of(kube, ns, "up", role)}  # fmt: skip
+    env.wait(lambda: len(service_addresses(kube, ns, "up-listeners")) == 2,
+             "the listeners Service's two ready endpoints", timeout=60)  # fmt: skip
+    fleet = Fleet(kube, ns, "up-listeners")
+    got: dict[str, list[tuple[int, int]]] = {"a": [], "b": []}
+    lock = threading.Lock()
+    try:
+        for name in got:
+            sub = fleet.client(f"up-sub-{name}")
+            subscribed: queue.Queue[object] = queue.Queue()
+
+            def on_message(_c: Any, _u: Any, m: mqtt.MQTTMessage, into: str = name) -> None:
+                pub, seq = m.payload.decode().split(":")
+                with lock:
+                    got[into].append((int(pub), int(seq)))
+
+            sub.on_message = on_message
+            sub.on_connect = lambda c, *_: c.subscribe("up/#", qos=1)
+            sub.on_subscribe = lambda _c, _u, _mid, rcs, _p, q=subscribed: q.put(rcs)
+            subscribed.get(timeout=30)
+        pubs = [fleet.client(f"up-pub-{i}") for i in range(200)]
+        sent: list[list[mqtt.MQTTMessageInfo]] = [[] for _ in pubs]
+        publishing = threading.Event()
+        publishing.set()
+
+        def publish_all() -> None:  # one message per publisher every 2 s, spread out
+            while publishing.is_set():
+                for i, c in enumerate(pubs):
+                    sent[i].append(c.publish(f"up/{i}", f"{i}:{len(sent[i])}".encode(), qos=1))
+                    time.sleep(0.01)
+
+        driver = threading.Thread(target=publish_all, daemon=True)
+        driver.start()
+        time.sleep(5)
+        patch = {"spec": {"image": NEXT_IMAGE}}
+        kube.kubectl("-n", ns, "patch", "roostcluster", "up", "--type=merge", "-p",
+                     json.dumps(patch))  # fmt: skip
+
+        def rolled() -> bool:
+            st = kube.get("roostcluster", "up", "-n", ns).get("status") or {}
+            return st.get("currentRevision") == st.get("updateRevision") != before
+
+        env.wait(rolled, "every pod on the new image", timeout=300)
+        formed(env, ns, "up", 5)
+        time.sleep(3)
+        publishing.clear()
+        driver.join(30)
+        # Every message is acknowledged once its client is back on a broker.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(i.is_published() for s in sent for i in s):
+            time.sleep(0.5)
+        acked = {(i, n) for i, s in enumerate(sent) for n, info in enumerate(s)
+                 if info.is_published()}  # fmt: skip
+        total = sum(len(s) for s in sent)
+        assert len(acked) >= 0.95 * total, f"only {len(acked)} of {total} acknowledged"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with lock:
+                if all(acked <= set(v) for v in got.values()):
+                    break
+            time.sleep(0.5)
+        moved = fleet.disconnects
+    finally:
+        fleet.close()
+    new_pods = {p["metadata"]["name"] for role in ("core", "replicant")
+                for p in pods_of(kube, ns, "up", role)}  # fmt: skip
+    for p in pods_of(kube, ns, "up", "core") + pods_of(kube, ns, "up", "replicant"):
+        assert p["spec"]["containers"][0]["image"] == NEXT_IMAGE
+    assert not {n for n in new_pods if "-replicant-" in n} & old_pods, "replicants not replaced"
+    for name, msgs in got.items():
+        lost = sorted(acked - set(msgs))
+        assert not lost, f"subscriber {name}: {len(lost)} of {len(acked)} acknowledged lost, " \
+                         f"e.g. {lost[:10]}"  # fmt: skip
+        for i in range(len(pubs)):
+            firsts = list(dict.fromkeys(n for p, n in msgs if p == i))
+            assert firsts == sorted(firsts), f"subscriber {name}, publisher {i}: {firsts[:40]}"
+    assert moved >= 2, "no client was moved: the upgrade did not touch them"
