@@ -90,6 +90,8 @@ def roost_env(port: int, data_dir: Path) -> dict[str, str]:
         "ROOST_LISTENERS__QUIC__DEFAULT__ENABLED": "false",
         "ROOST_SYS_TOPICS__ENABLED": "false",
         "ROOST_MQTT__MAX_MQUEUE_LEN": "100000",
+        # QoS 0 waits only in memory, held to the window: the same 100,000 as mosquitto's.
+        "ROOST_MQTT__MQUEUE_MEMORY_LEN": "100000",
         "ROOST_MQTT__MAX_INFLIGHT": "1000",
         "ROOST_DATA_DIR": str(data_dir),
     }
