@@ -382,7 +382,9 @@ def persistent_subscribe(host: str, cid: str, topic: str) -> None:
         done: queue.Queue[object] = queue.Queue()
         c.on_subscribe = lambda _c, _u, _mid, rcs, _p: done.put(rcs)
         c.subscribe(topic, qos=1)
-        done.get(timeout=15)
+        # A core that has just joined answers a new persistent session once its registry entry
+        # is in etcd: under CI's load that once took more than 15 s.
+        done.get(timeout=60)
     finally:
         c.disconnect()
         c.loop_stop()
