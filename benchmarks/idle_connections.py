@@ -29,18 +29,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.brokerproc import rss_kb
 from throughput import HOST, Broker, free_port
 
 ROOST = f"{sys.executable} -m roost start"
 MOSQUITTO = "/usr/sbin/mosquitto -c {mosquitto_conf}"
-
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 def _connect_packet(cid: str, keepalive: int) -> bytes:
@@ -107,7 +101,7 @@ def measure(name: str, template: str, n: int, procs: int, subscribe: bool, work:
     broker.env["ROOST_API__BIND"] = f"{HOST}:{free_port()}"  # brokers may run side by side
     with broker:
         time.sleep(1.0)
-        before = _rss(broker.pid)
+        before = rss_kb(broker.pid) * 1024
         ctx = mp.get_context("fork")
         stop, errors = ctx.Event(), ctx.Queue()
         per = -(-n // procs)
@@ -126,7 +120,7 @@ def measure(name: str, template: str, n: int, procs: int, subscribe: bool, work:
             if not errors.empty():
                 raise RuntimeError(errors.get())
             time.sleep(3.0)  # let the broker settle (allocator, lazy buffers)
-            after = _rss(broker.pid)
+            after = rss_kb(broker.pid) * 1024
         finally:
             stop.set()
             for p, _ in holders:
