@@ -165,28 +165,37 @@ def test_good_spec_passes_schema_and_rules() -> None:
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
-        ("coreTemplate.replicas", 4, "must be odd"),
+        ("coreTemplate.replicas", 4, "coreTemplate.replicas is 4, it must be odd"),
         ("coreTemplate.replicas", 9, "is greater than the maximum"),
-        ("config.listeners.ssl", {"x": {"bind": "0.0.0.0:1883"}}, "same port"),
-        ("config.listeners.quic", {"a": {"bind": "1.2.3.4:14567"}, "b": {"bind": ":14567"}}, "UDP"),
-        ("listenersServiceTemplate.type", "ClusterIP", "nodePorts need"),
-        ("dashboardServiceTemplate", {"externalTrafficPolicy": "Local"}, "externalTrafficPolicy"),
+        ("config.listeners.ssl", {"x": {"bind": "0.0.0.0:1883"}}, "use the same port, 1883; give"),
+        (
+            "config.listeners.quic",
+            {"a": {"bind": "1.2.3.4:14567"}, "b": {"bind": ":14567"}},
+            "use the same UDP port, 14567",
+        ),
+        ("listenersServiceTemplate.type", "ClusterIP", "NodePort or LoadBalancer, not ClusterIP"),
+        (
+            "dashboardServiceTemplate",
+            {"externalTrafficPolicy": "Local"},
+            "externalTrafficPolicy needs type NodePort or LoadBalancer, not ClusterIP",
+        ),
         ("config.listeners.tcp", {"default": {"bind": "nope"}}, "does not match"),
         ("config.mqtt", {"max_qos_allowed": 3}, "greater than the maximum"),
         (
             "listenersServiceTemplate.nodePorts",
             {"quic-default": 30567, "quic-defualt": 30568},
-            "listenersServiceTemplate.nodePorts names a port the listeners Service does not have",
+            "listenersServiceTemplate.nodePorts names a port the listeners Service does not have: "
+            "quic-defualt; its ports are",
         ),
         ("listenersServiceTemplate.nodePorts", {"quic-default": 70000}, "greater than the max"),
         (
             "dashboardServiceTemplate",
             {"type": "NodePort", "nodePorts": {"mgmt": 30083}},
-            "dashboardServiceTemplate.nodePorts has one port: dashboard",
+            "dashboardServiceTemplate.nodePorts has one port: dashboard, not mgmt",
         ),
-        ("config.api", {"enabled": False}, "config.api.enabled must be true"),
-        ("config.api", {"bind": "127.0.0.1:18083"}, "config.api.bind must be 0.0.0.0:18083"),
-        ("config.api", {"bind": "0.0.0.0:8080"}, "config.api.bind must be 0.0.0.0:18083"),
+        ("config.api", {"enabled": False}, "config.api.enabled is false, it must be true"),
+        ("config.api", {"bind": "127.0.0.1:18083"}, "bind is 127.0.0.1:18083, it must be"),
+        ("config.api", {"bind": "0.0.0.0:8080"}, "bind is 0.0.0.0:8080, it must be 0.0.0.0:18083"),
         (
             "replicantTemplate.podDisruptionBudget",
             {"maxUnavailable": 1, "minAvailable": "50%"},

@@ -18,6 +18,7 @@ from roost.operator.render import MGMT_PORT
 from roost.operator.spec import (
     GROUP,
     KIND,
+    MAX_CORES,
     PLURAL,
     VERSION,
     RoostClusterSpec,
@@ -49,6 +50,23 @@ def _unique_rule(kinds: tuple[str, ...]) -> str:
     return f"({ports}).all(p, ({ports}).exists_one(q, q == p))"
 
 
+def _shared_port(kinds: tuple[str, ...]) -> str:
+    """CEL for a messageExpression: a port two of these listeners share, as the bind spells it.
+
+    Strings cut from the binds (whose length the schema bounds), not ``string(port)``: the API
+    server estimates any int-to-string conversion as unbounded and refuses the CRD."""
+    parts = []
+    for kind in kinds:
+        m = f"self.{kind}"
+        bind = f"{m}[k].bind"
+        parts.append(
+            f"(has({m}) ? {m}.filter(k, !has({m}[k].enabled) || {m}[k].enabled)"
+            f".map(k, {bind}.substring({bind}.lastIndexOf(':') + 1)) : [])"
+        )
+    ports = f"({' + '.join(parts)})"
+    return f"{ports}.filter(p, {ports}.filter(q, int(q) == int(p)).size() > 1)[0]"
+
+
 def _port_names() -> str:
     """CEL on the spec: the listeners Service's port names (render.listener_ports' naming).
 
@@ -68,15 +86,18 @@ def _port_names() -> str:
 
 @dataclass(frozen=True)
 class Rule:
-    """A CEL rule on one schema definition, or on one of its scalar ``field``s: there the API
-    server's error shows the value itself (``spec.coreTemplate.replicas: Invalid value: 4:
-    ...``). No messageExpression: the API server estimates any string built at run time (even
-    ``string(self.replicas)``) as too costly and refuses the CRD."""
+    """A CEL rule on one schema definition, or on one of its scalar ``field``s (the error then
+    names the field: ``spec.coreTemplate.replicas: Invalid value: "integer": ...``, the type,
+    not the value). ``message_expression`` names the value, or the offending part of a
+    composite one; the API server falls back to ``message`` if it cannot evaluate it. It may
+    only use strings of bounded length: the API server refuses a CRD whose messages it
+    estimates as unbounded, ``string(int)`` and joined map keys included."""
 
     definition: str
     rule: str
     message: str
     field: str = ""
+    message_expression: str = ""
 
 
 _LSVC = "self.listenersServiceTemplate"
@@ -88,28 +109,40 @@ CEL_RULES: list[Rule] = [
         "self % 2 == 1",
         "coreTemplate.replicas must be odd (1, 3, 5 or 7): etcd needs a majority of core nodes",
         "replicas",
+        # The schema's minimum and maximum bound the index; no string(self): see Rule.
+        message_expression="'coreTemplate.replicas is ' + "
+        f"{[str(n) for n in range(MAX_CORES + 1)]}[self] + "
+        "', it must be odd (1, 3, 5 or 7): etcd needs a majority of core nodes'",
     ),
     Rule(
         "Listeners",
         _unique_rule(TCP_KINDS),
         "two enabled TCP listeners (tcp, ssl, ws, wss) use the same port",
+        message_expression="'two enabled TCP listeners (tcp, ssl, ws, wss) use the same port, ' + "
+        f"{_shared_port(TCP_KINDS)} + '; give one another port or set enabled: false'",
     ),
     Rule(
         "Listeners",
         _unique_rule(("quic",)),
         "two enabled QUIC listeners use the same UDP port",
+        message_expression="'two enabled QUIC listeners use the same UDP port, ' + "
+        f"{_shared_port(('quic',))}",
     ),
     Rule(
         "ServiceTemplate",
         "!has(self.nodePorts) || size(self.nodePorts) == 0 || "
         "(has(self.type) && self.type in ['NodePort', 'LoadBalancer'])",
         "nodePorts need type NodePort or LoadBalancer",
+        message_expression="'nodePorts need type NodePort or LoadBalancer, not ' + "
+        "(has(self.type) ? self.type : 'ClusterIP')",
     ),
     Rule(
         "ServiceTemplate",
         "!has(self.externalTrafficPolicy) || "
         "(has(self.type) && self.type in ['NodePort', 'LoadBalancer'])",
         "externalTrafficPolicy needs type NodePort or LoadBalancer",
+        message_expression="'externalTrafficPolicy needs type NodePort or LoadBalancer, not ' + "
+        "(has(self.type) ? self.type : 'ClusterIP')",
     ),
     Rule(
         "DisruptionBudget",
@@ -119,8 +152,8 @@ CEL_RULES: list[Rule] = [
     Rule(
         "ApiSettings",
         "self",
-        "config.api.enabled must be true on Kubernetes: the probes and the operator use the "
-        "nodes' REST API",
+        "config.api.enabled is false, it must be true on Kubernetes: the probes and the "
+        "operator use the nodes' REST API",
         "enabled",
     ),
     Rule(
@@ -129,6 +162,9 @@ CEL_RULES: list[Rule] = [
         f"config.api.bind must be 0.0.0.0:{MGMT_PORT} on Kubernetes: the probes and the "
         f"operator reach each node on port {MGMT_PORT} of its pod address; remove the key",
         "bind",
+        message_expression="'config.api.bind is ' + self + "
+        f"', it must be 0.0.0.0:{MGMT_PORT} on Kubernetes: the probes and the operator reach "
+        f"each node on port {MGMT_PORT} of its pod address; remove the key'",
     ),
     Rule(
         "RoostClusterSpec",
@@ -137,11 +173,18 @@ CEL_RULES: list[Rule] = [
         "listenersServiceTemplate.nodePorts names a port the listeners Service does not have; "
         "its ports are <listener type>-<listener name> of the enabled listeners, e.g. "
         "tcp-default, quic-default",
+        # One wrong name, not all of them: joining map keys is estimated as unbounded.
+        message_expression="'listenersServiceTemplate.nodePorts names a port the listeners "
+        f"Service does not have: ' + {_LSVC}.nodePorts.filter(k, !(k in {_port_names()}))[0] + "
+        "'; its ports are <listener type>-<listener name> of the enabled listeners, e.g. "
+        "tcp-default, quic-default'",
     ),
     Rule(
         "RoostClusterSpec",
         f"!has({_DSVC}) || !has({_DSVC}.nodePorts) || {_DSVC}.nodePorts.all(k, k == 'dashboard')",
         "dashboardServiceTemplate.nodePorts has one port: dashboard",
+        message_expression="'dashboardServiceTemplate.nodePorts has one port: dashboard, not ' + "
+        f"{_DSVC}.nodePorts.filter(k, k != 'dashboard')[0]",
     ),
 ]
 
@@ -150,6 +193,7 @@ def _validations(definition: str, field: str = "") -> list[Schema]:
     # No fieldPath: Kubernetes 1.27 does not know it; the message names the field.
     return [
         {"rule": r.rule, "message": r.message}
+        | ({"messageExpression": r.message_expression} if r.message_expression else {})
         for r in CEL_RULES
         if r.definition == definition and r.field == field
     ]
@@ -158,6 +202,7 @@ def _validations(definition: str, field: str = "") -> list[Schema]:
 #: Extra constraints the pydantic validators hold but do not write into the JSON schema.
 _EXTRA: dict[str, dict[str, Schema]] = {
     "ListenerBase": {"bind": {"pattern": r"^(.*:)?[0-9]{1,5}$", "maxLength": 256}},
+    "ApiSettings": {"bind": {"maxLength": 256}},  # bounds the cost of its rule's message
 }
 _LISTENER_DEFS = ("TcpListener", "SslListener", "WsListener", "WssListener", "QuicListener")
 _DROP = {"title", "additionalProperties", "$defs"}
@@ -207,9 +252,9 @@ def _structural(node: Any, defs: dict[str, Schema], name: str | None = None) -> 
         out["additionalProperties"] = _structural(additional, defs)
     if "enum" in out and "type" not in out:
         out["type"] = "string"
-    if name in _LISTENER_DEFS:
-        for prop, extra in _EXTRA["ListenerBase"].items():
-            out["properties"][prop].update(extra)
+    extras = _EXTRA["ListenerBase"] if name in _LISTENER_DEFS else _EXTRA.get(name or "", {})
+    for prop, extra in extras.items():
+        out["properties"][prop].update(extra)
     if name is not None and _validations(name):
         out["x-kubernetes-validations"] = _validations(name)
     for r in CEL_RULES:

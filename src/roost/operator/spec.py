@@ -79,9 +79,12 @@ class PodTemplate(_Spec):
     podDisruptionBudget: DisruptionBudget = Field(default_factory=DisruptionBudget)
 
 
+MAX_CORES = 7
+
+
 class CoreTemplate(PodTemplate):
     replicas: int = Field(
-        3, ge=1, le=7, description="Core nodes; odd, 1 to 7, for the etcd quorum."
+        3, ge=1, le=MAX_CORES, description="Core nodes; odd, 1 to 7, for the etcd quorum."
     )
     storage: dict[str, Any] = Field(
         default_factory=lambda: {
