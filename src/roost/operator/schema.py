@@ -32,15 +32,17 @@ TCP_KINDS = ("tcp", "ssl", "ws", "wss")
 MAX_LISTENERS_PER_KIND = 16
 
 
-def _port_list(kinds: tuple[str, ...]) -> str:
-    """CEL: the ports of the enabled listeners of these kinds, as one list of ints."""
+def _port_list(kinds: tuple[str, ...], as_int: bool = True) -> str:
+    """CEL: the ports of the enabled listeners of these kinds, as one list of ints (or of the
+    strings the binds spell them with)."""
     parts = []
     for kind in kinds:
         m = f"self.{kind}"
         bind = f"{m}[k].bind"
+        port = f"{bind}.substring({bind}.lastIndexOf(':') + 1)"
         parts.append(
             f"(has({m}) ? {m}.filter(k, !has({m}[k].enabled) || {m}[k].enabled)"
-            f".map(k, int({bind}.substring({bind}.lastIndexOf(':') + 1))) : [])"
+            f".map(k, {f'int({port})' if as_int else port}) : [])"
         )
     return " + ".join(parts)
 
@@ -55,15 +57,7 @@ def _shared_port(kinds: tuple[str, ...]) -> str:
 
     Strings cut from the binds (whose length the schema bounds), not ``string(port)``: the API
     server estimates any int-to-string conversion as unbounded and refuses the CRD."""
-    parts = []
-    for kind in kinds:
-        m = f"self.{kind}"
-        bind = f"{m}[k].bind"
-        parts.append(
-            f"(has({m}) ? {m}.filter(k, !has({m}[k].enabled) || {m}[k].enabled)"
-            f".map(k, {bind}.substring({bind}.lastIndexOf(':') + 1)) : [])"
-        )
-    ports = f"({' + '.join(parts)})"
+    ports = f"({_port_list(kinds, as_int=False)})"
     return f"{ports}.filter(p, {ports}.filter(q, int(q) == int(p)).size() > 1)[0]"
 
 
