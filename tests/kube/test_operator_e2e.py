@@ -40,18 +40,20 @@ pytestmark = [pytest.mark.kube, pytest.mark.timeout(240)]
 # What the user reads: the field and the rule's message, which names the value (the API
 # server shows only its type) or the offending part of a composite one.
 CRD_MESSAGES = {
-    "even": 'spec.coreTemplate.replicas: Invalid value: "integer": coreTemplate.replicas is '
-    "4, it must be odd (1, 3, 5 or 7): etcd needs a majority of core nodes",
-    "ports": 'spec.config.listeners: Invalid value: "object": two enabled TCP listeners '
-    "(tcp, ssl, ws, wss) use the same port, 1883",
-    "nodeports": 'spec.listenersServiceTemplate: Invalid value: "object": nodePorts need '
-    "type NodePort or LoadBalancer, not ClusterIP",
+    "even": "spec.coreTemplate.replicas: Invalid value: \"integer\": coreTemplate.replicas must "
+    "be odd (1, 3, 5 or 7): etcd needs a majority of core nodes; found: 4",
+    "ports": "spec.config.listeners: Invalid value: \"object\": two enabled TCP listeners "
+    "(tcp, ssl, ws, wss) use the same port; found: 1883",
+    "nodeports": "spec.listenersServiceTemplate: Invalid value: \"object\": nodePorts need "
+    "type NodePort or LoadBalancer; found: ClusterIP",
     "nodeport-name": "listenersServiceTemplate.nodePorts names a port the listeners Service "
-    "does not have: quic-defualt",
-    "api-off": 'spec.config.api.enabled: Invalid value: "boolean": config.api.enabled is '
-    "false, it must be true on Kubernetes",
-    "api-bind": 'spec.config.api.bind: Invalid value: "string": config.api.bind is '
-    "127.0.0.1:18083, it must be 0.0.0.0:18083 on Kubernetes",
+    "does not have; its ports are <listener type>-<listener name> of the enabled listeners, "
+    "e.g. tcp-default, quic-default; found: quic-defualt",
+    "api-off": "spec.config.api.enabled: Invalid value: \"boolean\": config.api.enabled must "
+    "be true on Kubernetes: the probes and the operator use the nodes' REST API; found: false",
+    "api-bind": 'spec.config.api.bind: Invalid value: "string": config.api.bind must be '
+    "0.0.0.0:18083 on Kubernetes: the probes and the operator reach each node on port 18083 "
+    "of its pod address; remove the key; found: 127.0.0.1:18083",
 }
 
 

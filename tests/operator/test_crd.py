@@ -165,37 +165,38 @@ def test_good_spec_passes_schema_and_rules() -> None:
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
-        ("coreTemplate.replicas", 4, "coreTemplate.replicas is 4, it must be odd"),
+        ("coreTemplate.replicas", 4, "majority of core nodes; found: 4"),
         ("coreTemplate.replicas", 9, "is greater than the maximum"),
-        ("config.listeners.ssl", {"x": {"bind": "0.0.0.0:1883"}}, "use the same port, 1883; give"),
+        ("config.listeners.ssl", {"x": {"bind": "0.0.0.0:1883"}}, "use the same port; found: 1883"),
         (
             "config.listeners.quic",
             {"a": {"bind": "1.2.3.4:14567"}, "b": {"bind": ":14567"}},
-            "use the same UDP port, 14567",
+            "use the same UDP port; found: 14567",
         ),
-        ("listenersServiceTemplate.type", "ClusterIP", "NodePort or LoadBalancer, not ClusterIP"),
+        ("listenersServiceTemplate.type", "ClusterIP", "LoadBalancer; found: ClusterIP"),
         (
             "dashboardServiceTemplate",
             {"externalTrafficPolicy": "Local"},
-            "externalTrafficPolicy needs type NodePort or LoadBalancer, not ClusterIP",
+            "externalTrafficPolicy needs type NodePort or LoadBalancer; found: ClusterIP",
         ),
         ("config.listeners.tcp", {"default": {"bind": "nope"}}, "does not match"),
         ("config.mqtt", {"max_qos_allowed": 3}, "greater than the maximum"),
         (
             "listenersServiceTemplate.nodePorts",
             {"quic-default": 30567, "quic-defualt": 30568},
-            "listenersServiceTemplate.nodePorts names a port the listeners Service does not have: "
-            "quic-defualt; its ports are",
+            "listenersServiceTemplate.nodePorts names a port the listeners Service does not have; "
+            "its ports are <listener type>-<listener name> of the enabled listeners, e.g. "
+            "tcp-default, quic-default; found: quic-defualt",
         ),
         ("listenersServiceTemplate.nodePorts", {"quic-default": 70000}, "greater than the max"),
         (
             "dashboardServiceTemplate",
             {"type": "NodePort", "nodePorts": {"mgmt": 30083}},
-            "dashboardServiceTemplate.nodePorts has one port: dashboard, not mgmt",
+            "dashboardServiceTemplate.nodePorts has one port: dashboard; found: mgmt",
         ),
-        ("config.api", {"enabled": False}, "config.api.enabled is false, it must be true"),
-        ("config.api", {"bind": "127.0.0.1:18083"}, "bind is 127.0.0.1:18083, it must be"),
-        ("config.api", {"bind": "0.0.0.0:8080"}, "bind is 0.0.0.0:8080, it must be 0.0.0.0:18083"),
+        ("config.api", {"enabled": False}, "REST API; found: false"),
+        ("config.api", {"bind": "127.0.0.1:18083"}, "remove the key; found: 127.0.0.1:18083"),
+        ("config.api", {"bind": "0.0.0.0:8080"}, "remove the key; found: 0.0.0.0:8080"),
         (
             "replicantTemplate.podDisruptionBudget",
             {"maxUnavailable": 1, "minAvailable": "50%"},

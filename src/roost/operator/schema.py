@@ -82,16 +82,20 @@ def _port_names() -> str:
 class Rule:
     """A CEL rule on one schema definition, or on one of its scalar ``field``s (the error then
     names the field: ``spec.coreTemplate.replicas: Invalid value: "integer": ...``, the type,
-    not the value). ``message_expression`` names the value, or the offending part of a
-    composite one; the API server falls back to ``message`` if it cannot evaluate it. It may
-    only use strings of bounded length: the API server refuses a CRD whose messages it
-    estimates as unbounded, ``string(int)`` and joined map keys included."""
+    not the value). ``found`` is a CEL string expression for the value, or the offending part
+    of a composite one: the messageExpression is ``message; found: <it>``, and the API server
+    falls back to ``message`` if it cannot evaluate it. Only strings of bounded length: the
+    API server refuses a CRD whose messages it estimates as unbounded, ``string(int)`` and
+    joined map keys included."""
 
     definition: str
     rule: str
     message: str
     field: str = ""
-    message_expression: str = ""
+    found: str = ""
+
+    def message_expression(self) -> str:
+        return f"{self.message!r} + '; found: ' + ({self.found})" if self.found else ""
 
 
 _LSVC = "self.listenersServiceTemplate"
@@ -104,39 +108,33 @@ CEL_RULES: list[Rule] = [
         "coreTemplate.replicas must be odd (1, 3, 5 or 7): etcd needs a majority of core nodes",
         "replicas",
         # The schema's minimum and maximum bound the index; no string(self): see Rule.
-        message_expression="'coreTemplate.replicas is ' + "
-        f"{[str(n) for n in range(MAX_CORES + 1)]}[self] + "
-        "', it must be odd (1, 3, 5 or 7): etcd needs a majority of core nodes'",
+        found=f"{[str(n) for n in range(MAX_CORES + 1)]}[self]",
     ),
     Rule(
         "Listeners",
         _unique_rule(TCP_KINDS),
         "two enabled TCP listeners (tcp, ssl, ws, wss) use the same port",
-        message_expression="'two enabled TCP listeners (tcp, ssl, ws, wss) use the same port, ' + "
-        f"{_shared_port(TCP_KINDS)} + '; give one another port or set enabled: false'",
+        found=_shared_port(TCP_KINDS),
     ),
     Rule(
         "Listeners",
         _unique_rule(("quic",)),
         "two enabled QUIC listeners use the same UDP port",
-        message_expression="'two enabled QUIC listeners use the same UDP port, ' + "
-        f"{_shared_port(('quic',))}",
+        found=_shared_port(("quic",)),
     ),
     Rule(
         "ServiceTemplate",
         "!has(self.nodePorts) || size(self.nodePorts) == 0 || "
         "(has(self.type) && self.type in ['NodePort', 'LoadBalancer'])",
         "nodePorts need type NodePort or LoadBalancer",
-        message_expression="'nodePorts need type NodePort or LoadBalancer, not ' + "
-        "(has(self.type) ? self.type : 'ClusterIP')",
+        found="has(self.type) ? self.type : 'ClusterIP'",
     ),
     Rule(
         "ServiceTemplate",
         "!has(self.externalTrafficPolicy) || "
         "(has(self.type) && self.type in ['NodePort', 'LoadBalancer'])",
         "externalTrafficPolicy needs type NodePort or LoadBalancer",
-        message_expression="'externalTrafficPolicy needs type NodePort or LoadBalancer, not ' + "
-        "(has(self.type) ? self.type : 'ClusterIP')",
+        found="has(self.type) ? self.type : 'ClusterIP'",
     ),
     Rule(
         "DisruptionBudget",
@@ -146,9 +144,10 @@ CEL_RULES: list[Rule] = [
     Rule(
         "ApiSettings",
         "self",
-        "config.api.enabled is false, it must be true on Kubernetes: the probes and the "
-        "operator use the nodes' REST API",
+        "config.api.enabled must be true on Kubernetes: the probes and the operator use the "
+        "nodes' REST API",
         "enabled",
+        found="'false'",  # the only value the rule refuses
     ),
     Rule(
         "ApiSettings",
@@ -156,9 +155,7 @@ CEL_RULES: list[Rule] = [
         f"config.api.bind must be 0.0.0.0:{MGMT_PORT} on Kubernetes: the probes and the "
         f"operator reach each node on port {MGMT_PORT} of its pod address; remove the key",
         "bind",
-        message_expression="'config.api.bind is ' + self + "
-        f"', it must be 0.0.0.0:{MGMT_PORT} on Kubernetes: the probes and the operator reach "
-        f"each node on port {MGMT_PORT} of its pod address; remove the key'",
+        found="self",
     ),
     Rule(
         "RoostClusterSpec",
@@ -168,17 +165,13 @@ CEL_RULES: list[Rule] = [
         "its ports are <listener type>-<listener name> of the enabled listeners, e.g. "
         "tcp-default, quic-default",
         # One wrong name, not all of them: joining map keys is estimated as unbounded.
-        message_expression="'listenersServiceTemplate.nodePorts names a port the listeners "
-        f"Service does not have: ' + {_LSVC}.nodePorts.filter(k, !(k in {_port_names()}))[0] + "
-        "'; its ports are <listener type>-<listener name> of the enabled listeners, e.g. "
-        "tcp-default, quic-default'",
+        found=f"{_LSVC}.nodePorts.filter(k, !(k in {_port_names()}))[0]",
     ),
     Rule(
         "RoostClusterSpec",
         f"!has({_DSVC}) || !has({_DSVC}.nodePorts) || {_DSVC}.nodePorts.all(k, k == 'dashboard')",
         "dashboardServiceTemplate.nodePorts has one port: dashboard",
-        message_expression="'dashboardServiceTemplate.nodePorts has one port: dashboard, not ' + "
-        f"{_DSVC}.nodePorts.filter(k, k != 'dashboard')[0]",
+        found=f"{_DSVC}.nodePorts.filter(k, k != 'dashboard')[0]",
     ),
 ]
 
@@ -187,7 +180,7 @@ def _validations(definition: str, field: str = "") -> list[Schema]:
     # No fieldPath: Kubernetes 1.27 does not know it; the message names the field.
     return [
         {"rule": r.rule, "message": r.message}
-        | ({"messageExpression": r.message_expression} if r.message_expression else {})
+        | ({"messageExpression": r.message_expression()} if r.found else {})
         for r in CEL_RULES
         if r.definition == definition and r.field == field
     ]
