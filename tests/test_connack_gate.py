@@ -97,3 +97,25 @@ async def _scenario() -> None:
 
 def test_resumed_session_connack_is_not_gated_on_a_commit():
     asyncio.run(_scenario())
+
+
+def test_a_session_the_cluster_cannot_open_is_refused_with_a_connack() -> None:
+    """The cluster's session registry is unavailable: the client gets CONNACK "server
+    unavailable" (0x88; 3 on MQTT 3.1.1), which tells it to retry, not a bare close."""
+    from roost.mqtt import reason_codes as RC
+    from roost.mqtt.packets import MQTT_3_1_1
+
+    for version, code in ((MQTT_5, 0x88), (MQTT_3_1_1, 3)):
+        broker = Broker(Config())
+        broker.open_session = lambda ch, *_: ch.refuse(  # type: ignore[method-assign]
+            RC.SERVER_UNAVAILABLE, "session registry unavailable"
+        )
+        w = Wire()
+        w.decoder = Decoder(version=version, server_side=False)
+        ch = Channel(broker, w, "127.0.0.1:1002", "tcp:default")
+        ch.data_received(encode(Connect("unopened", version), version))
+        assert len(w.packets) == 1 and w.closed, w.packets
+        ack = w.packets[0]
+        assert isinstance(ack, Connack) and ack.reason_code == code and not ack.session_present
+        if version == MQTT_5:
+            assert ack.properties == {"reason_string": "session registry unavailable"}

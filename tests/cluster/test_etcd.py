@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -229,6 +230,77 @@ async def test_lease_keeper_fences_then_regains(own_etcd: EtcdCluster) -> None:
     finally:
         await keeper.stop()
         await client.close()
+
+
+async def test_lease_keeper_renews_through_another_member_when_one_hangs() -> None:
+    """A member that accepts but never answers (stopped here; a member just removed from its
+    cluster does the same) costs one attempt, not the lease: the next goes to another member."""
+    with EtcdCluster(3, **FAST) as cluster:
+        leader = cluster.leader()
+        follower = next(i for i in range(3) if i != leader)
+        endpoints = cluster.endpoints
+        endpoints.insert(0, endpoints.pop(follower))  # the client starts on the follower
+        client = Etcd(endpoints, prefix="hang", timeout=2.0)
+        await client.connect()
+        lost: list[str] = []
+        ttl = 3
+        keeper = LeaseKeeper(client, ttl, lost.append, lambda _: None)
+        proc = cluster.members[follower].proc
+        assert proc is not None
+        try:
+            await keeper.start()
+            await asyncio.sleep(ttl / 3 + 0.2)  # one renewal on the follower
+            proc.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(ttl * 2)
+            assert lost == [] and keeper.healthy
+            assert client.stats.failures >= 1  # it did hang on the stopped member
+        finally:
+            proc.send_signal(signal.SIGCONT)
+            await keeper.stop()
+            await client.close()
+
+
+async def test_removing_the_leader_hands_leadership_over_first() -> None:
+    """Removing the member that leads moves the leadership off it first: with a 3 s election
+    timeout, a removed leader would leave the cluster leaderless for longer than a 3 s lease
+    may go unrenewed, and writes would stall as long."""
+    with EtcdCluster(3, heartbeat_ms=100, election_ms=3000) as cluster:
+        leader = cluster.leader()
+        client = Etcd(cluster.endpoints, prefix="handover", timeout=8.0)
+        await client.connect()
+        lost: list[str] = []
+        keeper = LeaseKeeper(client, 3, lost.append, lambda _: None)
+        gaps: list[float] = []
+        stop = asyncio.Event()
+
+        async def writes() -> None:
+            last = time.monotonic()
+            while not stop.is_set():
+                await client.put("w", b"x")
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+                await asyncio.sleep(0.05)
+
+        try:
+            await keeper.start()
+            writer = asyncio.create_task(writes())
+            victim = next(m for m in await client.members() if m.name == f"m{leader}")
+            await client.remove_member(victim.id)
+            assert sorted(m.name for m in await client.members()) == sorted(
+                f"m{i}" for i in range(3) if i != leader
+            )
+            new_leader = cluster.leader()
+            assert new_leader != leader
+            await asyncio.sleep(2.5)
+            stop.set()
+            await writer
+            assert lost == [] and keeper.healthy
+            assert max(gaps) < 1.5, f"writes stalled {max(gaps):.1f}s"
+        finally:
+            stop.set()
+            await keeper.stop()
+            await client.close()
 
 
 async def test_watch_delivers_in_order(etcd: Etcd) -> None:

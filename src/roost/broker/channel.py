@@ -443,6 +443,14 @@ class Channel:
 
     # ------------------------------------------------------------------------------ CONNECT
 
+    def refuse(self, reason: int, reason_string: str = "") -> None:
+        """The session could not be opened (e.g. the cluster's registry is unavailable):
+        CONNACK with the reason, not a bare close, so the client knows to retry."""
+        if self.closed or self.connected:
+            return
+        self._held, self._held_bytes = None, 0
+        self._refuse(reason, reason_string)
+
     def _refuse(self, reason: int, reason_string: str = "") -> None:
         code = reason if self.v5 else RC.connack_v3(reason)
         props = {"reason_string": reason_string} if (reason_string and self.v5) else None

@@ -67,6 +67,12 @@ class EtcdNoLeader(EtcdUnavailable):
     """The member answered but has no leader (partitioned, or an election is under way)."""
 
 
+class EtcdUnhealthy(EtcdUnavailable):
+    """The cluster refuses a membership change: some member has not been connected to every
+    peer for etcd's health interval (5 s), e.g. just after a start. Not this endpoint's fault:
+    another endpoint would say the same, so the request waits on this one."""
+
+
 class EtcdNoSpace(EtcdError):
     """The NOSPACE alarm is raised: writes fail until an operator compacts and defragments."""
 
@@ -107,6 +113,7 @@ class Member:
     id: int
     name: str
     peer_urls: tuple[str, ...]
+    client_urls: tuple[str, ...] = ()
 
 
 class EtcdStats:
@@ -192,6 +199,8 @@ def _translate(e: grpc.aio.AioRpcError, url: str, timeout: float) -> EtcdError:
             f"etcd {url} has no leader: it is cut off from the majority of its cluster, "
             "or an election is under way"
         )
+    if "unhealthy cluster" in low or "reconfigure breaks active quorum" in low:
+        return EtcdUnhealthy(f"etcd {url}: {details}")
     if "lease not found" in low:
         return EtcdLeaseNotFound(f"etcd {url}: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -205,7 +214,7 @@ def _not_applied(e: grpc.aio.AioRpcError, err: EtcdError) -> bool:
     """The request surely did not reach raft, so even a write may be sent again."""
     low = (e.details() or "").lower()
     return (
-        isinstance(err, EtcdNoLeader)
+        isinstance(err, (EtcdNoLeader, EtcdUnhealthy))
         or "failed to connect" in low
         or "connection refused" in low
         or "too many requests" in low
@@ -298,8 +307,8 @@ class Etcd:
                 result = await fn(ep, limit)
             except grpc.aio.AioRpcError as e:
                 err = _translate(e, ep.url, limit)
-                if isinstance(err, EtcdUnavailable):
-                    self._failed(ep)
+                if isinstance(err, EtcdUnavailable) and not isinstance(err, EtcdUnhealthy):
+                    self._failed(ep)  # (moving on would also move the lease's keepalives)
                 retry = isinstance(err, EtcdUnavailable) and (repeatable or _not_applied(e, err))
                 if not retry or deadline - loop.time() < backoff:
                     self.stats.record((loop.time() - start) * 1000, ok=False)
@@ -496,10 +505,19 @@ class Etcd:
         resp = await self._call(
             lambda ep, t: ep.members.MemberList(req, timeout=t, metadata=_HASLEADER)
         )
-        return [Member(int(m.ID), m.name, tuple(m.peerURLs)) for m in resp.members]
+        return [Member(int(m.ID), m.name, tuple(m.peerURLs), tuple(m.clientURLs))
+                for m in resp.members]  # fmt: skip
 
     async def remove_member(self, member_id: int) -> None:
-        """Remove a member; one already gone is not an error (a repeat is harmless)."""
+        """Remove a member; one already gone is not an error (a repeat is harmless).
+
+        The leader first hands its leadership to another member, as etcd advises: a removed
+        leader leaves the cluster without one for an election timeout, and every node's lease
+        renewals wait that long. Afterwards this client moves off the removed member, which
+        stops answering without closing its connections."""
+        urls = {u.rstrip("/") for m in await self.members() if m.id == member_id
+                for u in m.client_urls}  # fmt: skip
+        await self._move_leader_off(member_id)
         req = rpc.MemberRemoveRequest(ID=member_id)
         try:
             await self._call(
@@ -508,6 +526,37 @@ class Etcd:
         except EtcdError as e:
             if "member not found" not in str(e):
                 raise
+        ep = self._pick()
+        if ep.url.rstrip("/") in urls:
+            self._failed(ep)
+            self._keepalive.moved_off(ep)
+
+    async def _move_leader_off(self, member_id: int) -> None:
+        """If ``member_id`` leads and one of the endpoints reaches it, move the leadership to
+        a member that answered; best effort (removing a leader works, just with an election)."""
+        leader_ep: _Endpoint | None = None
+        others: list[int] = []
+        for ep in self._eps:
+            try:
+                st = await ep.maint.Status(rpc.StatusRequest(), timeout=min(self.timeout, 2.0))
+            except grpc.aio.AioRpcError:
+                continue
+            me = int(st.header.member_id)
+            if int(st.leader) != member_id:
+                return  # someone else leads (as far as this member knows)
+            if me == member_id:
+                leader_ep = ep
+            elif not st.isLearner:
+                others.append(me)
+        if leader_ep is None or not others:
+            return
+        try:
+            await leader_ep.maint.MoveLeader(rpc.MoveLeaderRequest(targetID=others[0]),
+                                             timeout=self.timeout)  # fmt: skip
+            log.info("etcd leadership moved from %x to %x before its removal", member_id,
+                     others[0])  # fmt: skip
+        except grpc.aio.AioRpcError as e:
+            log.warning("could not move etcd leadership off %x: %s", member_id, e.details())
 
     # -- maintenance --------------------------------------------------------------------
 
@@ -639,6 +688,11 @@ class _KeepAliveStream:
         if ep is not None and isinstance(err, EtcdUnavailable):
             self._etcd._failed(ep)
         self.close(err)
+
+    def moved_off(self, ep: _Endpoint) -> None:
+        """The client left ``ep``: a stream on it is dropped now, not after a renewal hangs."""
+        if self._ep is ep:
+            self.close(EtcdUnavailable(f"etcd {ep.url} was removed from its cluster"))
 
     def close(self, err: EtcdError | None = None) -> None:
         """End the stream; renewals waiting on it fail with ``err``."""
@@ -861,10 +915,14 @@ class LeaseKeeper:
         await asyncio.sleep(max(0.0, self._renewed_at + self.ttl / 3 - time.monotonic()))
         fence_at = self._renewed_at + self.ttl * 2 / 3
         reason = "no renewal in time"
+        # With several members, half the window per attempt: one that hangs (stopped, or just
+        # removed from its cluster) must leave time to renew through another. With one, a
+        # slow answer is the only answer there is.
+        attempt = self.ttl / 6 if len(self._etcd.endpoints) > 1 else self.ttl
         while (left := fence_at - time.monotonic()) > 0:
             sent = time.monotonic()
             try:
-                ttl = await self._etcd.keepalive(self._lease_id, timeout=left)
+                ttl = await self._etcd.keepalive(self._lease_id, timeout=min(left, attempt))
             except EtcdError as e:
                 reason = str(e)
                 await asyncio.sleep(min(self._retry_delay(), max(0.0, fence_at - time.monotonic())))

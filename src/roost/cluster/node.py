@@ -758,7 +758,7 @@ class Cluster:
                 except (EtcdError, LinkError, OSError) as e:
                     self._early.pop(client_id, None)
                     log.warning("cannot open session %s in the cluster: %s", client_id, e)
-                    channel.disconnect(RC.SERVER_UNAVAILABLE, "session registry unavailable")
+                    channel.refuse(RC.SERVER_UNAVAILABLE, "session registry unavailable")
                     return
                 broker = self.broker
                 if state is not None and not clean_start:
