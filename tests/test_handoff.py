@@ -3,8 +3,6 @@ end-to-end proof is tests/cluster/test_evacuation.py)."""
 
 from __future__ import annotations
 
-import pytest
-
 from roost.broker.handoff import Handoff
 from roost.broker.message import Message
 from roost.broker.session import Session
@@ -40,16 +38,44 @@ def test_direct_copies_wait_for_their_relayed_copy_and_go_once() -> None:
     assert _queued(s) == [b"a:4", b"a:5", b"a:6"] and s.handoff is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open defect: the hold is per origin node, so a publisher that moved between nodes "
-    "(16 published on node a, 17 on node b) can reach a moved session out of order; the "
-    "suspected cause of 17-before-16 in the upgrade on real pods (closing note, stop 22)",
-)
+def _published(origin: str, mid: int, publisher: str, tick: int) -> Message:
+    m = _msg(origin, mid)
+    m.order = (publisher, tick)
+    return m
+
+
 def test_a_publisher_that_moved_between_nodes_stays_in_order() -> None:
+    """16 published on node a, then the publisher moved to node b (whose clock the takeover
+    carried past a's) and published 17, which only the old home relays: 16 goes first."""
     s = _session()
     assert s.handoff is not None
-    s.deliver(_msg("a", 16), 1, False)  # directly from node a: held for its relayed copy
-    s.handoff.relayed(s, _msg("b", 17))  # the publisher moved to node b; only relayed
+    s.deliver(_published("a", 900, "pub", 16), 1, False)  # directly from a: held
+    s.handoff.relayed(s, _published("b", 3, "pub", 17))
+    assert _queued(s) == [b"a:900", b"b:3"]
+    s.handoff.relayed(s, _published("a", 900, "pub", 16))  # its relayed copy: not again
     s.handoff.end(s)
-    assert _queued(s) == [b"a:16", b"b:17"]
+    assert _queued(s) == [b"a:900", b"b:3"]
+
+
+def test_another_publishers_relay_does_not_release_what_is_held() -> None:
+    """Held for its own publisher's relay only: a later message of someone else, from the same
+    node, shows nothing about what that publisher's node still relays."""
+    s = _session()
+    assert s.handoff is not None
+    s.deliver(_published("a", 10, "p1", 100), 1, False)  # held for p1's relays
+    s.handoff.relayed(s, _published("a", 11, "p2", 101))  # p2's, relayed only: goes now
+    assert _queued(s) == [b"a:11"]
+    s.handoff.relayed(s, _published("a", 9, "p1", 99))  # p1's earlier one: before the held
+    assert _queued(s) == [b"a:11", b"a:9"]
+    s.handoff.relayed(s, _published("a", 10, "p1", 100))
+    assert _queued(s) == [b"a:11", b"a:9", b"a:10"]
+
+
+def test_a_relayed_message_releases_what_its_node_sent_directly_before_it() -> None:
+    """Without a publisher (a will): by origin node. a:5 came directly, a:7 only relayed (its
+    node no longer routed to the old home): a:5 goes before a:7, not after the handoff."""
+    s = _session()
+    assert s.handoff is not None
+    s.deliver(_msg("a", 5), 1, False)
+    s.handoff.relayed(s, _msg("a", 7))
+    assert _queued(s) == [b"a:5", b"a:7"]

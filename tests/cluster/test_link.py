@@ -645,3 +645,43 @@ async def test_requests_get_replies_errors_and_timeouts(nodes: MakeNode) -> None
     with pytest.raises(LinkError, match="no link"):
         await a.links.request("nobody", "reverse", b"")
     assert await a.links.request("b", "reverse", b"still") == b"llits"
+
+
+async def test_the_publishers_order_travels_only_to_a_peer_that_announced_it(
+    nodes: MakeNode,
+) -> None:
+    """``roost-p`` (publisher and clock tick) reaches a peer of this version; an older one, which
+    would refuse the property as malformed, gets the forward without it."""
+    a = await nodes("a")
+    b = await nodes("b")
+    old = FakePeer("z")  # answers the handshake without roost-order, like an older version
+    a.links.set_peers({"b": b.addr, "z": await old.start()})
+    try:
+        await until(lambda: a.connected("b") and a.connected("z"), "both links")
+        for peer in ("b", "z"):
+            a.links.forward(peer, fwd(a.links, 1, order=("pub/1", 0x1234)))
+        await until(lambda: len(b.got) == 1 and len(old.publishes) == 1, "both forwards")
+        assert b.got[0].order == ("pub/1", 0x1234) and b.got[0].topic == "t/1"
+        names = [k for k, _ in old.publishes[0].properties["user_property"]]
+        assert names == ["roost-o", "roost-m", "roost-q"]
+    finally:
+        old.close()
+
+
+async def test_an_rpc_moves_each_sides_clock_past_the_others(nodes: MakeNode) -> None:
+    """A node whose wall clock runs 10 s behind still ticks past what the node it asked (e.g.
+    to take a session over) had ticked, and the asked node past the asker's."""
+    a = await nodes("a")
+    b = await nodes("b")
+    a.links.set_peers({"b": b.addr})
+    b.links.set_peers({"a": a.addr})
+    await until(lambda: a.connected("b") and b.connected("a"), "the link")
+    ahead = time.time_ns() // 1000 + 10_000_000
+    a.links._clock = ahead
+    assert b.links.tick() < ahead
+    assert await b.links.request("a", "reverse", b"xy") == b"yx"
+    assert b.links.tick() > ahead  # from a's reply
+    b.links._clock = ahead + 5_000_000
+    a.links._clock = 0
+    await b.links.request("a", "reverse", b"xy")
+    assert a.links.tick() > ahead + 5_000_000  # from b's request

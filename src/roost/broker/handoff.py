@@ -3,9 +3,12 @@
 The old home relays every message for the session until every node routes it here; some of those
 also come here directly. Each message is delivered once, whichever way comes first (its
 cluster-wide id is remembered), and each publisher's messages stay in order: one that came
-directly waits until its relayed copy arrives, which shows that everything relayed before it
-from the same publisher is here too (one link keeps its order), or until the old home says it
-relays no more.
+directly waits until a relayed message of the same publisher at least as recent arrives (its own
+relayed copy, or a later one), which shows that everything relayed before it from that publisher
+is here too, or until the old home says it relays no more. A publisher is its client id, its
+messages ordered by the cluster's logical clock, which rises across a move between nodes; a
+message without one (a will, an API publish, a peer of an older version) is ordered by its
+origin node's message id instead.
 """
 
 from __future__ import annotations
@@ -32,26 +35,29 @@ class Handoff:
     def __init__(self, home: str, cap: int = SEEN_CAP) -> None:
         self.home = home  # the old home, which relays
         self.seen = RecentIds(cap)
-        #: Per publishing node: (message id, deliver arguments) that came directly, in order.
-        self.held: dict[str, deque[tuple[int, DeliverArgs]]] = {}
+        #: Per publisher: (its order, deliver arguments) of what came directly, in order.
+        self.held: dict[tuple[str, str], deque[tuple[int, DeliverArgs]]] = {}
 
     def direct(self, msg: Message, args: DeliverArgs) -> None:
         fid = msg.fwd_id
         assert fid is not None
         if self.seen.add(fid):
-            self.held.setdefault(fid[0], deque()).append((fid[1], args))
+            key, tick = _publisher(msg, fid)
+            self.held.setdefault(key, deque()).append((tick, args))
 
     def relayed(self, session: Session, msg: Message) -> None:
         fid = msg.fwd_id
         assert fid is not None
-        if self.seen.add(fid):
-            _deliver(session, [(msg, msg.qos, False, (), None)])
-            return
-        # Its direct copy is held: it and what came directly before it may go now.
-        held = self.held.get(fid[0])
+        first = self.seen.add(fid)
+        # What came directly from the same publisher before it may go now, then it (unless its
+        # direct copy is among those).
+        key, tick = _publisher(msg, fid)
+        held = self.held.get(key)
         ready = []
-        while held and held[0][0] <= fid[1]:
+        while held and held[0][0] <= tick:
             ready.append(held.popleft()[1])
+        if first:
+            ready.append((msg, msg.qos, False, (), None))
         _deliver(session, ready)
 
     def end(self, session: Session) -> None:
@@ -66,6 +72,13 @@ class Handoff:
         """A message the session brought with it (queued or in flight at its old home)."""
         if msg.fwd_id is not None:
             self.seen.add(msg.fwd_id)
+
+
+def _publisher(msg: Message, fid: tuple[str, int]) -> tuple[tuple[str, str], int]:
+    order = msg.order
+    if order is not None:
+        return ("client", order[0]), order[1]
+    return ("node", fid[0]), fid[1]
 
 
 def _deliver(session: Session, items: list[DeliverArgs]) -> None:

@@ -14,8 +14,11 @@ bad name, meant for another node) and closes. 0x89 refuses a second link between
 Forwards are PUBLISHes with the original topic, payload, retain flag and properties. Our user
 properties come first, in this order: ``roost-g`` (shared group + filter, only for a forward to
 one member of a shared subscription), ``roost-o`` (origin node), ``roost-m`` (message id, hex),
-``roost-q`` (original QoS). QoS 0 messages travel at QoS 0; QoS 1/2 ones at QoS 1, PUBACKed by the
-receiver once ``on_forward`` returned. Receivers de-duplicate QoS 1 forwards on (origin, id).
+``roost-p`` (``<tick hex> <client id>``: the publisher and its place in the cluster's logical
+clock, by which a moved session keeps each publisher's order; only to a peer whose handshake
+announced ``roost-order``, so an older version never sees it), ``roost-q`` (original QoS).
+QoS 0 messages travel at QoS 0; QoS 1/2 ones at QoS 1, PUBACKed by the receiver once
+``on_forward`` returned. Receivers de-duplicate QoS 1 forwards on (origin, id).
 
 Flow control, per peer: at most ``window`` QoS 1 forwards unacknowledged (the Receive Maximum
 both sides announce, the smaller wins); the rest wait in a FIFO queue together with any QoS 0
@@ -26,6 +29,8 @@ upstream, since it holds each publisher's PUBACK until its forwards are acknowle
 
 RPC: a PUBLISH QoS 0 on ``$roost/rpc/<kind>`` with correlation data; the answer is a PUBLISH on
 ``$roost/reply`` with the same correlation data, and on failure user property ``roost-error``.
+Both carry ``roost-c``, the sender's logical clock, which the receiver's clock moves past: the
+node a session moves to ticks past everything its old home published for it.
 
 Hot path: writes are coalesced (what one event-loop turn sends to a peer goes out in one
 write); forwards are encoded with ``encode_publish``; every complete frame of a read is handled
@@ -36,10 +41,12 @@ everything else (handshake, pings, RPC) decoded by the codec.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import random
 import secrets
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -76,6 +83,9 @@ _DISCONNECT = b"\xe0\x00"
 _RPC_PREFIX = "$roost/rpc/"
 _REPLY_TOPIC = "$roost/reply"
 _ERROR_PROP = "roost-error"
+#: Both sides' handshakes announce it; forwards carry ``roost-p`` only to a peer that did.
+_TAKES_ORDER = ("roost-order", "1")
+_CLOCK_PROP = "roost-c"  # on every RPC request and reply: the sender's logical clock, in hex
 
 
 @dataclass(slots=True)
@@ -90,6 +100,9 @@ class Forward:
     origin: str
     mid: int
     group: str | None = None
+    #: (publisher client id, logical clock tick) of a message a client published; sent only to
+    #: peers that announced ``roost-order`` (an older version would refuse the property).
+    order: tuple[str, int] | None = None
     #: Output-gate token of the original submission: set on what ``peer_down`` returns, so a
     #: replay keeps ``after`` waiters waiting. Leave it 0 on new forwards.
     token: int = 0
@@ -110,6 +123,7 @@ def _user_prop(name: str, value: str) -> bytes:
 _GROUP_HEAD = b"\x26" + encode_string("roost-g")
 _ORIGIN_HEAD = b"\x26" + encode_string("roost-o")
 _MID_HEAD = b"\x26" + encode_string("roost-m")
+_ORDER_HEAD = b"\x26" + encode_string("roost-p")
 _QOS_HEAD = b"\x26" + encode_string("roost-q") + b"\x00\x01"  # and one digit
 _QOS_PROPS = tuple(_user_prop("roost-q", str(q)) for q in range(3))
 _HEAD = len(_GROUP_HEAD)  # 10
@@ -169,6 +183,13 @@ def _parse_forward(first: int, view: bytes, pos: int, end: int) -> _Parsed | Non
         raise MQTTError("forward without roost-m")
     raw, p = _value(view, p + _HEAD)
     mid = int(raw, 16)
+    order = None
+    if view.startswith(_ORDER_HEAD, p):
+        raw, p = _value(view, p + _HEAD)
+        tick, sep, client = raw.partition(b" ")
+        if not sep:
+            raise MQTTError("malformed roost-p")
+        order = (client.decode(), int(tick, 16))
     if not view.startswith(_QOS_HEAD, p):
         raise MQTTError("forward without roost-q")
     qos = view[p + _HEAD + 2] - 0x30
@@ -180,7 +201,9 @@ def _parse_forward(first: int, view: bytes, pos: int, end: int) -> _Parsed | Non
         props, _ = decode_properties(encode_varint(props_end - p) + view[p:props_end], 0,
                                      P.PUBLISH)  # fmt: skip
     topic = view[pos + 2 : topic_end].decode()
-    return Forward(topic, view[props_end:end], qos, bool(first & 1), props, origin, mid, group), pid
+    fwd = Forward(topic, view[props_end:end], qos, bool(first & 1), props, origin, mid, group,
+                  order)  # fmt: skip
+    return fwd, pid
 
 
 def _props_body(props: dict[str, Any]) -> bytes:
@@ -326,6 +349,7 @@ class _Link(asyncio.Protocol):
         self.keepalive = links.keepalive
         self.max_out = MAX_PACKET  # the peer's maximum packet size
         self.remote_window = 65535
+        self.takes_order = False  # the peer announced roost-order: forwards may carry roost-p
         self.started = self.last_rx = self.loop.time()
         self.timer: asyncio.TimerHandle | None = None
         self.lost: asyncio.Future[None] = self.loop.create_future()
@@ -517,11 +541,12 @@ class Links:
         # Message ids: a random per-start epoch above a 48-bit per-process counter.
         self._mid_base = secrets.randbits(32) << 48
         self._mid = 0
+        self._clock = 0  # hybrid logical clock, in microseconds: see tick()
         self._origin_props: dict[str, bytes] = {node: _user_prop("roost-o", node)}
         self._connack_ok = encode(
             Connack(0, False, {
                 "receive_maximum": window, "maximum_packet_size": MAX_PACKET,
-                "user_property": [("roost-node", node)],
+                "user_property": [("roost-node", node), _TAKES_ORDER],
             }),
             MQTT_5,
         )  # fmt: skip
@@ -529,7 +554,7 @@ class Links:
     def _connect_frame(self, to: str) -> bytes:
         props = {
             "receive_maximum": self.window, "maximum_packet_size": MAX_PACKET,
-            "user_property": [("roost-cluster", self.cluster), ("roost-to", to)],
+            "user_property": [("roost-cluster", self.cluster), ("roost-to", to), _TAKES_ORDER],
         }  # fmt: skip
         connect = Connect(client_id=self.node, protocol_version=MQTT_5, clean_start=True,
                           keepalive=max(1, round(self.keepalive)), password=self.secret,
@@ -604,6 +629,23 @@ class Links:
         self._mid += 1
         return self._mid_base | self._mid
 
+    def tick(self) -> int:
+        """The next tick of this node's logical clock: above every tick before it here and
+        every clock a peer's RPC showed (a session that moved here was taken over by one), and
+        no lower than the wall clock, so it is comparable across nodes, in particular across a
+        publisher's move from one to another."""
+        t = self._clock = max(self._clock + 1, time.time_ns() // 1000)
+        return t
+
+    def _observe(self, props: dict[str, Any]) -> None:
+        clock = _first_prop(props.get("user_property"), _CLOCK_PROP)
+        if clock is not None:
+            with contextlib.suppress(ValueError):
+                self._clock = max(self._clock, int(clock, 16))
+
+    def _clock_prop(self) -> list[tuple[str, str]]:
+        return [(_CLOCK_PROP, f"{max(self._clock, time.time_ns() // 1000):x}")]
+
     @property
     def submitted(self) -> int:
         """QoS>=1 forwards ever submitted: the broker compares it across handling a packet."""
@@ -672,7 +714,7 @@ class Links:
         entries.extend(e for e in peer.queue if e[0].qos)
         for f, t in entries:
             out.append(Forward(f.topic, f.payload, f.qos, f.retain, f.props, f.origin, f.mid,
-                               f.group, t))  # fmt: skip
+                               f.group, f.order, t))  # fmt: skip
             if t:
                 tokens.append(t)
         peer.inflight.clear()
@@ -698,12 +740,14 @@ class Links:
         peer.next_pid = pid + 1 if pid < 65535 else 1
         return pid
 
-    def _frame(self, fwd: Forward, pid: int | None) -> bytes:
+    def _frame(self, fwd: Forward, pid: int | None, conn: _Link) -> bytes:
         origin = self._origin_props.get(fwd.origin)
         if origin is None:
             origin = self._origin_props[fwd.origin] = _user_prop("roost-o", fwd.origin)
         mid = b"%x" % fwd.mid
         parts = [origin, _MID_HEAD, len(mid).to_bytes(2, "big"), mid, _QOS_PROPS[fwd.qos]]
+        if fwd.order is not None and conn.takes_order:
+            parts.insert(4, _user_prop("roost-p", f"{fwd.order[1]:x} {fwd.order[0]}"))
         if fwd.group is not None:
             parts.insert(0, _GROUP_HEAD + encode_string(fwd.group))
         if fwd.props:
@@ -721,7 +765,7 @@ class Links:
         return True
 
     def _send_qos0(self, peer: _Peer, conn: _Link, fwd: Forward) -> None:
-        frame = self._frame(fwd, None)
+        frame = self._frame(fwd, None, conn)
         if self._too_large(conn, fwd, frame):
             return
         conn.write(frame)
@@ -729,7 +773,7 @@ class Links:
 
     def _send_qos1(self, peer: _Peer, conn: _Link, fwd: Forward, token: int) -> None:
         pid = self._next_pid(peer)
-        frame = self._frame(fwd, pid)
+        frame = self._frame(fwd, pid, conn)
         if self._too_large(conn, fwd, frame):
             if token:
                 self._gate.release(token)
@@ -933,6 +977,7 @@ class Links:
             return
         if peer is None:
             peer = self._add_peer(name)
+        link.takes_order = _TAKES_ORDER in (ups or ())
         link.keepalive = max(self.keepalive, float(c.keepalive or 0))
         link.remote_window = c.properties.get("receive_maximum", 65535)
         link.max_out = c.properties.get("maximum_packet_size", MAX_PACKET)
@@ -945,7 +990,8 @@ class Links:
             link.ready.set_exception(LinkError(f"{name} refused the link: 0x{c.reason_code:02x}"))
             link.abort()
             return
-        actual = _first_prop(c.properties.get("user_property"), "roost-node")
+        ups = c.properties.get("user_property")
+        actual = _first_prop(ups, "roost-node")
         if actual != name:
             link.ready.set_exception(LinkError(f"the address of {name} answers as {actual!r}"))
             link.abort()
@@ -955,6 +1001,7 @@ class Links:
             link.ready.set_exception(LinkError(f"{name} is no longer a peer"))
             link.abort()
             return
+        link.takes_order = _TAKES_ORDER in (ups or ())
         link.remote_window = c.properties.get("receive_maximum", 65535)
         link.max_out = c.properties.get("maximum_packet_size", MAX_PACKET)
         self._attach(peer, link)
@@ -971,6 +1018,8 @@ class Links:
         link.max_in = MAX_PACKET
         peer.window = min(self.window, link.remote_window)
         for pid, (fwd, token, frame) in list(peer.inflight.items()):
+            if fwd.order is not None and not link.takes_order:
+                frame = self._frame(fwd, pid, link)  # the peer came back as an older version
             dup = bytes((frame[0] | 0x08,)) + frame[1:]  # DUP flag: the receiver de-duplicates
             peer.inflight[pid] = (fwd, token, dup)
             link.write(dup)
@@ -1071,7 +1120,8 @@ class Links:
                         raise LinkError(f"{node} is down")
                     await peer.up.wait()
                 conn = peer.conn
-                props = encode_properties({"correlation_data": corr})
+                props = encode_properties({"correlation_data": corr,
+                                           "user_property": self._clock_prop()})  # fmt: skip
                 frame = encode_publish((_RPC_PREFIX + kind).encode(), payload, 0, False, False,
                                        None, props)  # fmt: skip
                 if len(frame) > conn.max_out:
@@ -1098,6 +1148,7 @@ class Links:
         if corr is None:
             log.warning("link to %s sent %r without correlation data", link.label, p.topic)
             return
+        self._observe(p.properties)
         if p.topic == _REPLY_TOPIC:
             call = self._calls.get(corr)
             if call is None or call[0].done():
@@ -1121,6 +1172,7 @@ class Links:
         props: dict[str, Any] = {"correlation_data": corr}
         try:
             result = await self._on_request(origin, kind, payload)
+            props["user_property"] = self._clock_prop()  # after the handler: e.g. a takeover
             if not isinstance(result, bytes | bytearray):
                 raise TypeError(f"{kind} handler returned {type(result).__name__}, not bytes")
             if len(result) + 64 > link.max_out:

@@ -537,11 +537,11 @@ class Cluster:
             group = "\x02" + dead + (g or "")
             for node in others:
                 copy = Forward(fwd.topic, fwd.payload, fwd.qos, fwd.retain, fwd.props,
-                               fwd.origin, fwd.mid, group, fwd.token)  # fmt: skip
+                               fwd.origin, fwd.mid, group, fwd.order, fwd.token)  # fmt: skip
                 links.forward(node, copy)
             msg = Message(fwd.topic, fwd.payload, fwd.qos, fwd.retain, fwd.props, "",
                           self.broker.clock())  # fmt: skip
-            msg.fwd_id = (fwd.origin, fwd.mid)
+            msg.fwd_id, msg.order = (fwd.origin, fwd.mid), fwd.order
             self.orphans.arrived(dead, msg, g[1:] if g else None)
             if fwd.token and links.hold(fwd.token):
                 tokens.append(fwd.token)
@@ -658,6 +658,8 @@ class Cluster:
     def name_message(self, msg: Message) -> None:
         if msg.fwd_id is None and self.links is not None:
             msg.fwd_id = (self.me, self.links.new_mid())
+            if msg.sender:
+                msg.order = (msg.sender, self.links.tick())
 
     def forward(self, msg: Message, local_groups: list[tuple[str, str]]) -> int:
         entries = self.remote.match(msg.topic)
@@ -678,7 +680,7 @@ class Cluster:
                 targets |= entry.nodes
         for node in targets:
             links.forward(node, Forward(msg.topic, msg.payload, msg.qos, msg.retain, props,
-                                        origin, mid))  # fmt: skip
+                                        origin, mid, None, msg.order))  # fmt: skip
             sent += 1
         for entry in entries:
             if not entry.groups:
@@ -689,7 +691,7 @@ class Cluster:
                     continue
                 node = self.remote.pick_node(name, real, members)
                 fwd = Forward(msg.topic, msg.payload, msg.qos, msg.retain, props, self.me,
-                              links.new_mid(), f"{name}/{real}")  # fmt: skip
+                              links.new_mid(), f"{name}/{real}", msg.order)  # fmt: skip
                 links.forward(node, fwd)
                 sent += 1
         self.stats["forwards_out"] += sent
@@ -699,7 +701,7 @@ class Cluster:
         self.stats["forwards_in"] += 1
         broker = self.broker
         msg = Message(fwd.topic, fwd.payload, fwd.qos, fwd.retain, fwd.props, "", broker.clock())
-        msg.fwd_id = (fwd.origin, fwd.mid)
+        msg.fwd_id, msg.order = (fwd.origin, fwd.mid), fwd.order
         group = fwd.group
         if group is not None and group.startswith("\x02"):  # for a dead node's sessions
             dead, _, cid = group[1:].partition("\x00")
@@ -1077,7 +1079,7 @@ class Cluster:
             return
         origin, mid = msg.fwd_id if msg.fwd_id is not None else (self.me, self.links.new_mid())
         self.links.forward(home, Forward(msg.topic, msg.payload, qos, False, msg.props, origin,
-                                         mid, "\x00" + client_id))  # fmt: skip
+                                         mid, "\x00" + client_id, msg.order))  # fmt: skip
         self.stats["relayed"] += 1
 
     async def _end_relay(self, session: Session, home: str) -> None:
