@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import ssl
@@ -281,15 +283,61 @@ def render_operator_chart() -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
+DOC = REPO_ROOT / "docs" / "kubernetes.md"
+
+
+def doc_commands(section: str, lang: str = "sh") -> list[str]:
+    """The commands of the ``lang`` blocks under the docs/kubernetes.md heading that starts
+    with ``## <section>``: continuation lines joined, comment lines left out (a block of
+    another language is returned whole, one item per block)."""
+    text = DOC.read_text()
+    start = text.index(f"\n## {section}")
+    end = text.find("\n## ", start + 1)
+    body = text[start : end if end != -1 else len(text)]
+    blocks = re.findall(rf"```{lang}\n(.*?)```", body, re.S)
+    if lang != "sh":
+        return blocks
+    out: list[str] = []
+    for block in blocks:
+        joined = block.replace("\\\n", " ")
+        out += [
+            ln.strip()
+            for ln in joined.splitlines()
+            if ln.strip() and not ln.lstrip().startswith("#")
+        ]
+    return out
+
+
+def run_doc_command(kube: KubeCluster, line: str, timeout: float = 120.0,
+                    extra: tuple[str, ...] = ()) -> str:  # fmt: skip
+    """Run one documented ``helm`` or ``kubectl`` command, as written, with the real binaries
+    against this cluster (``extra`` arguments appended); its output, or an error with it."""
+    argv = shlex.split(line, comments=True)
+    if argv[0] not in ("helm", "kubectl"):
+        raise ValueError(f"not a helm or kubectl command: {line}")
+    binary = tool("helm") if argv[0] == "helm" else kube.kubectl_path
+    proc = subprocess.run([str(binary), *argv[1:], *extra], env=kube.env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
+    if proc.returncode != 0:
+        raise AssertionError(f"{line!r} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
 def install_operator_chart(kube: KubeCluster) -> str:
-    """Apply the chart's objects with the real kubectl; return the ServiceAccount's name."""
-    kube.kubectl("create", "namespace", OPERATOR_NS, check=False)
-    docs = render_operator_chart()
-    kube.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    """Install the operator chart with the commands of docs/kubernetes.md ("2. Install the
+    operator"), once per control plane; return its ServiceAccount's name. The chart's
+    Deployment lands on a kwok node, which reports its pod ready without running it: the
+    tests run the operator as a process with that ServiceAccount's rights instead."""
+    installed = subprocess.run([str(tool("helm")), "status", "roost-operator", "-n", OPERATOR_NS],
+                               env=kube.env, capture_output=True, check=False)  # fmt: skip
+    if installed.returncode != 0:
+        for line in doc_commands("2. Install the operator"):
+            extra = ("--timeout=120s",) if " rollout status " in line else ()
+            run_doc_command(kube, line, extra=extra)
     kube.kubectl(
         "wait", "--for=condition=Established", "crd/roostclusters.roost.io", "--timeout=60s"
     )
-    sa = next(d for d in docs if d["kind"] == "ServiceAccount")
+    sa = next(d for d in render_operator_chart() if d["kind"] == "ServiceAccount")
     return str(sa["metadata"]["name"])
 
 

@@ -21,6 +21,7 @@ import json
 import os
 import queue
 import random
+import shlex
 import threading
 import time
 import urllib.error
@@ -35,7 +36,9 @@ import pytest
 from kube_testenv import KubeCluster
 from operator_e2e_env import (
     OperatorProcess,
+    doc_commands,
     install_operator_chart,
+    run_doc_command,
     service_account_kubeconfig,
     wait,
 )
@@ -677,3 +680,105 @@ def test_image_upgrade_under_200_publishing_clients_loses_nothing(env: Env, ns: 
         assert not swapped, f"subscriber {name}: {len(swapped)} publishers out of order, " \
                             f"e.g. {swapped[:3]}"  # fmt: skip
     assert moved >= 2, "no client was moved: the upgrade did not touch them"
+
+
+@pytest.mark.timeout(1200)
+def test_the_walkthrough_of_docs_kubernetes_md(env: Env, tmp_path: Any) -> None:
+    """docs/kubernetes.md sections 3 to 7, every command as written, with the real helm and
+    kubectl, on pods that run the image. Added to the documented commands: the values that
+    put the pods on this runner's nodes (and no minReadySeconds, for time). Changed: each
+    ``get -w`` runs without ``-w`` once the test saw the state it waits for, and the upgrade's
+    ``roost:0.2.0`` is this image under its second name. Section 2 runs in the env itself
+    (install_operator_chart); section 7's finalizer patch needs the operator stopped and is
+    not run."""
+    kube = env.kube
+    ns = "mqtt"
+    run = lambda line, **kw: run_doc_command(kube, line, **kw)  # noqa: E731
+    placement = {
+        "nodeSelector": {RUN_KEY: "true"},
+        "tolerations": [{"key": RUN_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+    }
+    values = tmp_path / "placement.yaml"
+    values.write_text(json.dumps({
+        "coreTemplate": placement, "replicantTemplate": placement,
+        "updateStrategy": {"minReadySeconds": 0},
+    }))  # fmt: skip
+
+    def get_roost() -> list[list[str]]:
+        lines = run("kubectl -n mqtt get roost").splitlines()
+        assert lines[0].split() == ["NAME", "PHASE", "CORES", "REPLICANTS", "IMAGE", "AGE"]
+        return [ln.split() for ln in lines[1:]]
+
+    try:
+        # 3. Deploy: the namespace, the resource without Helm (a server-side dry run), then Helm.
+        create, install = doc_commands("3. Deploy")
+        run(create)
+        (resource,) = doc_commands("3. Deploy", "yaml")
+        kube.kubectl("apply", "--dry-run=server", "-f", "-", input=resource)
+        assert install.startswith("helm install mqtt ")
+        run(install, extra=("-f", str(values)))
+        st = formed(env, ns, "mqtt", 5)
+        svc = kube.get("service", "mqtt-listeners", "-n", ns)
+        ports = {p["name"]: p.get("nodePort") for p in svc["spec"]["ports"]}
+        assert svc["spec"]["type"] == "NodePort"
+        assert (ports["quic-default"], ports["tcp-default"]) == (30567, 31883)
+
+        # 4. Watch the status.
+        watch, jsonpath, describe = doc_commands("4. Watch")
+        assert watch.endswith(" -w")
+        env.wait(lambda: get_roost()[0][:5] == ["mqtt", "Running", "3", "2", IMAGE],
+                 "kubectl get roost: Running 3 2")  # fmt: skip
+        rows = [ln.split() for ln in run(jsonpath).splitlines()]
+        assert sorted(r[1] for r in rows) == ["core"] * 3 + ["replicant"] * 2, rows
+        assert {r[0] for r in rows} == {n["name"] for n in st["nodes"]}
+        assert all(r[2] == "running" and r[3].isdigit() for r in rows), rows
+        text = run(describe)
+        assert "Ready" in text and "Running" in text, text
+
+        # 5. Scale, through Helm (etcd grows to five members). The kubectl way, for a resource
+        # applied with kubectl, as a server-side dry run: the scale subresource and the patch
+        # are accepted (for real they would make Helm's next upgrade conflict, as documented).
+        helm_scale, scale, patch = doc_commands("5. Scale")
+        for line in (scale, patch):
+            run(line, extra=("--dry-run=server",))
+        run(helm_scale)
+        replicants = int(helm_scale.split("replicantTemplate.replicas=")[1].split()[0])
+        assert replicants == int(shlex.split(scale, comments=True)[-1].split("=")[1])
+        formed(env, ns, "mqtt", 5 + replicants, timeout=420)
+        env.wait(lambda: get_roost()[0][:4] == ["mqtt", "Running", "5", str(replicants)],
+                 f"kubectl get roost: Running 5 {replicants}")  # fmt: skip
+        core = pods_of(kube, ns, "mqtt", "core")[0]["status"]["podIP"]
+        code, body = http_json(f"http://{core}:2379/v3/cluster/member/list", {})
+        assert code == 200 and len(body["members"]) == 5, body
+
+        # 6. Upgrade.
+        upgrade, _watch = doc_commands("6. Upgrade")
+        before = kube.get("roostcluster", "mqtt", "-n", ns)["status"]["updateRevision"]
+        run(upgrade.replace("roost:0.2.0", NEXT_IMAGE))
+
+        def rolled() -> bool:
+            st = kube.get("roostcluster", "mqtt", "-n", ns).get("status") or {}
+            return st.get("currentRevision") == st.get("updateRevision") != before
+
+        env.wait(rolled, "every pod on the new image", timeout=600)
+        formed(env, ns, "mqtt", 5 + replicants)
+        for pod in pods_of(kube, ns, "mqtt", "core") + pods_of(kube, ns, "mqtt", "replicant"):
+            assert pod["spec"]["containers"][0]["image"] == NEXT_IMAGE
+        assert get_roost()[0][:5] == ["mqtt", "Running", "5", str(replicants), NEXT_IMAGE]
+
+        # 7. Delete: the pods go, the core PVCs stay (Retain), and the documented selector
+        # finds exactly them.
+        delete, _finalizers, delete_pvcs = doc_commands("7. Delete")
+        run(delete)
+        wait(lambda: not env.runner.running(ns), 120, "the pods to stop", env.alive)
+        pvcs = kube.get("pvc", "-n", ns)["items"]
+        assert len(pvcs) == 5, [p["metadata"]["name"] for p in pvcs]
+        run(delete_pvcs)
+        left = [p for p in kube.get("pvc", "-n", ns)["items"]
+                if not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+        assert left == [], left
+    finally:
+        kube.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        with contextlib.suppress(AssertionError):
+            wait(lambda: not env.runner.running(ns), 90, "the walk-through's pods to stop",
+                 lambda: None)  # fmt: skip
