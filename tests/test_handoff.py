@@ -40,7 +40,7 @@ def test_direct_copies_wait_for_their_relayed_copy_and_go_once() -> None:
 
 def _published(origin: str, mid: int, publisher: str, tick: int) -> Message:
     m = _msg(origin, mid)
-    m.order = (publisher, tick)
+    m.order = f"{tick:x} {publisher}".encode()
     return m
 
 

@@ -13,6 +13,7 @@ origin node's message id instead.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -77,7 +78,9 @@ class Handoff:
 def _publisher(msg: Message, fid: tuple[str, int]) -> tuple[tuple[str, str], int]:
     order = msg.order
     if order is not None:
-        return ("client", order[0]), order[1]
+        tick, _, client = order.partition(b" ")
+        with contextlib.suppress(ValueError):
+            return ("client", client.decode("utf-8", "replace")), int(tick, 16)
     return ("node", fid[0]), fid[1]
 
 

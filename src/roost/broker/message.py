@@ -86,9 +86,10 @@ class Message:
         #: (origin node, message id) in a cluster: the node it was published on names it once,
         #: so that its copies are recognized wherever they arrive.
         self.fwd_id: tuple[str, int] | None = None
-        #: (publisher client id, tick of the cluster's logical clock) when a client published
-        #: it in a cluster: a publisher's ticks rise across the nodes it moves between.
-        self.order: tuple[str, int] | None = None
+        #: ``b"<tick hex> <publisher client id>"`` when a client published it in a cluster: a
+        #: tick of the cluster's logical clock, which rises across the nodes a publisher moves
+        #: between. Bytes as the link carries them; only a handoff parses them.
+        self.order: bytes | None = None
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at

@@ -100,9 +100,10 @@ class Forward:
     origin: str
     mid: int
     group: str | None = None
-    #: (publisher client id, logical clock tick) of a message a client published; sent only to
-    #: peers that announced ``roost-order`` (an older version would refuse the property).
-    order: tuple[str, int] | None = None
+    #: ``b"<tick hex> <client id>"``: the publisher and its logical clock tick (``Message.order``,
+    #: carried as bytes, parsed only by a handoff); sent only to peers that announced
+    #: ``roost-order`` (an older version would refuse the property).
+    order: bytes | None = None
     #: Output-gate token of the original submission: set on what ``peer_down`` returns, so a
     #: replay keeps ``after`` waiters waiting. Leave it 0 on new forwards.
     token: int = 0
@@ -185,11 +186,10 @@ def _parse_forward(first: int, view: bytes, pos: int, end: int) -> _Parsed | Non
     mid = int(raw, 16)
     order = None
     if view.startswith(_ORDER_HEAD, p):
-        raw, p = _value(view, p + _HEAD)
-        tick, sep, client = raw.partition(b" ")
-        if not sep:
-            raise MQTTError("malformed roost-p")
-        order = (client.decode(), int(tick, 16))
+        p += _HEAD + 2
+        order_end = p + ((view[p - 2] << 8) | view[p - 1])
+        order = view[p:order_end]
+        p = order_end
     if not view.startswith(_QOS_HEAD, p):
         raise MQTTError("forward without roost-q")
     qos = view[p + _HEAD + 2] - 0x30
@@ -746,8 +746,9 @@ class Links:
             origin = self._origin_props[fwd.origin] = _user_prop("roost-o", fwd.origin)
         mid = b"%x" % fwd.mid
         parts = [origin, _MID_HEAD, len(mid).to_bytes(2, "big"), mid, _QOS_PROPS[fwd.qos]]
-        if fwd.order is not None and conn.takes_order:
-            parts.insert(4, _user_prop("roost-p", f"{fwd.order[1]:x} {fwd.order[0]}"))
+        order = fwd.order
+        if order is not None and conn.takes_order:
+            parts.insert(4, _ORDER_HEAD + len(order).to_bytes(2, "big") + order)
         if fwd.group is not None:
             parts.insert(0, _GROUP_HEAD + encode_string(fwd.group))
         if fwd.props:

@@ -659,7 +659,7 @@ class Cluster:
         if msg.fwd_id is None and self.links is not None:
             msg.fwd_id = (self.me, self.links.new_mid())
             if msg.sender:
-                msg.order = (msg.sender, self.links.tick())
+                msg.order = b"%x %b" % (self.links.tick(), msg.sender.encode())
 
     def forward(self, msg: Message, local_groups: list[tuple[str, str]]) -> int:
         entries = self.remote.match(msg.topic)
