@@ -3,6 +3,7 @@ and an evacuation can be cancelled. Queued messages are counted by sequence numb
 
 from __future__ import annotations
 
+import gc
 import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +162,9 @@ def test_evacuation_under_load_loses_no_acknowledged_message(stay_away: bool) ->
     publisher's in order, whether it was queued, in flight, relayed or sent directly."""
     from tests.cluster.test_failures import SeqPublisher, wait_routes
 
+    # The previous run's clients are collected first: each holds a socket pair until then, and
+    # paho's select() fails on descriptors past 1023 (this run's 69th client got one).
+    gc.collect()
     # Sessions stay offline for the whole evacuation here: a queue long enough for that.
     with LocalCluster(cores=3, extra={"mqtt": {"max_mqueue_len": 100_000}}) as cluster:
         a, b, c = cluster.nodes
@@ -239,8 +243,10 @@ def test_evacuation_under_load_loses_no_acknowledged_message(stay_away: bool) ->
                                   f"lost, e.g. {lost[:5]}")  # fmt: skip
                 first = list(dict.fromkeys(seqs))  # QoS 1 may repeat one; order by first copy
                 assert first == sorted(first), f"load-{i}: {name}'s messages out of order"
-        for cl in moved:
-            cl.disconnect()
+        # Every client's loop stops, the evacuated ones' too (each waits up to 1 s for its
+        # reconnect timer, hence in parallel), so that the next test can collect them.
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(PahoClient.disconnect, {id(x): x for x in clients + moved}.values()))
 
 
 def test_an_evacuated_store_core_hands_its_replicas_to_another_core() -> None:
