@@ -113,6 +113,9 @@ class PahoClient:
     def disconnect(self, properties: Properties | None = None, reasoncode: Any = None) -> None:
         self.c.disconnect(reasoncode=reasoncode, properties=properties)
         self.c.loop_stop()
+        # paho keeps a socket pair per client until it is collected, and its select() fails on
+        # descriptors past 1023: a test with hundreds of clients runs out without this.
+        self.c._reset_sockets()
 
     def drop(self) -> None:
         """Vanish without DISCONNECT, as a crashed client would."""

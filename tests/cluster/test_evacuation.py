@@ -205,6 +205,7 @@ def test_evacuation_under_load_loses_no_acknowledged_message(stay_away: bool) ->
                 assert flags.session_present, f"load-{i} lost its session"
             else:
                 again.subscribe("load/+", 1)
+            cl.disconnect()  # replaced: its loop and sockets go (what it received stays)
             return again
 
         with ThreadPoolExecutor(16) as pool:
