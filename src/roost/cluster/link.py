@@ -186,10 +186,7 @@ def _parse_forward(first: int, view: bytes, pos: int, end: int) -> _Parsed | Non
     mid = int(raw, 16)
     order = None
     if view.startswith(_ORDER_HEAD, p):
-        p += _HEAD + 2
-        order_end = p + ((view[p - 2] << 8) | view[p - 1])
-        order = view[p:order_end]
-        p = order_end
+        order, p = _value(view, p + _HEAD)
     if not view.startswith(_QOS_HEAD, p):
         raise MQTTError("forward without roost-q")
     qos = view[p + _HEAD + 2] - 0x30
