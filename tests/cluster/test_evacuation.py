@@ -154,7 +154,6 @@ def test_rebalance_moves_connections_from_the_busiest_node() -> None:
         assert nodes["core1"]["connections"] == 10
 
 
-@pytest.mark.stress  # still loses a few messages in some runs on 2 busy cores: docs/cluster.md
 @pytest.mark.parametrize("stay_away", [False, True], ids=["all-come-back", "some-stay-away"])
 def test_evacuation_under_load_loses_no_acknowledged_message(stay_away: bool) -> None:
     """200 subscribers on the evacuated node (half persistent), publishers on the two others:

@@ -25,7 +25,6 @@ def _evacuate(node: NodeProcess) -> None:
                f"{node.name}'s evacuation")  # fmt: skip
 
 
-@pytest.mark.stress
 @pytest.mark.timeout(600)
 def test_rolling_replacement_keeps_every_message_in_order_per_publisher() -> None:
     n_pubs = int(os.environ.get("ROLL_PUBS", "200"))
