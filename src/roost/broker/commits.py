@@ -10,6 +10,7 @@ mark before handling a packet and, if any source moved, gates its output until t
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from operator import attrgetter
 from typing import Protocol
@@ -49,17 +50,32 @@ class Commits:
         if not moved:
             callback()
         else:
-            _chain(moved, callback)
+            after_all([s.after for s in moved], callback)
 
 
-def _chain(sources: list[CommitSource], callback: Callable[[], None]) -> None:
-    # One source after the other keeps each source's FIFO order, so replies gated in order on
-    # one channel are released in order.
-    first, rest = sources[0], sources[1:]
-    if not rest:
-        first.after(callback)
-    else:
-        first.after(lambda: _chain(rest, callback))
+def after_all(
+    afters: list[Callable[[Callable[[], None]], None]], callback: Callable[[], None]
+) -> None:
+    """Run ``callback`` once every source (its ``after``) has committed what it holds now.
+
+    Registered with all of them at once, so the wait is the slowest commit's, not their sum
+    (one after the other, each later source would also be waited for what it took meanwhile).
+    Callbacks may then run in another order than they were registered: a channel's gate
+    releases its barriers in order itself, and the node links take acks in any order.
+    """
+    if len(afters) == 1:
+        afters[0](callback)
+        return
+    left = len(afters)
+
+    def one() -> None:
+        nonlocal left
+        left -= 1
+        if not left:
+            callback()
+
+    for after in afters:
+        after(one)
 
 
 class Progress:
@@ -69,7 +85,7 @@ class Progress:
     def __init__(self) -> None:
         self.submitted = 0
         self._done = 0
-        self._waiters: list[tuple[int, Callable[[], None]]] = []
+        self._waiters: deque[tuple[int, Callable[[], None]]] = deque()
 
     def submit(self) -> int:
         self.submitted += 1
@@ -84,7 +100,7 @@ class Progress:
     def done(self, upto: int) -> None:
         self._done = max(self._done, upto)
         while self._waiters and self._waiters[0][0] <= self._done:
-            _, cb = self._waiters.pop(0)
+            _, cb = self._waiters.popleft()
             try:
                 cb()
             except Exception:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from roost.broker.commits import Progress
+from roost.broker.commits import Progress, after_all
 from roost.broker.handoff import Handoff
 from roost.broker.message import Message
 from roost.cluster.etcd import KV, Etcd, EtcdError, Event, LeaseKeeper
@@ -286,7 +286,7 @@ class Cluster:
         if rep is None:
             durable.after(callback)
         else:
-            durable.after(lambda: rep.after(callback))
+            after_all([durable.after, rep.after], callback)
 
     def _start_replication(self, links: Links) -> None:
         durable = self.broker.durable

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from roost.broker.commits import Progress
-from roost.store.ops import Op, SessionGone, from_wire
+from roost.store.ops import Op, SessionGone, coalesce, from_wire
 from roost.store.persister import Persister
 from roost.store.sqlite import SqliteStore, StoredSession
 
@@ -79,6 +79,27 @@ def decode_batch(data: bytes) -> list[tuple[str, int, Op]]:
 # ----------------------------------------------------------------------------- home side
 
 
+def _op_of(item: tuple[str, int, Op]) -> Op:
+    return item[2]
+
+
+def _shared(
+    batches: dict[str, list[tuple[str, int, Op]]],
+) -> list[tuple[list[str], list[tuple[str, int, Op]]]]:
+    """The batches with the targets that get the same one grouped, so that it is encoded
+    once: the two store cores of a session get the same operations (the same objects, so the
+    comparison is by identity, at C speed)."""
+    groups: list[tuple[list[str], list[tuple[str, int, Op]]]] = []
+    for target, items in batches.items():
+        for targets, same in groups:
+            if len(same) == len(items) and same == items:
+                targets.append(target)
+                break
+        else:
+            groups.append(([target], items))
+    return groups
+
+
 class Replicator(Progress):
     """Sends the sessions' operations to their store cores; a commit source for the gate."""
 
@@ -123,14 +144,14 @@ class Replicator(Progress):
             return
         if op.tag == "sess_del":
             self._targets.pop(client_id, None)
-        epoch = self._epoch_of(client_id)
+        item = (client_id, self._epoch_of(client_id), op)
         for t in targets:
             if op.tag == "msg":
                 seen = self._sent_msgs.setdefault(t, set())
                 if op[1] in seen:
                     continue
                 seen.add(op[1])
-            self._pending.setdefault(t, []).append((client_id, epoch, op))
+            self._pending.setdefault(t, []).append(item)
         if gate:  # else written in order with the rest, but no reply waits for it
             self.submit()
         if self._task is None or self._task.done():
@@ -151,26 +172,33 @@ class Replicator(Progress):
             await asyncio.sleep(0)  # gather what this turn adds
             upto = self.submitted
             batches, self._pending, self._sent_msgs = self._pending, {}, {}
-            await asyncio.gather(*(self._send(t, items) for t, items in batches.items()))
+            await asyncio.gather(*(self._send(ts, items) for ts, items in _shared(batches)))
             self.done(upto)
         self.done(self.submitted)
 
-    async def _send(self, target: str, items: list[tuple[str, int, Op]]) -> None:
-        data = encode_batch(items)
+    async def _send(self, targets: list[str], items: list[tuple[str, int, Op]]) -> None:
+        # What the subscribers acknowledged while the last batch was on its way need not reach
+        # the store cores at all.
+        items = coalesce(items, _op_of, messages=True)
+        if items:
+            data = encode_batch(items)
+            await asyncio.gather(*(self._send_one(t, data, len(items)) for t in targets))
+
+    async def _send_one(self, target: str, data: bytes, n: int) -> None:
         while True:
             if target not in self._cores():
                 return  # it died: the sessions get a new store core (cores_changed)
             try:
-                log.debug("replicating %d ops to %s", len(items), target)
+                log.debug("replicating %d ops to %s", n, target)
                 await self.links.request(target, "repl", data, 10.0)
-                log.debug("replicated %d ops to %s", len(items), target)
+                log.debug("replicated %d ops to %s", n, target)
             except Exception as e:
                 self.failures += 1
                 log.warning("replication to %s failed (retrying): %s", target, e)
                 await asyncio.sleep(_RETRY)
                 continue
             self.batches += 1
-            self.ops_sent += len(items)
+            self.ops_sent += n
             return
 
 

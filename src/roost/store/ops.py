@@ -9,7 +9,10 @@ built; ``from_wire`` turns a decoded array back into its record.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, TypeVar
+
+T = TypeVar("T")
 
 
 class MessageRow(NamedTuple):
@@ -137,3 +140,47 @@ def from_wire(op: tuple[Any, ...] | list[Any]) -> Op:
     n = len(cls._fields)
     record: Op = cls._make(op[:n]) if len(op) >= n else cls(*op)
     return record
+
+
+def _same(item: Any) -> Any:
+    return item
+
+
+def coalesce(
+    items: list[T], op_of: Callable[[T], Any] = _same, messages: bool = False
+) -> list[T]:
+    """A batch without the writes a later operation of it undoes: a delivery added and
+    acknowledged within the batch keeps only its ``DeliveryDone`` (which deletes whatever the
+    store had under that key, so the result does not depend on what came before). With
+    ``messages``, also the message rows that only such deliveries of the batch referred to:
+    right where every delivery travels in the same batch as its message row (replication),
+    not for the local store, which writes a message row once for all its deliveries.
+    ``op_of`` gives an item's operation (replication batches hold (client id, epoch, op))."""
+    open_: dict[tuple[str, int], list[int]] = {}  # delivery key -> its add and sends, by index
+    drop: set[int] = set()
+    for i, item in enumerate(items):
+        op = op_of(item)
+        tag = op[0]
+        if tag == "dlv":
+            open_[(op[1], op[2])] = [i]
+        elif tag == "dlv_pid":
+            held = open_.get((op[1], op[2]))
+            if held is not None:
+                held.append(i)
+        elif tag == "dlv_del":
+            held = open_.pop((op[1], op[2]), None)
+            if held is not None:
+                drop.update(held)
+    if not drop:
+        return items
+    if messages:
+        refs: dict[int, int] = {}  # message id -> deliveries of the batch still written
+        for i, item in enumerate(items):
+            op = op_of(item)
+            if op[0] == "dlv":
+                refs[op[3]] = refs.get(op[3], 0) + (i not in drop)
+        for i, item in enumerate(items):
+            op = op_of(item)
+            if op[0] == "msg" and refs.get(op[1]) == 0:
+                drop.add(i)
+    return [item for i, item in enumerate(items) if i not in drop]

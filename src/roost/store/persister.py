@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
-from roost.store.ops import Op
+from roost.store.ops import Op, coalesce
 
 T = TypeVar("T")
 
@@ -93,7 +93,7 @@ class Persister:
         self._scheduled = False
         if self._writing or (not self._ops and not self._callbacks):
             return
-        ops, self._ops = self._ops, []
+        ops, self._ops = coalesce(self._ops), []
         callbacks, self._callbacks = self._callbacks, []
         self._writing = True
         loop = self._loop

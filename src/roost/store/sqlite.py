@@ -174,6 +174,24 @@ def dump_props(props: dict[str, Any] | None) -> str | None:
     return json.dumps(out)
 
 
+#: The kinds of operation written in runs (``SqliteStore.write``), in the order a run applies
+#: them: a message's row first, then its deliveries added, sent, done.
+_RUN_SQL = {
+    "msg": "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    "dlv": "INSERT OR REPLACE INTO deliveries (client_id, seq, message_id, qos, retain, sub_ids)"
+           " VALUES (?, ?, ?, ?, ?, ?)",
+    "dlv_pid": "UPDATE deliveries SET packet_id = ?, state = ? WHERE client_id = ? AND seq = ?",
+    "dlv_del": "DELETE FROM deliveries WHERE client_id = ? AND seq = ?",
+}  # fmt: skip
+_RUN_RANK = {tag: rank for rank, tag in enumerate(_RUN_SQL)}
+
+
+def _run_params(op: Op) -> tuple[Any, ...]:
+    if op[0] == "dlv_pid":
+        return (op[3], op[4], op[1], op[2])
+    return op[1:]
+
+
 class SqliteStore:
     def __init__(self, path: str | Path, fsync: bool = True) -> None:
         path = Path(path)
@@ -255,16 +273,45 @@ class SqliteStore:
         return list(sessions.values())
 
     def write(self, ops: list[Op] | list[tuple[Any, ...]]) -> None:
-        """Apply a batch of operations in one transaction."""
+        """Apply a batch of operations in one transaction.
+
+        The operations of a message's life (its row, deliveries added, sent, done) go in
+        runs, one ``executemany`` per kind, in the order _RUN_SQL lists them: a statement per
+        operation from Python cost most of the writer thread. A run ends where that order
+        would change the result (a delivery's add or send after its send or removal in the
+        same run) and at any other operation, which is applied on its own, in place.
+        """
         db = self.db
         db.execute("BEGIN")
         try:
+            run: dict[str, list[tuple[Any, ...]]] = {tag: [] for tag in _RUN_SQL}
+            later: dict[tuple[Any, ...], int] = {}  # delivery key -> its latest kind in the run
             for op in ops:
-                self.apply(op)
+                op = from_wire(op)
+                rank = _RUN_RANK.get(op[0])
+                if rank is None:
+                    self._flush_run(run)
+                    later.clear()
+                    self.apply(op)
+                    continue
+                if rank:  # a delivery's
+                    key = op[1:3]
+                    if later.get(key, 0) > rank:
+                        self._flush_run(run)
+                        later.clear()
+                    later[key] = rank
+                run[op[0]].append(_run_params(op))
+            self._flush_run(run)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _flush_run(self, run: dict[str, list[tuple[Any, ...]]]) -> None:
+        for tag, params in run.items():
+            if params:
+                self.db.executemany(_RUN_SQL[tag], params)
+                params.clear()
 
     def apply(self, op: Op | tuple[Any, ...] | list[Any]) -> None:
         """Apply one operation: a record of ``store.ops``, or the same as a plain tuple or
