@@ -58,6 +58,10 @@ class TcpProxy:
                 client.close()
                 continue
             with self._lock:
+                if self._cut:  # cut while this one was dialling: it must not outlive the cut
+                    client.close()
+                    upstream.close()
+                    continue
                 self._socks.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()

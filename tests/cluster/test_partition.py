@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import queue
 import sqlite3
 import time
 import urllib.request
@@ -191,7 +192,11 @@ def test_partitioned_old_home_loses_nothing_and_its_stale_copy_stays_dead(
             sent_on_a_at_cut = on_a.sent
             acked_on_a_at_cut = on_a.acked_now()
             wait_until(lambda: not link_up(b, A) and not link_up(other, A), 3, "links down")
-            assert sub.disconnects.get(timeout=6) == 0x9C, "A fences itself: 0x9C"
+            try:
+                rc = sub.disconnects.get(timeout=6)
+            except queue.Empty:
+                pytest.fail(f"A did not fence itself within 6 s of the cut:\n{a.log(40)}")
+            assert rc == 0x9C, "A fences itself: 0x9C"
             assert on_a.client.disconnects.get(timeout=2) == 0x9C
             report["fenced_after_s"] = round(time.monotonic() - t_cut, 2)
             acked_on_a = on_a.stop()
