@@ -175,3 +175,55 @@ def test_connack_and_suback_of_a_persistent_session_mean_it_is_stored(make_broke
         assert raw2.recv().payload == b"kept"
         raw2.close()
         pub.disconnect()
+
+
+def _stored_messages(b) -> int:
+    """Rows in the broker's messages table (WAL lets a reader in beside the running broker)."""
+    import contextlib
+    import sqlite3
+    from pathlib import Path
+
+    path = Path(b.tmp.name) / "roost.db"
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+
+
+def test_acknowledged_messages_leave_the_store_and_a_retained_one_held_again_survives(make_broker):
+    """A message goes from the store with its last delivery, while the broker runs, not only at
+    the next start; and a retained message an earlier session acknowledged, held again by a
+    later one, is still there for it after kill -9."""
+    b = make_broker({"persistence": {"durability": "sync"}})
+    pub = PahoClient(b.port, "gc-pub")
+    pub.connect()
+    pub.publish("gc/ret", b"kept for the late one", 1, retain=True)
+    sub = PahoClient(b.port, "gc-sub")
+    sub.connect(clean_start=True, properties=props(SessionExpiryInterval=3600))
+    sub.subscribe("gc/#", 1)
+    assert sub.recv().payload == b"kept for the late one"  # and acknowledged
+    for i in range(300):
+        pub.publish("gc/q", f"{i}", 1)
+    got = sub.recv_all(300, timeout=20)
+    assert [m.payload.decode() for m in got] == [str(i) for i in range(300)]
+    deadline = time.monotonic() + 5
+    while _stored_messages(b) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _stored_messages(b) == 0, "every delivery acknowledged: no message row left"
+
+    late = RawClient(b.port)  # holds the retained message (the same one) and never acks it
+    late.connect("gc-late", clean_start=True, properties=PERSIST)
+    late.send(Subscribe(1, [Subscription("gc/ret", 1)]))
+    late.recv()  # SUBACK
+    assert late.recv().payload == b"kept for the late one"
+    time.sleep(0.3)  # let its delivery reach the store
+    assert _stored_messages(b) == 1
+    b.kill()
+    late.close()
+    sub.c.loop_stop()
+    b.restart()
+    late2 = RawClient(b.port)
+    assert late2.connect("gc-late", clean_start=False, properties=PERSIST).session_present
+    again = late2.recv()
+    assert (again.payload, again.dup) == (b"kept for the late one", True)
+    late2.send(Puback(again.packet_id))
+    late2.close()
+    pub.disconnect()

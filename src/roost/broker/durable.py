@@ -163,14 +163,17 @@ class Durable:
 
     def add_delivery(self, session: Session, d: Delivery) -> None:
         msg = d.msg
-        fresh = not msg.mid
-        if fresh:
+        if not msg.mid:
             msg.mid = self._next_mid
             self._next_mid += 1
-        if fresh or self.replicate is not None:
+        # Every batch that adds a delivery also writes its message's row: the store deletes a
+        # message with its last delivery, so a row written by an earlier batch may be gone (a
+        # retained message held again, a fan-out spread over several batches).
+        local = not self.persister.holds_message(msg.mid)
+        if local or self.replicate is not None:
             # Every session's store cores need the message, not only the first session's.
             op = self._message_op(msg)
-            if fresh:
+            if local:
                 self.persister.op(op)
             if self.replicate is not None:
                 self.replicate(session.client_id, op, True)

@@ -234,7 +234,9 @@ class ReplicaStore:
         """A batch from a home node: applied and committed before the answer."""
         _store, persister = self._file(origin)
         for cid, epoch, op in decode_batch(data):
-            if epoch < self._min_epoch.get(cid, 0):
+            # A message row is content, not session state: another session's delivery in
+            # the batch may need it (the row goes once per batch, under the first session).
+            if epoch < self._min_epoch.get(cid, 0) and op[0] != "msg":
                 self.ops_refused += 1
                 continue
             persister.op(op)

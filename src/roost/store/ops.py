@@ -153,8 +153,8 @@ def coalesce(
     acknowledged within the batch keeps only its ``DeliveryDone`` (which deletes whatever the
     store had under that key, so the result does not depend on what came before). With
     ``messages``, also the message rows that only such deliveries of the batch referred to:
-    right where every delivery travels in the same batch as its message row (replication),
-    not for the local store, which writes a message row once for all its deliveries.
+    right where every delivery travels in the same batch as its message row (the local store
+    and replication both make sure it does).
     ``op_of`` gives an item's operation (replication batches hold (client id, epoch, op))."""
     open_: dict[tuple[str, int], list[int]] = {}  # delivery key -> its add and sends, by index
     drop: set[int] = set()

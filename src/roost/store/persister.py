@@ -33,6 +33,7 @@ class Persister:
         self.mode = mode
         self.max_delay = max_delay
         self._ops: list[Op] = []
+        self._mids: set[int] = set()  # the messages whose row is in ``_ops``
         self._callbacks: list[Callable[[], None]] = []
         self._scheduled = False
         self._writing = False
@@ -45,7 +46,12 @@ class Persister:
 
     def op(self, op: Op, gate: bool = True) -> None:
         """Submit one change. ``gate=False``: no reply waits for it (it is not counted in
-        ``submitted``), though it is written in order with the rest, before anything later."""
+        ``submitted``), though it is written in order with the rest, before anything later.
+        A message row already in the pending batch is not added twice."""
+        if op[0] == "msg":
+            if op[1] in self._mids:
+                return
+            self._mids.add(op[1])
         self._ops.append(op)
         if gate:
             self.submitted += 1
@@ -73,6 +79,11 @@ class Persister:
 
         self.after(lambda: loop.run_in_executor(self._executor, fn).add_done_callback(result))
 
+    def holds_message(self, mid: int) -> bool:
+        """Whether the pending batch writes message ``mid``'s row: a delivery of it added now
+        needs no other (the row is deleted with the message's last delivery, see the store)."""
+        return mid in self._mids
+
     @property
     def pending(self) -> int:
         return len(self._ops)
@@ -93,7 +104,8 @@ class Persister:
         self._scheduled = False
         if self._writing or (not self._ops and not self._callbacks):
             return
-        ops, self._ops = coalesce(self._ops), []
+        ops, self._ops = coalesce(self._ops, messages=True), []
+        self._mids = set()
         callbacks, self._callbacks = self._callbacks, []
         self._writing = True
         loop = self._loop

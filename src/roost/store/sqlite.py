@@ -60,6 +60,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
     state INTEGER NOT NULL DEFAULT 0,     -- 1: PUBREL sent, waiting for PUBCOMP
     PRIMARY KEY (client_id, seq)
 );
+-- A message goes with its last delivery (acknowledged, expired, or its session gone): without
+-- this the table would grow with every message a persistent session ever held.
+CREATE INDEX IF NOT EXISTS deliveries_by_message ON deliveries (message_id);
+CREATE TRIGGER IF NOT EXISTS message_freed AFTER DELETE ON deliveries
+WHEN NOT EXISTS (SELECT 1 FROM deliveries WHERE message_id = OLD.message_id)
+BEGIN
+    DELETE FROM messages WHERE id = OLD.message_id;
+END;
 CREATE TABLE IF NOT EXISTS awaiting_rel (
     client_id TEXT NOT NULL,
     packet_id INTEGER NOT NULL,
@@ -209,7 +217,7 @@ class SqliteStore:
     def load(self, window: int = 0) -> StoredState:
         """Everything stored, each session with at most ``window`` unsent deliveries (0: all)."""
         db = self.db
-        # Messages no delivery refers to any more are garbage from before the restart.
+        # Messages no delivery refers to: left by a store from before the trigger.
         db.execute("DELETE FROM messages WHERE id NOT IN (SELECT message_id FROM deliveries)")
         sessions = self._sessions("", (), window)
         retained = [
